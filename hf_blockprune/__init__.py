@@ -1,0 +1,19 @@
+"""hf_blockprune: block movement pruning (Lagunas et al., 2021) for the Hugging Face Trainer."""
+
+from .callback import BlockPruningCallback
+from .config import BlockPruningConfig
+from .model import apply_block_pruning, is_block_pruned, remove_block_pruning
+from .report import sparsity_report
+from .trainer import BlockPruningTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockPruningCallback",
+    "BlockPruningConfig",
+    "BlockPruningTrainer",
+    "apply_block_pruning",
+    "is_block_pruned",
+    "remove_block_pruning",
+    "sparsity_report",
+]

@@ -1,0 +1,114 @@
+"""Where the prunable Linear layers live in each supported architecture.
+
+Adding an architecture means adding an entry to `ARCHITECTURES` (and a test case), nothing else. Module names are
+relative to one layer of the `nn.ModuleList` named by `layers`, and are matched exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Names of one attention block's projections, relative to its layer."""
+
+    query: str
+    key: str
+    value: str
+    output: str
+
+
+@dataclass(frozen=True)
+class FFNSpec:
+    """Names of the FFN input (hidden -> intermediate) and output (intermediate -> hidden) projections."""
+
+    input: str
+    output: str
+
+
+@dataclass(frozen=True)
+class LayerStackSpec:
+    """One stack of identical layers: the path suffix of its `nn.ModuleList` and what each layer holds."""
+
+    layers: str
+    attentions: tuple[AttentionSpec, ...]
+    ffn: FFNSpec | None
+    num_heads_attribute: str = "num_attention_heads"
+
+
+_BERT_LIKE = (
+    LayerStackSpec(
+        layers="encoder.layer",
+        attentions=(
+            AttentionSpec(
+                "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"
+            ),
+        ),
+        ffn=FFNSpec("intermediate.dense", "output.dense"),
+    ),
+)
+
+_BART_SELF = AttentionSpec("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+_BART_CROSS = AttentionSpec(
+    "encoder_attn.q_proj", "encoder_attn.k_proj", "encoder_attn.v_proj", "encoder_attn.out_proj"
+)
+
+ARCHITECTURES: dict[str, tuple[LayerStackSpec, ...]] = {
+    "bert": _BERT_LIKE,
+    "roberta": _BERT_LIKE,
+    "electra": _BERT_LIKE,
+    "distilbert": (
+        LayerStackSpec(
+            layers="transformer.layer",
+            attentions=(AttentionSpec("attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin"),),
+            ffn=FFNSpec("ffn.lin1", "ffn.lin2"),
+            num_heads_attribute="n_heads",
+        ),
+    ),
+    "bart": (
+        LayerStackSpec(
+            layers="encoder.layers",
+            attentions=(_BART_SELF,),
+            ffn=FFNSpec("fc1", "fc2"),
+            num_heads_attribute="encoder_attention_heads",
+        ),
+        LayerStackSpec(
+            layers="decoder.layers",
+            attentions=(_BART_SELF, _BART_CROSS),
+            ffn=FFNSpec("fc1", "fc2"),
+            num_heads_attribute="decoder_attention_heads",
+        ),
+    ),
+}
+
+
+def stack_specs(model: nn.Module, config) -> tuple[LayerStackSpec, ...]:
+    """Return the layer stacks to prune in `model`: the user's patterns from `config`, else the built-in map.
+
+    Raises:
+        `ValueError`: the model type has no built-in map and the config names no modules.
+    """
+    if config.layers_pattern is not None:
+        attention = () if config.attention_modules is None else (AttentionSpec(*config.attention_modules),)
+        ffn = None if config.ffn_modules is None else FFNSpec(*config.ffn_modules)
+        return (LayerStackSpec(config.layers_pattern, attention, ffn, config.num_heads_attribute),)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"hf_blockprune has no module map for model_type {model_type!r}; supported: {sorted(ARCHITECTURES)}. "
+            "For another architecture, pass `layers_pattern` (e.g. 'encoder.layer'), `attention_modules` "
+            "(query key value output, relative to a layer) and `ffn_modules` (input output) in BlockPruningConfig."
+        )
+    return ARCHITECTURES[model_type]
+
+
+def find_layer_lists(model: nn.Module, suffix: str) -> list[tuple[str, nn.ModuleList]]:
+    """Return every `nn.ModuleList` in `model` whose dotted name is `suffix` or ends with `.suffix`."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and (name == suffix or name.endswith("." + suffix))
+    ]

@@ -1,0 +1,135 @@
+"""`BlockPruningCallback`: block pruning for any unmodified `Trainer` (or subclass) via `callbacks=[...]`."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import TrainerCallback
+
+from .config import BlockPruningConfig
+from .controller import PruningController
+from .model import apply_block_pruning, block_scores, is_block_pruned, score_parameters
+
+logger = logging.getLogger(__name__)
+
+_ADAM_FAMILY = (torch.optim.Adam, torch.optim.AdamW)
+
+
+class BlockPruningCallback(TrainerCallback):
+    """Adds block movement pruning to a `Trainer` that is otherwise left as it is.
+
+    Pass it at construction, `Trainer(..., callbacks=[BlockPruningCallback(config)])`: it masks the model in
+    `on_init_end`, before the Trainer builds its optimizer, so the scores are ordinary parameters of the default
+    optimizer groups and `resume_from_checkpoint` restores the optimizer state cleanly. The scores still get
+    `config.mask_scores_learning_rate`: they are stored scaled by `learning_rate / mask_scores_learning_rate` and
+    scaled back in the forward pass, which, with Adam-family optimizers, multiplies their step size by exactly that
+    ratio (see `BlockScores`). They follow the learning-rate scheduler like every parameter.
+
+    The regularization reaches the loss through a forward hook on the model that adds it to `outputs.loss` in
+    training mode. The `pruning/*` values are added to the Trainer's logs (and `trainer_state.json`); reporting
+    integrations named in `report_to` run before user callbacks, so to see them in TensorBoard with this callback,
+    list the reporter after it (`report_to="none", callbacks=[BlockPruningCallback(cfg), TensorBoardCallback()]`)
+    or use `BlockPruningTrainer`.
+
+    Args:
+        pruning_config (`BlockPruningConfig`): what to prune and how.
+    """
+
+    def __init__(self, pruning_config: BlockPruningConfig):
+        if not isinstance(pruning_config, BlockPruningConfig):
+            raise ValueError(
+                f"`pruning_config` must be a BlockPruningConfig, got {type(pruning_config).__name__}."
+            )
+        self.pruning_config = pruning_config
+        self.controller: PruningController | None = None
+        self._hook = None
+        self._training = False
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        """Mask the model before the Trainer builds the optimizer."""
+        if model is None:
+            raise ValueError(
+                "BlockPruningCallback needs a model at Trainer construction; `model_init` is not supported."
+            )
+        scale = self.pruning_config.mask_scores_learning_rate / args.learning_rate
+        if is_block_pruned(model):
+            for scores in block_scores(model):
+                scores.set_score_scale(scale)
+        else:
+            apply_block_pruning(model, self.pruning_config, score_scale=scale)
+        self.controller = PruningController(model, self.pruning_config)
+        self._hook = model.register_forward_hook(self._add_regularization, with_kwargs=True)
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        """Check that the pruning can work with this Trainer, then set the schedule for the first step."""
+        if self.controller is None:
+            raise RuntimeError(
+                "BlockPruningCallback was added after the Trainer was built, so its scores are not in the optimizer. "
+                "Pass it at construction: Trainer(..., callbacks=[BlockPruningCallback(config)])."
+            )
+        if args.label_smoothing_factor > 0:
+            raise ValueError(
+                "With `label_smoothing_factor` > 0 the Trainer computes the loss outside the model, where this "
+                "callback cannot add the regularization. Use BlockPruningTrainer(..., pruning_config=config) instead."
+            )
+        self._check_optimizer(optimizer)
+        self.controller.update(state.global_step, state.max_steps)
+        self._training = True
+
+    def _check_optimizer(self, optimizer) -> None:
+        if optimizer is None:
+            return
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if not all(id(p) in in_optimizer for p in score_parameters(self.controller.model)):
+            raise RuntimeError(
+                "The optimizer does not hold the mask scores: it was built before BlockPruningCallback masked the "
+                "model. Pass the callback at Trainer construction and let the Trainer build its optimizer, or use "
+                "BlockPruningTrainer."
+            )
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if not isinstance(inner, _ADAM_FAMILY):
+            logger.warning(
+                "BlockPruningCallback gives the scores their own learning rate exactly only with Adam-family "
+                "optimizers; with %s the scores' step size is only approximately mask_scores_learning_rate. "
+                "BlockPruningTrainer builds a separate optimizer group instead.",
+                type(inner).__name__,
+            )
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        """Set threshold and lambda for this optimizer step."""
+        self.controller.update(state.global_step, state.max_steps)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Add the `pruning/*` values to training logs."""
+        if logs is not None and "loss" in logs and self.controller is not None:
+            metrics = self.controller.metrics()
+            logs.update(metrics)
+            if state.log_history:
+                state.log_history[-1].update(metrics)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """Stop requiring a loss from training-mode forward passes."""
+        self._training = False
+
+    def _add_regularization(self, module, args, kwargs, output):
+        if not (module.training and self._training):
+            return None
+        term = self.controller.regularization()
+        if term is None:
+            return None
+        if isinstance(output, tuple):
+            if not (len(output) and torch.is_tensor(output[0]) and output[0].dim() == 0):
+                raise RuntimeError(_NO_LOSS)
+            return (output[0] + term,) + output[1:]
+        if output.get("loss") is None:
+            raise RuntimeError(_NO_LOSS)
+        output["loss"] = output["loss"] + term
+        return output
+
+
+_NO_LOSS = (
+    "BlockPruningCallback must add its regularization to the model's loss, but the model returned none in training. "
+    "This happens when the Trainer computes the loss itself (`label_smoothing_factor` > 0 or `compute_loss_func`). "
+    "Use BlockPruningTrainer(..., pruning_config=config), which adds the term to any loss."
+)

@@ -1,0 +1,247 @@
+"""`BlockPruningConfig`: every knob of block movement pruning in one dataclass."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+PRUNING_METHODS = ("topk", "sigmoid_threshold")
+ATTENTION_GRANULARITIES = ("block", "head")
+FFN_GRANULARITIES = ("neuron", "block")
+
+# Values a method implies when neither the user nor a preset sets them. For `topk` the threshold is the kept
+# fraction of blocks (1.0 keeps everything); for `sigmoid_threshold` it is compared with `sigmoid(score)`.
+METHOD_DEFAULTS: dict[str, dict[str, float]] = {
+    "topk": {"initial_threshold": 1.0, "final_threshold": 0.5, "final_lambda": 0.0},
+    "sigmoid_threshold": {"initial_threshold": 0.0, "final_threshold": 0.1, "final_lambda": 50.0},
+}
+
+# The paper's recipes (Lagunas et al. 2021, section 4): what each preset sets unless the user overrides it.
+PRESETS: dict[str, dict[str, Any]] = {
+    "hybrid": {
+        "pruning_method": "sigmoid_threshold",
+        "attention_granularity": "block",
+        "attention_block_size": [32, 32],
+        "ffn_granularity": "neuron",
+    },
+    "struct": {
+        "pruning_method": "sigmoid_threshold",
+        "attention_granularity": "head",
+        "ffn_granularity": "neuron",
+    },
+    "block": {
+        "pruning_method": "sigmoid_threshold",
+        "attention_granularity": "block",
+        "attention_block_size": [32, 32],
+        "ffn_granularity": "block",
+        "ffn_block_size": [32, 32],
+    },
+}
+
+# Defaults for the fields a preset may set, applied last.
+_FALLBACKS: dict[str, Any] = {
+    "pruning_method": "sigmoid_threshold",
+    "attention_granularity": "block",
+    "attention_block_size": [32, 32],
+    "ffn_granularity": "neuron",
+    "ffn_block_size": [32, 32],
+}
+
+
+@dataclass
+class BlockPruningConfig:
+    """Configuration of block movement pruning (Lagunas et al., *Block Pruning For Faster Transformers*, 2021).
+
+    Every field is also a command-line flag when the class is given to `transformers.HfArgumentParser`. Fields left
+    at `None` take their value from `pruning_preset` if one is named, then from the pruning method's defaults.
+
+    Args:
+        pruning_preset (`str`, *optional*):
+            One of the paper's recipes: `"hybrid"` (attention 32x32 blocks + FFN neurons), `"struct"` (whole heads +
+            FFN neurons) or `"block"` (32x32 blocks everywhere). Explicitly set fields override the preset.
+        pruning_method (`str`, *optional*, defaults to `"sigmoid_threshold"`):
+            `"topk"` keeps the top fraction of blocks of each matrix by score (hard movement pruning; the
+            threshold is that fraction) or `"sigmoid_threshold"` keeps a block when `sigmoid(score) > threshold`
+            (soft movement pruning, driven by the regularization).
+        attention_granularity (`str`, *optional*, defaults to `"block"`):
+            `"block"`: one score per `attention_block_size` block of Q, K, V and the output projection;
+            `"head"`: one score per head, shared by its Q, K and V rows and its output-projection columns.
+        attention_block_size (`list[int]`, *optional*, defaults to `[32, 32]`):
+            `(rows, cols)` of an attention block; must divide the attention matrices.
+        ffn_granularity (`str`, *optional*, defaults to `"neuron"`):
+            `"neuron"`: one score per FFN neuron, shared by row i of the FFN input projection and column i of the
+            output projection; `"block"`: one score per `ffn_block_size` block of each FFN matrix.
+        ffn_block_size (`list[int]`, *optional*, defaults to `[32, 32]`):
+            `(rows, cols)` of an FFN block when `ffn_granularity="block"`.
+        initial_threshold (`float`, *optional*):
+            Threshold during the initial warmup (top-k: 1.0, sigmoid: 0.0).
+        final_threshold (`float`, *optional*):
+            Threshold reached at the end of the cubic schedule (top-k: 0.5, sigmoid: 0.1).
+        initial_warmup (`float`, *optional*, defaults to 0.1):
+            Fraction of the training steps spent at `initial_threshold` before the cubic schedule starts.
+        final_warmup (`float`, *optional*, defaults to 0.3):
+            Fraction of the training steps spent at `final_threshold` at the end of training.
+        final_lambda (`float`, *optional*):
+            Weight of the L1 penalty on `sigmoid(scores)` once ramped in (top-k: 0, sigmoid: 50). It ramps in on
+            the same cubic curve as the threshold.
+        mask_scores_learning_rate (`float`, *optional*, defaults to 1e-2):
+            Learning rate of the mask scores, independent of the model's (the paper uses 1e-2 vs 3e-5).
+        mask_init_value (`float`, *optional*, defaults to 0.0):
+            Initial value of every score (sigmoid(0) = 0.5 keeps every block at the start).
+        layers_pattern (`str`, *optional*):
+            For architectures without a built-in map: dotted path (suffix) of the `nn.ModuleList` of layers.
+        attention_modules (`list[str]`, *optional*):
+            With `layers_pattern`: the Q, K, V and output projection names, relative to a layer.
+        ffn_modules (`list[str]`, *optional*):
+            With `layers_pattern`: the FFN input and output projection names, relative to a layer.
+        num_heads_attribute (`str`, *optional*, defaults to `"num_attention_heads"`):
+            With `layers_pattern`: the model-config attribute holding the number of heads.
+    """
+
+    pruning_preset: str | None = field(
+        default=None, metadata={"help": "Paper recipe: hybrid, struct or block.", "choices": sorted(PRESETS)}
+    )
+    pruning_method: str | None = field(
+        default=None,
+        metadata={"help": "topk (hard movement) or sigmoid_threshold (soft movement).", "choices": PRUNING_METHODS},
+    )
+    attention_granularity: str | None = field(
+        default=None, metadata={"help": "Attention scores per block or per head.", "choices": ATTENTION_GRANULARITIES}
+    )
+    attention_block_size: list[int] | None = field(
+        default=None, metadata={"help": "Attention block shape as two ints: rows cols (e.g. 32 32)."}
+    )
+    ffn_granularity: str | None = field(
+        default=None, metadata={"help": "FFN scores per neuron or per block.", "choices": FFN_GRANULARITIES}
+    )
+    ffn_block_size: list[int] | None = field(
+        default=None, metadata={"help": "FFN block shape as two ints when ffn_granularity=block."}
+    )
+    initial_threshold: float | None = field(default=None, metadata={"help": "Threshold before the cubic schedule."})
+    final_threshold: float | None = field(default=None, metadata={"help": "Threshold at the end of the schedule."})
+    initial_warmup: float = field(
+        default=0.1, metadata={"help": "Fraction of training steps held at initial_threshold."}
+    )
+    final_warmup: float = field(default=0.3, metadata={"help": "Fraction of training steps held at final_threshold."})
+    final_lambda: float | None = field(
+        default=None, metadata={"help": "Final weight of the L1 regularization on sigmoid(scores)."}
+    )
+    mask_scores_learning_rate: float = field(default=1e-2, metadata={"help": "Learning rate of the mask scores."})
+    mask_init_value: float = field(default=0.0, metadata={"help": "Initial value of the mask scores."})
+    layers_pattern: str | None = field(
+        default=None, metadata={"help": "Custom architectures: path suffix of the ModuleList of layers."}
+    )
+    attention_modules: list[str] | None = field(
+        default=None, metadata={"help": "Custom architectures: Q K V O module names relative to a layer."}
+    )
+    ffn_modules: list[str] | None = field(
+        default=None, metadata={"help": "Custom architectures: FFN in and out module names relative to a layer."}
+    )
+    num_heads_attribute: str = field(
+        default="num_attention_heads", metadata={"help": "Custom architectures: config attribute with the head count."}
+    )
+
+    def __post_init__(self):
+        self._resolve_defaults()
+        self._validate_choices()
+        self._validate_block_sizes()
+        self._validate_schedule()
+        self._validate_custom_modules()
+
+    def _resolve_defaults(self):
+        if self.pruning_preset is not None:
+            if self.pruning_preset not in PRESETS:
+                raise ValueError(
+                    f"`pruning_preset` must be one of {sorted(PRESETS)}, got {self.pruning_preset!r}."
+                )
+            for name, value in PRESETS[self.pruning_preset].items():
+                if getattr(self, name) is None:
+                    setattr(self, name, list(value) if isinstance(value, list) else value)
+        for name, value in _FALLBACKS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, list(value) if isinstance(value, list) else value)
+        if self.pruning_method in METHOD_DEFAULTS:
+            for name, value in METHOD_DEFAULTS[self.pruning_method].items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
+
+    def _validate_choices(self):
+        for name, choices in (
+            ("pruning_method", PRUNING_METHODS),
+            ("attention_granularity", ATTENTION_GRANULARITIES),
+            ("ffn_granularity", FFN_GRANULARITIES),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"`{name}` must be one of {list(choices)}, got {getattr(self, name)!r}.")
+
+    def _validate_block_sizes(self):
+        for name in ("attention_block_size", "ffn_block_size"):
+            value = getattr(self, name)
+            if len(value) != 2 or not all(isinstance(v, int) and v > 0 for v in value):
+                raise ValueError(f"`{name}` must be two positive integers (rows, cols), got {value!r}.")
+            setattr(self, name, [int(v) for v in value])
+
+    def _validate_schedule(self):
+        if self.pruning_method == "topk":
+            for name in ("initial_threshold", "final_threshold"):
+                if not 0.0 < getattr(self, name) <= 1.0:
+                    raise ValueError(
+                        f"`{name}` is the kept fraction of blocks with pruning_method='topk' and must be in (0, 1], "
+                        f"got {getattr(self, name)}."
+                    )
+        else:
+            for name in ("initial_threshold", "final_threshold"):
+                if not 0.0 <= getattr(self, name) < 1.0:
+                    raise ValueError(
+                        f"`{name}` is compared with sigmoid(score) and must be in [0, 1), got {getattr(self, name)}."
+                    )
+        for name in ("initial_warmup", "final_warmup"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"`{name}` is a fraction of the training steps in [0, 1), got {getattr(self, name)}.")
+        if self.initial_warmup + self.final_warmup >= 1.0:
+            raise ValueError(
+                f"`initial_warmup` + `final_warmup` must be below 1 to leave steps for the cubic schedule, got "
+                f"{self.initial_warmup} + {self.final_warmup}."
+            )
+        if not (self.final_lambda >= 0.0 and math.isfinite(self.final_lambda)):
+            raise ValueError(f"`final_lambda` must be a finite number >= 0, got {self.final_lambda}.")
+        if not (self.mask_scores_learning_rate > 0.0 and math.isfinite(self.mask_scores_learning_rate)):
+            raise ValueError(f"`mask_scores_learning_rate` must be > 0, got {self.mask_scores_learning_rate}.")
+        if not math.isfinite(self.mask_init_value):
+            raise ValueError(f"`mask_init_value` must be a finite number, got {self.mask_init_value}.")
+
+    def _validate_custom_modules(self):
+        given = [self.attention_modules is not None, self.ffn_modules is not None]
+        if self.layers_pattern is None:
+            if any(given):
+                raise ValueError("`attention_modules` and `ffn_modules` need `layers_pattern` (the ModuleList path).")
+            return
+        if self.attention_modules is not None and len(self.attention_modules) != 4:
+            raise ValueError(
+                f"`attention_modules` must name 4 modules (query key value output), got {self.attention_modules!r}."
+            )
+        if self.ffn_modules is not None and len(self.ffn_modules) != 2:
+            raise ValueError(f"`ffn_modules` must name 2 modules (input output), got {self.ffn_modules!r}.")
+        if not any(given):
+            raise ValueError("`layers_pattern` needs `attention_modules` and/or `ffn_modules`.")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> BlockPruningConfig:
+        """Build the config of one of the paper's recipes (`"hybrid"`, `"struct"`, `"block"`), with overrides.
+
+        Args:
+            name (`str`): the preset name.
+            **overrides: any other field of the config.
+        """
+        return cls(pruning_preset=name, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the resolved fields as a plain, JSON-serialisable dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> BlockPruningConfig:
+        """Rebuild a config from `to_dict()` output, ignoring keys this version does not know."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})

@@ -1,0 +1,164 @@
+"""Block scores and the masked `nn.Linear` wrapper that applies them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .binarizers import binarize
+
+GRID_VIEWS = ("grid", "rows", "cols")
+
+
+class BlockScores(nn.Module):
+    """Learnable scores over a grid of blocks, and the binary mask they give.
+
+    One instance may be shared by several `MaskedLinear` layers (an FFN neuron is row i of the input projection
+    and column i of the output projection; a head is rows of Q, K, V and columns of the output projection): it is
+    registered as a child of the first, so it is saved once.
+
+    With `score_scale = c != 1` the stored parameter is `raw = value / c` and the forward uses
+    `value = raw + (c - 1) * raw.detach()` (numerically `c * raw`, gradient 1 with respect to `raw`). Adam-family
+    optimizers take steps of a size independent of the gradient's scale, so the scores then move `c` times faster than
+    the optimizer's learning rate: this gives them their own learning rate without an extra optimizer group.
+
+    Args:
+        grid_shape (`tuple[int, ...]`): shape of the score grid.
+        method (`str`): `"topk"` or `"sigmoid_threshold"`.
+        kind (`str`): `"attention"` or `"ffn"`, for density reporting.
+        init_value (`float`): initial score value.
+        threshold (`float`): initial threshold (kept fraction for top-k).
+        score_scale (`float`, *optional*, defaults to 1.0): the reparametrisation factor `c` above.
+    """
+
+    def __init__(self, grid_shape, method, kind, init_value, threshold, score_scale=1.0):
+        super().__init__()
+        self.method = method
+        self.kind = kind
+        self.scores = nn.Parameter(torch.full(tuple(grid_shape), init_value / score_scale))
+        self.register_buffer("threshold", torch.tensor(float(threshold)))
+        self.register_buffer("score_scale", torch.tensor(float(score_scale)))
+        self._threshold_value = float(threshold)
+        self._scale_value = float(score_scale)
+        self.weights_per_block = 0.0  # filled in by the layers that use these scores
+        self.register_load_state_dict_post_hook(BlockScores._sync_mirrors)
+
+    @staticmethod
+    def _sync_mirrors(module, incompatible_keys):
+        # The Python copies avoid host syncs in the forward pass; a load is the one place they must be refreshed.
+        module._threshold_value = float(module.threshold)
+        module._scale_value = float(module.score_scale)
+
+    def effective_scores(self) -> torch.Tensor:
+        """Scores as the mask sees them (`score_scale * raw`, with gradient 1 to `raw`)."""
+        if self._scale_value == 1.0:
+            return self.scores
+        return self.scores + (self._scale_value - 1.0) * self.scores.detach()
+
+    def mask(self) -> torch.Tensor:
+        """The {0, 1} mask over the grid, with a straight-through gradient to the scores."""
+        return binarize(self.effective_scores(), self.method, self.threshold, self._threshold_value)
+
+    def set_threshold(self, value: float) -> None:
+        """Set the threshold (kept fraction for top-k) used by `mask()`."""
+        self._threshold_value = float(value)
+        self.threshold.fill_(float(value))
+
+    def set_score_scale(self, scale: float) -> None:
+        """Change the reparametrisation factor while keeping the effective scores unchanged."""
+        with torch.no_grad():
+            self.scores.mul_(self._scale_value / scale)
+        self._scale_value = float(scale)
+        self.score_scale.fill_(float(scale))
+
+    def extra_repr(self) -> str:
+        """Shape, method and kind, for `print(model)`."""
+        return f"grid={tuple(self.scores.shape)}, method={self.method}, kind={self.kind}"
+
+
+class MaskedLinear(nn.Module):
+    """An `nn.Linear` whose weight is multiplied, block by block, by the mask of a `BlockScores`.
+
+    The mask grid `(R, C)` splits the `(out, in)` weight into `R x C` blocks of `(out / R, in / C)`; `grid_view`
+    reads a 1-D score vector as rows (`"rows"`: `(n, 1)`) or columns (`"cols"`: `(1, n)`).
+
+    Args:
+        base_layer (`nn.Linear`): the layer to mask; kept as the child `base_layer`.
+        block_scores (`BlockScores`): the scores to use.
+        grid_view (`str`): `"grid"`, `"rows"` or `"cols"`.
+        owns_scores (`bool`): register `block_scores` as a child (saved with this layer) or only refer to it.
+    """
+
+    def __init__(self, base_layer: nn.Linear, block_scores: BlockScores, grid_view: str, owns_scores: bool):
+        super().__init__()
+        self.base_layer = base_layer
+        self.grid_view = grid_view
+        if owns_scores:
+            self.block_scores = block_scores
+        else:
+            object.__setattr__(self, "_shared_scores", block_scores)
+        rows, cols = self._grid_shape(block_scores.scores.shape)
+        out_features, in_features = base_layer.weight.shape
+        if out_features % rows or in_features % cols:
+            raise ValueError(
+                f"A block grid of {rows}x{cols} does not divide a {out_features}x{in_features} weight; choose a block "
+                "size that divides the matrix (e.g. a divisor of the head size)."
+            )
+        block_scores.weights_per_block += (out_features // rows) * (in_features // cols)
+
+    def _grid_shape(self, shape) -> tuple[int, int]:
+        if self.grid_view == "rows":
+            return shape[0], 1
+        if self.grid_view == "cols":
+            return 1, shape[0]
+        return shape[0], shape[1]
+
+    @property
+    def scores_module(self) -> BlockScores:
+        """The `BlockScores` this layer is masked by (owned or shared)."""
+        return self.block_scores if "block_scores" in self._modules else self._shared_scores
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The unmasked weight of the wrapped layer."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The bias of the wrapped layer (never masked)."""
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        """Input size of the wrapped layer."""
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        """Output size of the wrapped layer."""
+        return self.base_layer.out_features
+
+    def weight_mask(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The mask as a `(R, C)` grid (from the scores unless `mask`, a score-shaped tensor, is given)."""
+        mask = self.scores_module.mask() if mask is None else mask
+        return mask.reshape(self._grid_shape(mask.shape))
+
+    def masked_weight(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight multiplied block by block by the mask grid."""
+        grid = self.weight_mask(mask)
+        rows, cols = grid.shape
+        weight = self.base_layer.weight
+        out_features, in_features = weight.shape
+        blocks = weight.view(rows, out_features // rows, cols, in_features // cols)  # (R, r, C, c)
+        return (blocks * grid[:, None, :, None].to(weight.dtype)).view(out_features, in_features)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`F.linear` with the masked weight and the unmasked bias."""
+        return F.linear(hidden_states, self.masked_weight(), self.base_layer.bias)
+
+    def merge(self) -> nn.Linear:
+        """Return the wrapped `nn.Linear` with the current mask multiplied into its weight."""
+        with torch.no_grad():
+            self.base_layer.weight.copy_(self.masked_weight())
+        return self.base_layer

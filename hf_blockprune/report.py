@@ -1,0 +1,69 @@
+"""`sparsity_report`: what the masks keep, layer by layer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layer import MaskedLinear
+from .model import AttentionModules, prunable_layers
+
+
+@torch.no_grad()
+def weight_mask(linear: nn.Module) -> torch.Tensor:
+    """The `(out, in)` {0, 1} mask of a layer's weight: its block mask expanded, or all ones for a plain Linear."""
+    if not isinstance(linear, MaskedLinear):
+        return torch.ones_like(linear.weight)
+    grid = linear.weight_mask()
+    out_features, in_features = linear.weight.shape
+    rows, cols = grid.shape
+    return grid.repeat_interleave(out_features // rows, 0).repeat_interleave(in_features // cols, 1)
+
+
+@torch.no_grad()
+def dead_heads(attention: AttentionModules) -> list[int]:
+    """Heads whose value rows or output-projection columns are all masked: their contribution is constant."""
+    value = weight_mask(attention.value)  # (H * d, in)
+    output = weight_mask(attention.output)  # (out, H * d)
+    heads = attention.num_heads
+    value_alive = value.view(heads, -1).any(dim=1)
+    output_alive = output.view(output.shape[0], heads, -1).any(dim=0).any(dim=1)
+    return [h for h in range(heads) if not (value_alive[h] and output_alive[h])]
+
+
+@torch.no_grad()
+def _density(linears: list[nn.Module]) -> float:
+    kept = sum(weight_mask(linear).sum().item() for linear in linears)
+    total = sum(linear.weight.numel() for linear in linears)
+    return kept / total if total else 1.0
+
+
+@torch.no_grad()
+def sparsity_report(model: nn.Module) -> list[dict]:
+    """Per layer: heads entirely pruned, attention block density and FFN neurons kept.
+
+    Returns:
+        `list[dict]`: one dict per layer with `layer` (module path), `heads_pruned` (one list of head indices per
+        attention block of the layer: self-attention, then cross-attention for decoders), `num_heads`,
+        `attention_density` (fraction of Q/K/V/O weights kept), `ffn_neurons_kept` and `ffn_neurons_total`.
+    """
+    report = []
+    for layer in prunable_layers(model):
+        linears = [m for attn in layer.attentions for m in (attn.query, attn.key, attn.value, attn.output)]
+        kept_neurons = total_neurons = 0
+        if layer.ffn_input is not None:
+            rows_alive = weight_mask(layer.ffn_input).any(dim=1)
+            cols_alive = weight_mask(layer.ffn_output).any(dim=0)
+            kept_neurons = int((rows_alive & cols_alive).sum().item())
+            total_neurons = rows_alive.numel()
+        report.append(
+            {
+                "layer": layer.name,
+                "heads_pruned": [dead_heads(attn) for attn in layer.attentions],
+                "num_heads": [attn.num_heads for attn in layer.attentions],
+                "attention_density": _density(linears),
+                "ffn_neurons_kept": kept_neurons,
+                "ffn_neurons_total": total_neurons,
+            }
+        )
+    return report

@@ -1,0 +1,75 @@
+"""`BlockPruningTrainer`: a `Trainer` that fine-prunes its model with block movement pruning."""
+
+from __future__ import annotations
+
+from transformers import Trainer
+
+from .config import BlockPruningConfig
+from .controller import PruningController
+from .model import apply_block_pruning, is_block_pruned, score_parameters
+
+
+class BlockPruningTrainer(Trainer):
+    """`Trainer` with block movement pruning: masks the model, trains the scores, schedules and regularizes.
+
+    The mask scores get their own optimizer group (`mask_scores_learning_rate`, no weight decay, following the
+    learning-rate scheduler). The regularization is added to the training loss only. The loss of each micro-batch
+    is its mean, divided by the number of accumulation steps, so a run with gradient accumulation matches one with
+    the larger batch.
+
+    Args:
+        *args, **kwargs: as for `transformers.Trainer` (`model` is required; `model_init` is not supported).
+        pruning_config (`BlockPruningConfig`): what to prune and how.
+    """
+
+    # compute_loss returns a per-micro-batch mean (num_items_in_batch is not passed to the model, whose loss would
+    # ignore it anyway for the supported architectures), so the Trainer must divide by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, pruning_config: BlockPruningConfig | None = None, **kwargs):
+        if not isinstance(pruning_config, BlockPruningConfig):
+            raise ValueError(
+                "BlockPruningTrainer needs `pruning_config=BlockPruningConfig(...)` (e.g. "
+                "BlockPruningConfig.from_preset('hybrid'))."
+            )
+        super().__init__(*args, **kwargs)
+        if self.model is None or self.model_init is not None:
+            raise ValueError("BlockPruningTrainer needs `model=`; `model_init` is not supported.")
+        if not is_block_pruned(self.model):
+            apply_block_pruning(self.model, pruning_config)
+        self.pruning_config = pruning_config
+        self.pruning = PruningController(self.model, pruning_config)
+
+    def create_optimizer(self, model=None):
+        """Build the Trainer's optimizer, then move the mask scores into a group of their own."""
+        if self.optimizer is not None:
+            return self.optimizer
+        optimizer = super().create_optimizer(model)
+        scores = score_parameters(self.model if model is None else model)
+        score_ids = {id(p) for p in scores}
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in score_ids]
+        optimizer.add_param_group(
+            {"params": scores, "lr": self.pruning_config.mask_scores_learning_rate, "weight_decay": 0.0}
+        )
+        return optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Set the schedule for the current optimizer step, then train as usual."""
+        self.pruning.update(self.state.global_step, self.state.max_steps)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The Trainer's loss (a per-batch mean) plus, in training, the pruning regularization."""
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=None)
+        if model.training:
+            term = self.pruning.regularization()
+            if term is not None:
+                loss = loss + term
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the `pruning/*` values to training logs, so every `report_to` target sees them."""
+        if "loss" in logs:
+            logs.update(self.pruning.metrics())
+        super().log(logs, start_time)

@@ -1,0 +1,93 @@
+"""Tiny random-init models of every supported architecture, and a tiny dataset to train them on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    BertConfig,
+    BertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    ElectraConfig,
+    ElectraForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    TrainingArguments,
+)
+
+ARCHS = ["bert", "roberta", "distilbert", "electra", "bart"]
+VOCAB = 99
+SEQ_LEN = 12
+
+# Odd sizes catch shape bugs: hidden 32 with 4 heads of 8, FFN of 37.
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+               max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2)
+
+
+def tiny_config(arch: str):
+    """A tiny config of `arch` with no dropout (so runs are deterministic)."""
+    if arch == "bert":
+        return BertConfig(**_COMMON)
+    if arch == "roberta":
+        return RobertaConfig(**{**_COMMON, "max_position_embeddings": 70}, pad_token_id=1)
+    if arch == "electra":
+        return ElectraConfig(**_COMMON, embedding_size=16)
+    if arch == "distilbert":
+        return DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=37,
+                                max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, num_labels=2)
+    if arch == "bart":
+        return BartConfig(
+            vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64,
+            dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
+            eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None,
+        )
+    raise ValueError(arch)
+
+
+_MODEL_CLASSES = {
+    "bert": BertForSequenceClassification,
+    "roberta": RobertaForSequenceClassification,
+    "electra": ElectraForSequenceClassification,
+    "distilbert": DistilBertForSequenceClassification,
+    "bart": BartForConditionalGeneration,
+}
+
+
+def tiny_model(arch: str, seed: int = 0):
+    """A tiny random-init model: sequence classification, or conditional generation for BART."""
+    torch.manual_seed(seed)
+    return _MODEL_CLASSES[arch](tiny_config(arch))
+
+
+def tiny_dataset(arch: str, size: int = 64, seed: int = 0) -> list[dict]:
+    """Random token sequences; the label is whether token 7 appears (learnable), or a copy task for BART."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(size):
+        ids = torch.randint(3, VOCAB, (SEQ_LEN,), generator=gen)
+        if arch == "bart":
+            rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids[:6].clone()})
+        else:
+            rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": int((ids == 7).any())})
+    return rows
+
+
+def training_args(output_dir, **overrides) -> TrainingArguments:
+    """Quiet CPU TrainingArguments for tests."""
+    defaults = dict(
+        output_dir=str(output_dir), per_device_train_batch_size=8, learning_rate=1e-3, max_steps=50,
+        logging_steps=10, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, seed=0,
+        lr_scheduler_type="constant", dataloader_num_workers=0,
+    )
+    defaults.update(overrides)
+    return TrainingArguments(**defaults)
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    """Each supported architecture in turn."""
+    return request.param

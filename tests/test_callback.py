@@ -1,0 +1,127 @@
+"""BlockPruningCallback with unmodified Trainer subclasses, and its misuse errors."""
+
+import pytest
+import torch
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer
+
+from hf_blockprune import BlockPruningCallback, BlockPruningTrainer
+from hf_blockprune.losses import expected_density, mask_density
+
+from conftest import tiny_dataset, tiny_model
+from helpers import make_trainer, preset_config, topk_density
+
+
+class QuestionAnsweringLikeTrainer(Trainer):
+    """Shaped like run_qa.py's QuestionAnsweringTrainer: extra __init__ arguments, own evaluate and predict."""
+
+    def __init__(self, *args, eval_examples=None, post_process_function=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_examples = eval_examples
+        self.post_process_function = post_process_function
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        output = self.predict(eval_dataset or self.eval_dataset, ignore_keys=ignore_keys)
+        metrics = self.post_process_function(self.eval_examples, output)
+        self.log(metrics)
+        return metrics
+
+
+def test_callback_with_a_subclass_that_overrides_evaluate(tmp_path):
+    config = preset_config("hybrid", pruning_method="topk", final_threshold=0.5, final_warmup=0.2)
+    data = tiny_dataset("bert")
+    trainer = make_trainer(
+        "callback", "bert", config, tmp_path, trainer_class=QuestionAnsweringLikeTrainer, max_steps=30,
+    )
+    trainer.eval_dataset = data[:16]
+    trainer.eval_examples = data[:16]
+    trainer.post_process_function = lambda examples, output: {
+        "eval_accuracy": float((output.predictions.argmax(-1) == output.label_ids).mean())
+    }
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert mask_density(trainer.model).item() == pytest.approx(topk_density(trainer.model, 0.5))
+    assert any("pruning/density" in entry for entry in trainer.state.log_history)
+
+
+def test_callback_with_seq2seq_trainer_on_bart(tmp_path):
+    config = preset_config("hybrid", final_lambda=200.0, mask_scores_learning_rate=0.1)
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=30, learning_rate=1e-3, logging_steps=10,
+        report_to="none", disable_tqdm=True, use_cpu=True, save_strategy="no", predict_with_generate=True,
+        generation_max_length=8, generation_num_beams=2, lr_scheduler_type="constant",
+    )
+    data = tiny_dataset("bart")
+    trainer = Seq2SeqTrainer(model=tiny_model("bart"), args=args, train_dataset=data, eval_dataset=data[:8],
+                             callbacks=[BlockPruningCallback(config)])
+    trainer.train()
+    assert mask_density(trainer.model).item() < 1.0
+    metrics = trainer.evaluate()
+    assert "eval_loss" in metrics
+    prediction = trainer.predict(data[:4])
+    assert prediction.predictions.shape[0] == 4
+
+
+def test_regularization_reaches_the_training_loss(tmp_path):
+    config = preset_config("hybrid", final_lambda=7.0)
+    trainer = make_trainer("callback", "bert", config, tmp_path, max_steps=10)
+    callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, BlockPruningCallback))
+    batch = {k: torch.stack([row[k] for row in tiny_dataset("bert")[:4]]) if k != "labels"
+             else torch.tensor([row[k] for row in tiny_dataset("bert")[:4]]) for k in ("input_ids", "labels")}
+    model = trainer.model.train()
+    callback._training = True
+    callback.controller.update(10, 10)
+    with_term = trainer.compute_loss(model, dict(batch))
+    callback.controller.update(0, 10)
+    without_term = trainer.compute_loss(model, dict(batch))
+    assert (with_term - without_term).item() == pytest.approx(7.0 * expected_density(model).item(), rel=1e-5)
+
+
+def test_callback_added_after_construction_is_an_error(tmp_path):
+    trainer = make_trainer("callback", "bert", preset_config("hybrid"), tmp_path)
+    late = Trainer(model=tiny_model("bert"), args=trainer.args, train_dataset=tiny_dataset("bert"))
+    late.add_callback(BlockPruningCallback(preset_config("hybrid")))
+    with pytest.raises(RuntimeError, match="callbacks=\\[BlockPruningCallback"):
+        late.train()
+
+
+def test_callback_with_label_smoothing_says_to_use_the_trainer(tmp_path):
+    trainer = make_trainer("callback", "bert", preset_config("hybrid"), tmp_path, label_smoothing_factor=0.1)
+    with pytest.raises(ValueError, match="BlockPruningTrainer"):
+        trainer.train()
+
+
+def test_callback_with_compute_loss_func_says_to_use_the_trainer(tmp_path):
+    config = preset_config("hybrid", initial_warmup=0.0)
+    model = tiny_model("bert")
+    trainer = Trainer(
+        model=model, args=make_trainer("callback", "bert", config, tmp_path).args, train_dataset=tiny_dataset("bert"),
+        callbacks=[BlockPruningCallback(config)],
+        compute_loss_func=lambda outputs, labels, num_items_in_batch=None: torch.nn.functional.cross_entropy(
+            outputs.logits, labels),
+    )
+    with pytest.raises(RuntimeError, match="BlockPruningTrainer"):
+        trainer.train()
+
+
+def test_trainer_handles_label_smoothing(tmp_path):
+    config = preset_config("hybrid", final_lambda=200.0, mask_scores_learning_rate=0.1)
+    trainer = make_trainer("trainer", "bert", config, tmp_path, label_smoothing_factor=0.1, max_steps=30)
+    trainer.train()
+    assert mask_density(trainer.model).item() < 1.0
+
+
+def test_trainer_requires_a_pruning_config(tmp_path):
+    with pytest.raises(ValueError, match="pruning_config"):
+        BlockPruningTrainer(model=tiny_model("bert"), args=make_trainer("callback", "bert", preset_config("hybrid"),
+                                                                         tmp_path).args)
+
+
+def test_trainer_puts_scores_in_their_own_group(tmp_path):
+    trainer = make_trainer("trainer", "bert", preset_config("hybrid"), tmp_path, weight_decay=0.1)
+    optimizer = trainer.create_optimizer()
+    score_group = optimizer.param_groups[-1]
+    assert score_group["lr"] == 1e-2 and score_group["weight_decay"] == 0.0
+    assert len(score_group["params"]) == sum(1 for n, _ in trainer.model.named_parameters() if n.endswith("scores"))
+    others = {id(p) for g in optimizer.param_groups[:-1] for p in g["params"]}
+    assert not others & {id(p) for p in score_group["params"]}
