@@ -1,0 +1,251 @@
+"""`compact_model`: physically remove the attention heads and FFN neurons the block masks have pruned.
+
+A head goes when all its value-projection rows or all its output-projection columns are masked; an FFN neuron goes
+when its input row or its output column is masked. What such a unit still contributes is a constant, folded into the
+bias of the output projection:
+
+- head `h` with masked value rows: softmax weights sum to 1, so it outputs its value bias `b_v[h]` at every position,
+  and the layer output gains `W_o[:, h] @ b_v[h]`;
+- neuron `i` with a masked input row and a live output column: it outputs `act(b_1[i])`, and the layer output gains
+  `act(b_1[i]) * W_2[:, i]`;
+- a unit whose output columns are masked contributes zero.
+
+Heads that survive in part stay whole (their masked blocks stay zero in the weight) and keep their size, so the
+attention code, which reshapes with `-1` heads, runs unchanged. The kept heads and FFN sizes, which differ from layer
+to layer, are recorded in `model.config.blockprune_layout` (see `compaction_layout`); the config's head count and FFN
+size keep their original values.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .model import CONFIG_ATTRIBUTE, AttentionModules, is_block_pruned, prunable_layers, remove_block_pruning
+from .report import dead_heads, weight_mask
+
+logger = logging.getLogger(__name__)
+
+LAYOUT_ATTRIBUTE = "blockprune_layout"
+
+# Where each architecture keeps the FFN activation, relative to one layer. Only needed to fold neurons whose input
+# row is masked but whose output column is not; for another architecture every path below is tried.
+FFN_ACTIVATIONS: dict[str, str] = {
+    "bert": "intermediate.intermediate_act_fn",
+    "roberta": "intermediate.intermediate_act_fn",
+    "electra": "intermediate.intermediate_act_fn",
+    "distilbert": "ffn.activation",
+    "bart": "activation_fn",
+}
+
+# Head-count attributes of attention modules (BERT-likes, BART, DistilBERT). The transformers 5 forward passes do not
+# read them (they reshape with -1 heads); they are updated so that the modules describe themselves truthfully.
+HEAD_COUNT_ATTRIBUTES = ("num_attention_heads", "num_heads", "n_heads")
+
+
+@dataclass
+class LayerPlan:
+    """What compaction keeps of one layer.
+
+    Args:
+        name (`str`): module path of the layer, as in `prunable_layers` (e.g. `"bert.encoder.layer.0"`).
+        heads (`list[list[int]]`): for each attention block of the layer, the original indices of the kept heads.
+        neurons (`list[int]`, *optional*): original indices of the kept FFN neurons; `None` if the layer has no FFN.
+        constant_neurons (`list[int]`): removed neurons whose input row is masked but whose output column is not:
+            they output `act(b_1[i])` whatever the input, and are folded into the FFN output bias.
+    """
+
+    name: str
+    heads: list[list[int]]
+    neurons: list[int] | None
+    constant_neurons: list[int]
+
+
+def _indices(flags: torch.Tensor) -> list[int]:
+    return flags.nonzero().flatten().tolist()
+
+
+@torch.no_grad()
+def _ffn_neurons(ffn_input: nn.Module, ffn_output: nn.Module) -> tuple[list[int], list[int]]:
+    rows_alive = weight_mask(ffn_input).any(dim=1)  # (intermediate,)
+    cols_alive = weight_mask(ffn_output).any(dim=0)  # (intermediate,)
+    return _indices(rows_alive & cols_alive), _indices(~rows_alive & cols_alive)
+
+
+def _kept_heads(attention: AttentionModules) -> list[int]:
+    dead = set(dead_heads(attention))
+    return [head for head in range(attention.num_heads) if head not in dead]
+
+
+def compaction_plan(model: nn.Module) -> list[LayerPlan]:
+    """Per layer, the heads and FFN neurons that `compact_model` keeps, read from the current masks.
+
+    A plain (unmasked) layer keeps everything.
+
+    Args:
+        model (`nn.Module`): a model masked by `apply_block_pruning`.
+
+    Returns:
+        `list[LayerPlan]`: one plan per layer, in the order of `prunable_layers(model)`.
+    """
+    plans = []
+    for layer in prunable_layers(model):
+        heads = [_kept_heads(attention) for attention in layer.attentions]
+        neurons, constant = None, []
+        if layer.ffn_input is not None and layer.ffn_output is not None:
+            neurons, constant = _ffn_neurons(layer.ffn_input, layer.ffn_output)
+        plans.append(LayerPlan(layer.name, heads, neurons, constant))
+    return plans
+
+
+def compaction_layout(plans: list[LayerPlan]) -> dict:
+    """The JSON-serializable layout stored in `config.blockprune_layout`.
+
+    Returns:
+        `dict`: `{"layers": {<layer path>: {"heads": [[kept head indices] per attention block], "ffn_size": int}}}`;
+        `"ffn_size"` is left out for a layer without FFN.
+    """
+    layers = {}
+    for plan in plans:
+        entry = {"heads": [list(heads) for heads in plan.heads]}
+        if plan.neurons is not None:
+            entry["ffn_size"] = len(plan.neurons)
+        layers[plan.name] = entry
+    return {"layers": layers}
+
+
+def _head_index(heads: list[int], width: int, num_heads: int, device) -> torch.Tensor:
+    """Row indices of `heads` in a projection of `width = num_heads * head_dim` rows."""
+    head_dim = width // num_heads
+    offsets = torch.arange(head_dim, device=device)
+    starts = torch.tensor(heads, dtype=torch.long, device=device) * head_dim
+    return (starts[:, None] + offsets[None, :]).flatten()
+
+
+@torch.no_grad()
+def _select_(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
+    """Keep rows (`dim=0`, with their bias) or columns (`dim=1`) `index` of `linear`, in place.
+
+    Unlike `transformers.pytorch_utils.prune_linear_layer`, this keeps the module object, its dtype and its hooks.
+    """
+    linear.weight = nn.Parameter(linear.weight.index_select(dim, index).clone(), linear.weight.requires_grad)
+    if dim == 0:
+        linear.out_features = len(index)
+        if linear.bias is not None:
+            linear.bias = nn.Parameter(linear.bias.index_select(0, index).clone(), linear.bias.requires_grad)
+    else:
+        linear.in_features = len(index)
+
+
+@torch.no_grad()
+def _add_to_bias_(linear: nn.Linear, delta: torch.Tensor) -> None:
+    if linear.bias is None:
+        linear.bias = nn.Parameter(torch.zeros_like(delta, dtype=linear.weight.dtype))
+    linear.bias.add_(delta.to(linear.bias.dtype))
+
+
+def _parent(root: nn.Module, child: nn.Module) -> nn.Module:
+    for module in root.modules():
+        if any(grandchild is child for grandchild in module.children()):
+            return module
+    raise ValueError("Internal error: module not found under its layer.")
+
+
+def _set_head_count(module: nn.Module, num_heads: int, inner_size: int) -> None:
+    for name in HEAD_COUNT_ATTRIBUTES:
+        if isinstance(getattr(module, name, None), int):
+            setattr(module, name, num_heads)
+    if isinstance(getattr(module, "all_head_size", None), int):
+        module.all_head_size = inner_size
+
+
+@torch.no_grad()
+def _compact_attention(attention: AttentionModules, kept: list[int], layer_module: nn.Module) -> None:
+    num_heads, device = attention.num_heads, attention.query.weight.device
+    removed = sorted(set(range(num_heads)) - set(kept))
+    value, output = attention.value, attention.output
+    if removed and value.bias is not None:
+        # Heads with masked value rows output b_v[h]; those with masked output columns have zero columns here.
+        index = _head_index(removed, value.out_features, num_heads, device)
+        _add_to_bias_(output, output.weight[:, index] @ value.bias[index])
+    for linear in (attention.query, attention.key, value):
+        _select_(linear, _head_index(kept, linear.out_features, num_heads, device), dim=0)
+    _select_(output, _head_index(kept, output.in_features, num_heads, device), dim=1)
+    _set_head_count(_parent(layer_module, attention.query), len(kept), attention.query.out_features)
+
+
+def _ffn_activation(model: nn.Module, layer_module: nn.Module, layer_name: str):
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in FFN_ACTIVATIONS:
+        paths = [FFN_ACTIVATIONS[model_type]]
+    else:
+        paths = list(dict.fromkeys(FFN_ACTIVATIONS.values()))
+    for path in paths:
+        try:
+            return operator.attrgetter(path)(layer_module)
+        except AttributeError:
+            continue
+    raise ValueError(
+        f"Cannot find the FFN activation of layer {layer_name!r} (tried {paths}); add its path to "
+        "`hf_blockprune.compaction.FFN_ACTIVATIONS` for this model type."
+    )
+
+
+@torch.no_grad()
+def _compact_ffn(ffn_input: nn.Linear, ffn_output: nn.Linear, plan: LayerPlan, activation) -> None:
+    device = ffn_input.weight.device
+    if plan.constant_neurons:
+        index = torch.tensor(plan.constant_neurons, dtype=torch.long, device=device)
+        bias = ffn_input.bias[index] if ffn_input.bias is not None else ffn_input.weight.new_zeros(len(index))
+        _add_to_bias_(ffn_output, ffn_output.weight[:, index] @ activation(bias))  # (out, k) @ (k,)
+    kept = torch.tensor(plan.neurons, dtype=torch.long, device=device)
+    _select_(ffn_input, kept, dim=0)
+    _select_(ffn_output, kept, dim=1)
+
+
+def _compact_layer(model: nn.Module, layer, plan: LayerPlan) -> None:
+    layer_module = model.get_submodule(layer.name)
+    for attention, kept in zip(layer.attentions, plan.heads):
+        _compact_attention(attention, kept, layer_module)
+    if plan.neurons is not None:
+        activation = _ffn_activation(model, layer_module, layer.name) if plan.constant_neurons else None
+        _compact_ffn(layer.ffn_input, layer.ffn_output, plan, activation)
+
+
+def compact_model(model: nn.Module) -> nn.Module:
+    """Turn a block-masked model into a plain transformers model with physically smaller Linear layers, in place.
+
+    Merges the masks into the weights (`remove_block_pruning(model, merge=True)`), then removes the heads and FFN
+    neurons of `compaction_plan(model)`, folding the constant output of removed units into the output-projection
+    biases, so that the result computes the same function as the masked model in eval mode (attention dropout
+    would make a removed head's output no longer constant in training). A layer may lose every head or every
+    neuron. The layout is recorded in `model.config.blockprune_layout` (see `compaction_layout`). Deep-copy the model
+    first to keep the masked one.
+
+    Args:
+        model (`nn.Module`): a model masked by `apply_block_pruning`.
+
+    Returns:
+        `nn.Module`: the same model object, compacted, with no masks and no scores.
+
+    Raises:
+        `ValueError`: the model holds no block-pruning masks, or is already compacted.
+    """
+    if not is_block_pruned(model):
+        raise ValueError("compact_model expects a model masked by apply_block_pruning (with its masks still on).")
+    if getattr(model.config, LAYOUT_ATTRIBUTE, None) is not None:
+        raise ValueError(f"This model is already compacted (`config.{LAYOUT_ATTRIBUTE}` is set).")
+    pruning_config = getattr(model, CONFIG_ATTRIBUTE, None)  # removed with the masks, needed to find the layers again
+    plans = compaction_plan(model)
+    remove_block_pruning(model, merge=True)
+    for layer, plan in zip(prunable_layers(model, pruning_config), plans):
+        _compact_layer(model, layer, plan)
+    setattr(model.config, LAYOUT_ATTRIBUTE, compaction_layout(plans))
+    kept_heads = sum(len(heads) for plan in plans for heads in plan.heads)
+    kept_neurons = sum(len(plan.neurons or ()) for plan in plans)
+    logger.info("Compacted %d layers: %d heads and %d FFN neurons kept.", len(plans), kept_heads, kept_neurons)
+    return model
