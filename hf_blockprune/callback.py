@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 from .config import BlockPruningConfig
 from .controller import PruningController
 from .model import apply_block_pruning, block_scores, is_block_pruned, score_parameters
+from .saving import compact_on_save, restore_save
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +28,14 @@ class BlockPruningCallback(TrainerCallback):
     ratio (see `BlockScores`). They follow the learning-rate scheduler like every parameter.
 
     The regularization reaches the loss through a forward hook on the model that adds it to `outputs.loss` in
-    training mode. The `pruning/*` values are added to the Trainer's logs (and `trainer_state.json`); reporting
-    integrations named in `report_to` run before user callbacks, so to see them in TensorBoard with this callback,
-    list the reporter after it (`report_to="none", callbacks=[BlockPruningCallback(cfg), TensorBoardCallback()]`)
-    or use `BlockPruningTrainer`.
+    training mode. Checkpoints keep masks and scores; after training, `trainer.save_model()` writes the compacted
+    model with its loading code and model card (`Trainer.push_to_hub` then replaces that README.md with the
+    Trainer's own card; `BlockPruningTrainer` keeps it).
+
+    The `pruning/*` values are added to the Trainer's logs (and `trainer_state.json`); reporting integrations named
+    in `report_to` run before user callbacks, so to see them in TensorBoard with this callback, list the reporter
+    after it (`report_to="none", callbacks=[BlockPruningCallback(cfg), TensorBoardCallback()]`) or use
+    `BlockPruningTrainer`.
 
     Args:
         pruning_config (`BlockPruningConfig`): what to prune and how.
@@ -59,7 +64,7 @@ class BlockPruningCallback(TrainerCallback):
         else:
             apply_block_pruning(model, self.pruning_config, score_scale=scale)
         self.controller = PruningController(model, self.pruning_config)
-        self._hook = model.register_forward_hook(self._add_regularization, with_kwargs=True)
+        self._hook = model.register_forward_hook(_RegularizationHook(self), with_kwargs=True)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         """Check that the pruning can work with this Trainer, then set the schedule for the first step."""
@@ -75,6 +80,7 @@ class BlockPruningCallback(TrainerCallback):
             )
         self._check_optimizer(optimizer)
         self.controller.update(state.global_step, state.max_steps)
+        restore_save(model)
         self._training = True
 
     def _check_optimizer(self, optimizer) -> None:
@@ -108,9 +114,11 @@ class BlockPruningCallback(TrainerCallback):
             if state.log_history:
                 state.log_history[-1].update(metrics)
 
-    def on_train_end(self, args, state, control, **kwargs):
-        """Stop requiring a loss from training-mode forward passes."""
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        """Stop adding the regularization; from now on `trainer.save_model()` writes the compacted model."""
         self._training = False
+        if model is not None:
+            compact_on_save(model)
 
     def _add_regularization(self, module, args, kwargs, output):
         if not (module.training and self._training):
@@ -126,6 +134,19 @@ class BlockPruningCallback(TrainerCallback):
             raise RuntimeError(_NO_LOSS)
         output["loss"] = output["loss"] + term
         return output
+
+
+class _RegularizationHook:
+    """The forward hook; shared, not copied, when the model is deep-copied (e.g. to compact it for saving)."""
+
+    def __init__(self, callback: BlockPruningCallback):
+        self.callback = callback
+
+    def __call__(self, module, args, kwargs, output):
+        return self.callback._add_regularization(module, args, kwargs, output)
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 _NO_LOSS = (

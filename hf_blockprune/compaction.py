@@ -25,12 +25,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .model import CONFIG_ATTRIBUTE, AttentionModules, is_block_pruned, prunable_layers, remove_block_pruning
+from .model import (
+    CONFIG_ATTRIBUTE,
+    LAYOUT_ATTRIBUTE,
+    AttentionModules,
+    PrunableLayer,
+    is_block_pruned,
+    prunable_layers,
+    remove_block_pruning,
+)
 from .report import dead_heads, weight_mask
 
 logger = logging.getLogger(__name__)
 
-LAYOUT_ATTRIBUTE = "blockprune_layout"
+LAYOUT_VERSION = 1
 
 # Where each architecture keeps the FFN activation, relative to one layer. Only needed to fold neurons whose input
 # row is masked but whose output column is not; for another architecture every path below is tried.
@@ -102,20 +110,30 @@ def compaction_plan(model: nn.Module) -> list[LayerPlan]:
     return plans
 
 
-def compaction_layout(plans: list[LayerPlan]) -> dict:
-    """The JSON-serializable layout stored in `config.blockprune_layout`.
+def compaction_layout(layers: list[PrunableLayer], plans: list[LayerPlan]) -> dict:
+    """The JSON-serializable layout stored in `config.blockprune_layout`, enough to rebuild the layer shapes.
+
+    Args:
+        layers (`list[PrunableLayer]`): the layers of the model before compaction (`prunable_layers(model)`).
+        plans (`list[LayerPlan]`): what compaction keeps of each (`compaction_plan(model)`).
 
     Returns:
-        `dict`: `{"layers": {<layer path>: {"heads": [[kept head indices] per attention block], "ffn_size": int}}}`;
-        `"ffn_size"` is left out for a layer without FFN.
+        `dict`: `{"version": 1, "layers": {<layer path>: {"attention": [{"query": <path>, "key": <path>,
+        "value": <path>, "output": <path>, "head_dim": int, "heads": [kept original head indices]}, ...],
+        "ffn": {"input": <path>, "output": <path>, "size": int}}}}`, module paths relative to the layer; `"ffn"` is
+        left out for a layer without FFN.
     """
-    layers = {}
-    for plan in plans:
-        entry = {"heads": [list(heads) for heads in plan.heads]}
+    entries = {}
+    for layer, plan in zip(layers, plans):
+        attention = [
+            {**vars(attn.spec), "head_dim": attn.query.out_features // attn.num_heads, "heads": list(heads)}
+            for attn, heads in zip(layer.attentions, plan.heads)
+        ]
+        entry = {"attention": attention}
         if plan.neurons is not None:
-            entry["ffn_size"] = len(plan.neurons)
-        layers[plan.name] = entry
-    return {"layers": layers}
+            entry["ffn"] = {"input": layer.ffn_spec.input, "output": layer.ffn_spec.output, "size": len(plan.neurons)}
+        entries[plan.name] = entry
+    return {"version": LAYOUT_VERSION, "layers": entries}
 
 
 def _head_index(heads: list[int], width: int, num_heads: int, device) -> torch.Tensor:
@@ -241,10 +259,11 @@ def compact_model(model: nn.Module) -> nn.Module:
         raise ValueError(f"This model is already compacted (`config.{LAYOUT_ATTRIBUTE}` is set).")
     pruning_config = getattr(model, CONFIG_ATTRIBUTE, None)  # removed with the masks, needed to find the layers again
     plans = compaction_plan(model)
+    layout = compaction_layout(prunable_layers(model), plans)
     remove_block_pruning(model, merge=True)
     for layer, plan in zip(prunable_layers(model, pruning_config), plans):
         _compact_layer(model, layer, plan)
-    setattr(model.config, LAYOUT_ATTRIBUTE, compaction_layout(plans))
+    setattr(model.config, LAYOUT_ATTRIBUTE, layout)
     kept_heads = sum(len(heads) for plan in plans for heads in plan.heads)
     kept_neurons = sum(len(plan.neurons or ()) for plan in plans)
     logger.info("Compacted %d layers: %d heads and %d FFN neurons kept.", len(plans), kept_heads, kept_neurons)

@@ -7,22 +7,24 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .architectures import AttentionSpec, LayerStackSpec, find_layer_lists, stack_specs
+from .architectures import AttentionSpec, FFNSpec, LayerStackSpec, find_layer_lists, stack_specs
 from .config import BlockPruningConfig
 from .layer import BlockScores, MaskedLinear
 
 CONFIG_ATTRIBUTE = "block_pruning_config"
+LAYOUT_ATTRIBUTE = "blockprune_layout"
 
 
 @dataclass
 class AttentionModules:
-    """The four projections of one attention block and its head count."""
+    """The four projections of one attention block, its head count and their names relative to the layer."""
 
     query: nn.Module
     key: nn.Module
     value: nn.Module
     output: nn.Module
     num_heads: int
+    spec: AttentionSpec
 
 
 @dataclass
@@ -33,6 +35,7 @@ class PrunableLayer:
     attentions: list[AttentionModules]
     ffn_input: nn.Module | None
     ffn_output: nn.Module | None
+    ffn_spec: FFNSpec | None = None
 
 
 def _submodule(layer: nn.Module, layer_name: str, path: str) -> nn.Module:
@@ -53,7 +56,16 @@ def _num_heads(model: nn.Module, spec: LayerStackSpec) -> int:
 
 def _attention(layer: nn.Module, layer_name: str, spec: AttentionSpec, num_heads: int) -> AttentionModules:
     modules = [_submodule(layer, layer_name, path) for path in (spec.query, spec.key, spec.value, spec.output)]
-    return AttentionModules(*modules, num_heads=num_heads)
+    return AttentionModules(*modules, num_heads=num_heads, spec=spec)
+
+
+def _layer_head_counts(model: nn.Module, layer_name: str, spec: LayerStackSpec, default: int) -> list[int]:
+    """Head count of each attention block of a layer: from the compaction layout if the model has one."""
+    layout = getattr(getattr(model, "config", None), LAYOUT_ATTRIBUTE, None)
+    entry = (layout or {}).get("layers", {}).get(layer_name)
+    if entry is None:
+        return [default] * len(spec.attentions)
+    return [len(attention["heads"]) for attention in entry["attention"]]
 
 
 def prunable_layers(model: nn.Module, config: BlockPruningConfig | None = None) -> list[PrunableLayer]:
@@ -73,10 +85,11 @@ def prunable_layers(model: nn.Module, config: BlockPruningConfig | None = None) 
         for list_name, layer_list in lists:
             for index, layer in enumerate(layer_list):
                 name = f"{list_name}.{index}"
-                attentions = [_attention(layer, name, attn, num_heads) for attn in spec.attentions]
+                heads = _layer_head_counts(model, name, spec, num_heads)
+                attentions = [_attention(layer, name, attn, n) for attn, n in zip(spec.attentions, heads)]
                 ffn_in = _submodule(layer, name, spec.ffn.input) if spec.ffn else None
                 ffn_out = _submodule(layer, name, spec.ffn.output) if spec.ffn else None
-                layers.append(PrunableLayer(name, attentions, ffn_in, ffn_out))
+                layers.append(PrunableLayer(name, attentions, ffn_in, ffn_out, spec.ffn))
     return layers
 
 

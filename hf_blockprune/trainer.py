@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 from transformers import Trainer
 
 from .config import BlockPruningConfig
 from .controller import PruningController
 from .model import apply_block_pruning, is_block_pruned, score_parameters
+from .model_card import CARD_MARKER
+from .saving import compact_on_save, restore_save
 
 
 class BlockPruningTrainer(Trainer):
@@ -16,6 +20,10 @@ class BlockPruningTrainer(Trainer):
     learning-rate scheduler). The regularization is added to the training loss only. The loss of each micro-batch
     is its mean, divided by the number of accumulation steps, so a run with gradient accumulation matches one with
     the larger batch.
+
+    Checkpoints written during training keep the masks and scores (so `resume_from_checkpoint` works); once
+    training ends, `save_model()` and `push_to_hub()` write the compacted model (pruned heads and FFN neurons
+    removed), its loading code and its model card.
 
     Args:
         *args, **kwargs: as for `transformers.Trainer` (`model` is required; `model_init` is not supported).
@@ -53,6 +61,20 @@ class BlockPruningTrainer(Trainer):
             {"params": scores, "lr": self.pruning_config.mask_scores_learning_rate, "weight_decay": 0.0}
         )
         return optimizer
+
+    def train(self, *args, **kwargs):
+        """Train with pruning; afterwards `save_model()` writes the compacted model."""
+        restore_save(self.model)
+        output = super().train(*args, **kwargs)
+        compact_on_save(self.model)
+        return output
+
+    def create_model_card(self, *args, **kwargs):
+        """Keep the pruning model card written with the compacted model; otherwise the Trainer's card."""
+        card = os.path.join(self.args.output_dir, "README.md")
+        if os.path.isfile(card) and CARD_MARKER in open(card, encoding="utf-8").read():
+            return
+        super().create_model_card(*args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Set the schedule for the current optimizer step, then train as usual."""

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
-from hf_blockprune import BlockPruningCallback, BlockPruningConfig, BlockPruningTrainer
-from hf_blockprune.model import block_scores
+from hf_blockprune import BlockPruningCallback, BlockPruningConfig, BlockPruningTrainer, apply_block_pruning
+from hf_blockprune.layer import BlockScores
+from hf_blockprune.model import block_scores, prunable_layers, set_threshold
 
-from conftest import tiny_dataset, tiny_model, training_args
+from conftest import VOCAB, tiny_dataset, tiny_model, training_args
 
 # Block sizes that divide the tiny models (hidden 32 = 4 heads x 8, FFN 37).
 TINY_PRESETS = {
@@ -52,3 +53,68 @@ def topk_density(model, fraction: float) -> float:
 def preset_config(preset, **overrides) -> BlockPruningConfig:
     """A preset sized for the tiny models."""
     return BlockPruningConfig.from_preset(preset, **{**TINY_PRESETS[preset], **overrides})
+
+
+DEAD, ALIVE = -1e4, 1e4
+
+
+def model_inputs(arch, labels=False):
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, 6:] = 0
+    inputs = {"input_ids": ids, "attention_mask": attention_mask}
+    if arch == "bart":
+        inputs["decoder_input_ids" if not labels else "labels"] = ids[:, :5].clone()
+    elif labels:
+        inputs["labels"] = torch.tensor([0, 1])
+    return inputs
+
+
+def model_outputs(model, inputs) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+    names = ("logits", "hidden_states", "encoder_hidden_states", "decoder_hidden_states")
+    tensors = []
+    for name in names:
+        value = getattr(out, name, None)
+        tensors += list(value) if isinstance(value, tuple) else [] if value is None else [value]
+    return tensors
+
+
+def plain_parameter_count(model) -> int:
+    return sum(p.numel() for name, p in model.named_parameters() if not name.endswith("scores"))
+
+
+def biased_model(arch, seed=0):
+    """A tiny model whose biases are all non-zero (transformers initialises them to zero)."""
+    model = tiny_model(arch, seed)
+    gen = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    return model.eval()
+
+
+def kill_scores(scores: BlockScores) -> None:
+    """Mask every block of `scores`, whatever the method (top-k keeps a fraction of each grid)."""
+    with torch.no_grad():
+        scores.scores.fill_(DEAD)
+    if scores.method == "topk":
+        scores.set_threshold(0.0)
+
+
+def random_masks(model, preset, method, seed, force_empty):
+    """Random scores; with `force_empty`, the first layer loses every head and the last every FFN neuron."""
+    apply_block_pruning(model, preset_config(preset, pruning_method=method))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for scores in block_scores(model):
+            scores.scores.copy_(torch.randn(scores.scores.shape, generator=gen))
+    set_threshold(model, 0.5)
+    if force_empty:
+        layers = prunable_layers(model)
+        for attention in layers[0].attentions:
+            kill_scores(attention.value.scores_module)
+        kill_scores(layers[-1].ffn_input.scores_module)
+    return model

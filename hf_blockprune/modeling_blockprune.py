@@ -1,0 +1,137 @@
+"""Load models compacted by hf_blockprune, whose layers have per-layer head counts and FFN sizes.
+
+This file is self-contained (it imports only torch and transformers): hf_blockprune saves a copy of it next to the
+weights, with an `auto_map` in `config.json`, so that plain transformers loads the model with
+`AutoModelFor...from_pretrained(path, trust_remote_code=True)`.
+
+`BlockPruned<Class>` (e.g. `BlockPrunedBertForSequenceClassification`) is `<Class>` from transformers whose
+`__init__` resizes the Linear layers named in `config.blockprune_layout` (written by `hf_blockprune.compact_model`):
+per layer, the kept heads of each attention block (and the head size) and the FFN size. The normal `from_pretrained`
+pipeline then loads the weights into layers of the right shapes; a checkpoint whose shapes differ fails to load.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from torch import nn
+
+LAYOUT_ATTRIBUTE = "blockprune_layout"
+SUPPORTED_LAYOUT_VERSIONS = (1,)
+CLASS_PREFIX = "BlockPruned"
+_HEAD_COUNT_ATTRIBUTES = ("num_attention_heads", "num_heads", "n_heads")
+
+
+def _resized(linear: nn.Linear, out_features: int, in_features: int) -> nn.Linear:
+    """A new Linear of the given shape, on the same device and dtype (its values are loaded afterwards)."""
+    return nn.Linear(
+        in_features, out_features, bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype
+    )
+
+
+def _replace(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent_path) if parent_path else root, name, module)
+
+
+def _linear(layer: nn.Module, layer_path: str, path: str) -> nn.Linear:
+    try:
+        module = layer.get_submodule(path)
+    except AttributeError:
+        module = None
+    if not isinstance(module, nn.Linear):
+        raise ValueError(
+            f"config.{LAYOUT_ATTRIBUTE} names {layer_path}.{path}, which is not an nn.Linear of this model: the saved "
+            "pruning layout does not match the model class."
+        )
+    return module
+
+
+def _shrink_attention(layer: nn.Module, layer_path: str, attention: dict) -> None:
+    width = len(attention["heads"]) * attention["head_dim"]
+    for role in ("query", "key", "value"):
+        linear = _linear(layer, layer_path, attention[role])
+        _replace(layer, attention[role], _resized(linear, width, linear.in_features))
+    output = _linear(layer, layer_path, attention["output"])
+    _replace(layer, attention["output"], _resized(output, output.out_features, width))
+    parent_path = attention["query"].rpartition(".")[0]
+    parent = layer.get_submodule(parent_path) if parent_path else layer
+    for name in _HEAD_COUNT_ATTRIBUTES:
+        if isinstance(getattr(parent, name, None), int):
+            setattr(parent, name, len(attention["heads"]))
+    if isinstance(getattr(parent, "all_head_size", None), int):
+        parent.all_head_size = width
+
+
+def _shrink_ffn(layer: nn.Module, layer_path: str, ffn: dict) -> None:
+    ffn_input = _linear(layer, layer_path, ffn["input"])
+    _replace(layer, ffn["input"], _resized(ffn_input, ffn["size"], ffn_input.in_features))
+    ffn_output = _linear(layer, layer_path, ffn["output"])
+    _replace(layer, ffn["output"], _resized(ffn_output, ffn_output.out_features, ffn["size"]))
+
+
+@torch.no_grad()
+def shrink_to_layout(model: nn.Module, layout: dict) -> nn.Module:
+    """Resize the Linear layers of `model` to the shapes recorded in `layout`, in place (weights to be loaded).
+
+    Args:
+        model (`nn.Module`): a freshly built, full-size transformers model.
+        layout (`dict`): `config.blockprune_layout` of a compacted model.
+
+    Raises:
+        `ValueError`: the layout's version is unknown or it names modules this model does not have.
+    """
+    if layout.get("version") not in SUPPORTED_LAYOUT_VERSIONS:
+        raise ValueError(
+            f"config.{LAYOUT_ATTRIBUTE} has version {layout.get('version')!r}; this loader reads versions "
+            f"{list(SUPPORTED_LAYOUT_VERSIONS)}. Upgrade hf_blockprune (or re-save the model with this version)."
+        )
+    for layer_path, entry in layout["layers"].items():
+        try:
+            layer = model.get_submodule(layer_path)
+        except AttributeError:
+            raise ValueError(
+                f"config.{LAYOUT_ATTRIBUTE} names layer {layer_path!r}, which {type(model).__name__} does not have."
+            ) from None
+        for attention in entry.get("attention", []):
+            _shrink_attention(layer, layer_path, attention)
+        if "ffn" in entry:
+            _shrink_ffn(layer, layer_path, entry["ffn"])
+    return model
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def block_pruned_class(base: type) -> type:
+    """`BlockPruned<base>`: `base` whose `__init__` resizes its layers to `config.blockprune_layout`."""
+    base = getattr(base, "_blockprune_base", base)
+    name = CLASS_PREFIX + base.__name__
+    if name not in _CLASSES:
+
+        def __init__(self, config, *args, **kwargs):
+            base.__init__(self, config, *args, **kwargs)
+            layout = getattr(config, LAYOUT_ATTRIBUTE, None)
+            if layout:
+                shrink_to_layout(self, layout)
+
+        _CLASSES[name] = type(
+            name,
+            (base,),
+            {
+                "__init__": __init__,
+                "__module__": __name__,
+                "__doc__": f"`{base.__name__}` with per-layer head counts and FFN sizes (see `{LAYOUT_ATTRIBUTE}`).",
+                "_blockprune_base": base,
+            },
+        )
+    return _CLASSES[name]
+
+
+def __getattr__(name: str):
+    """Module-level classes `BlockPruned<Class>` for every model class of transformers, made on first use."""
+    if name.startswith(CLASS_PREFIX):
+        base = getattr(transformers, name[len(CLASS_PREFIX) :], None)
+        if isinstance(base, type) and issubclass(base, transformers.PreTrainedModel):
+            return block_pruned_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,289 @@
+"""Save compacted models so they load anywhere, load them back, and export dense copies."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+
+from .compaction import compact_model
+from .config import BlockPruningConfig
+from .model import CONFIG_ATTRIBUTE, LAYOUT_ATTRIBUTE, is_block_pruned, prunable_layers
+from .modeling_blockprune import block_pruned_class
+
+logger = logging.getLogger(__name__)
+
+CONFIG_KEY = "blockprune_config"
+
+# Class-name suffix -> the auto class that loads it (first match wins).
+_AUTO_CLASSES = (
+    ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+    ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
+    ("ForConditionalGeneration", "AutoModelForSeq2SeqLM"),
+    ("ForTokenClassification", "AutoModelForTokenClassification"),
+    ("ForMultipleChoice", "AutoModelForMultipleChoice"),
+    ("ForMaskedLM", "AutoModelForMaskedLM"),
+    ("ForCausalLM", "AutoModelForCausalLM"),
+)
+
+
+def plain_class(model_class: type) -> type:
+    """The transformers class behind an hf_blockprune class (`BlockPruned<X>` or `CompactOnSave<X>` -> `X`)."""
+    return getattr(model_class, "_blockprune_base", model_class)
+
+
+def auto_class_name(model_class: type) -> str:
+    """Name of the transformers auto class that loads `model_class` (e.g. `"AutoModelForSequenceClassification"`)."""
+    name = plain_class(model_class).__name__
+    return next((auto for suffix, auto in _AUTO_CLASSES if name.endswith(suffix)), "AutoModel")
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """`{"prunable_linear": n, "total": m}`: weights of the prunable Linear layers, and all parameters but scores."""
+    linears = {id(m): m for layer in prunable_layers(model) for m in _layer_linears(layer)}
+    prunable = sum(m.weight.numel() for m in linears.values())
+    total = sum(p.numel() for name, p in model.named_parameters() if not name.endswith("block_scores.scores"))
+    return {"prunable_linear": prunable, "total": total}
+
+
+def _layer_linears(layer) -> list[nn.Module]:
+    linears = [m for attn in layer.attentions for m in (attn.query, attn.key, attn.value, attn.output)]
+    return linears + [m for m in (layer.ffn_input, layer.ffn_output) if m is not None]
+
+
+@contextlib.contextmanager
+def atomic_directory(save_directory: str | os.PathLike):
+    """Yield a temporary folder next to `save_directory`; on success move its files in, on failure drop it.
+
+    Files already in `save_directory` that the save does not produce are left alone; each produced file replaces its
+    old version in one `os.replace`, so an interrupted save never leaves a half-written file.
+    """
+    target = Path(save_directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        target.mkdir(exist_ok=True)
+        for path in sorted(staging.rglob("*")):
+            destination = target / path.relative_to(staging)
+            if path.is_dir():
+                destination.mkdir(exist_ok=True)
+            else:
+                os.replace(path, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _compacted_copy(model: nn.Module) -> nn.Module:
+    if getattr(model.config, LAYOUT_ATTRIBUTE, None) is not None and not is_block_pruned(model):
+        return model
+    if not is_block_pruned(model):
+        raise ValueError("save_compacted expects a model masked by hf_blockprune, or one it compacted already.")
+    dense_counts = parameter_counts(model)
+    clone = copy.deepcopy(model)
+    clone.__class__ = plain_class(type(clone))
+    compacted = compact_model(clone)
+    getattr(compacted.config, LAYOUT_ATTRIBUTE)["dense_parameters"] = dense_counts
+    return compacted
+
+
+def save_compacted(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    pruning_config: BlockPruningConfig | None = None,
+    processing_class=None,
+    model_card: bool = True,
+) -> nn.Module:
+    """Compact `model` (a copy; the masked model is left as it is) and save it so that it loads anywhere.
+
+    Writes `model.safetensors`, `config.json` (with `blockprune_layout`, the pruning config and an `auto_map`),
+    `modeling_blockprune.py` (so plain transformers loads it with `trust_remote_code=True`), `README.md` (the model
+    card) and `pruning_layout.png`, plus `processing_class` if given. The files appear all at once at the end.
+
+    Args:
+        model (`nn.Module`): a masked model (or an already compacted one).
+        save_directory (`str` or `os.PathLike`): where to save.
+        pruning_config (`BlockPruningConfig`, *optional*): recorded in the config and the card; defaults to the one
+            the model was masked with.
+        processing_class (*optional*): a tokenizer or processor to save alongside.
+        model_card (`bool`, *optional*, defaults to `True`): write `README.md` and the figure.
+
+    Returns:
+        `nn.Module`: the compacted model that was saved.
+    """
+    pruning_config = pruning_config or getattr(model, CONFIG_ATTRIBUTE, None)
+    compacted = _compacted_copy(model)
+    compacted.__class__ = block_pruned_class(plain_class(type(compacted)))
+    compacted.register_for_auto_class(auto_class_name(type(compacted)))
+    if pruning_config is not None:
+        setattr(compacted.config, CONFIG_KEY, pruning_config.to_dict())
+    with atomic_directory(save_directory) as staging:
+        compacted.save_pretrained(staging)
+        if processing_class is not None:
+            processing_class.save_pretrained(staging)
+        if model_card:
+            from .model_card import write_model_card
+
+            write_model_card(staging, compacted)
+    logger.info("Saved the compacted model to %s", save_directory)
+    return compacted
+
+
+def _architecture(config) -> type:
+    names = getattr(config, "architectures", None) or []
+    for name in names:
+        base = getattr(transformers, name.removeprefix("BlockPruned"), None)
+        if isinstance(base, type):
+            return base
+    raise ValueError(f"config.architectures is {names!r}: cannot tell which transformers class to build.")
+
+
+def from_pretrained(path: str | os.PathLike, model_class: type | None = None, **kwargs) -> nn.Module:
+    """Load a model saved by `save_compacted` (or a Trainer of hf_blockprune), without remote code.
+
+    Args:
+        path (`str` or `os.PathLike`): the saved folder (or Hub id).
+        model_class (`type`, *optional*): the transformers class to build (default: from `config.architectures`).
+        **kwargs: passed to `from_pretrained` (`dtype`, `device_map`, ...).
+
+    Raises:
+        `ValueError`: the folder holds no compacted model, or its weights do not match its recorded layout.
+    """
+    config = transformers.AutoConfig.from_pretrained(path)
+    if getattr(config, LAYOUT_ATTRIBUTE, None) is None:
+        raise ValueError(
+            f"{path} has no `{LAYOUT_ATTRIBUTE}` in its config.json: it is not a model compacted by hf_blockprune. "
+            "Load it with transformers' from_pretrained."
+        )
+    cls = block_pruned_class(model_class or _architecture(config))
+    cls.register_for_auto_class(auto_class_name(cls))  # so that save_pretrained writes the loading code again
+    try:
+        return cls.from_pretrained(path, config=config, **kwargs)
+    except RuntimeError as error:
+        if "mismatch" not in str(error).lower():
+            raise
+        raise ValueError(
+            f"The weights in {path} do not match the pruning layout recorded in its config.json "
+            f"(`{LAYOUT_ATTRIBUTE}`): the folder was modified or mixed with another model's files.\n{error}"
+        ) from None
+
+
+@torch.no_grad()
+def _scatter_layer(dense_layer: nn.Module, small_layer: nn.Module, entry: dict) -> None:
+    for attention in entry.get("attention", []):
+        d = attention["head_dim"]
+        rows = torch.tensor([h * d + i for h in attention["heads"] for i in range(d)], dtype=torch.long)
+        for role in ("query", "key", "value"):
+            _copy_rows(*_pair(dense_layer, small_layer, attention[role]), rows)
+        _copy_cols(*_pair(dense_layer, small_layer, attention["output"]), rows)
+    if "ffn" in entry:
+        kept = torch.arange(entry["ffn"]["size"])  # neurons are interchangeable: pack them first
+        _copy_rows(*_pair(dense_layer, small_layer, entry["ffn"]["input"]), kept)
+        _copy_cols(*_pair(dense_layer, small_layer, entry["ffn"]["output"]), kept)
+
+
+def _pair(dense_layer: nn.Module, small_layer: nn.Module, path: str) -> tuple[nn.Module, nn.Module]:
+    return dense_layer.get_submodule(path), small_layer.get_submodule(path)
+
+
+def _copy_rows(dense: nn.Linear, small: nn.Linear, rows: torch.Tensor) -> None:
+    dense.weight.zero_()
+    dense.weight[rows] = small.weight
+    if dense.bias is not None:
+        dense.bias.zero_()
+        dense.bias[rows] = small.bias
+
+
+def _copy_cols(dense: nn.Linear, small: nn.Linear, cols: torch.Tensor) -> None:
+    dense.weight.zero_()
+    dense.weight[:, cols] = small.weight
+    if dense.bias is not None:
+        dense.bias.copy_(small.bias)
+
+
+@torch.no_grad()
+def export_dense(model: nn.Module, save_directory: str | os.PathLike, processing_class=None) -> nn.Module:
+    """Save a full-size, zero-padded copy of a pruned model that plain `from_pretrained` loads (no remote code).
+
+    The copy computes the same function as the pruned model but is not faster: use it only for tools that cannot run
+    remote code.
+
+    Args:
+        model (`nn.Module`): a masked or compacted model.
+        save_directory (`str` or `os.PathLike`): where to save.
+        processing_class (*optional*): a tokenizer or processor to save alongside.
+
+    Returns:
+        `nn.Module`: the dense model that was saved.
+    """
+    compacted = _compacted_copy(model)
+    layout = getattr(compacted.config, LAYOUT_ATTRIBUTE)
+    config = copy.deepcopy(compacted.config)
+    for key in (LAYOUT_ATTRIBUTE, CONFIG_KEY, "auto_map"):
+        if hasattr(config, key):
+            delattr(config, key)
+    base = plain_class(type(compacted))
+    dense = base(config).to(dtype=next(compacted.parameters()).dtype)
+    small_state = {k: v for k, v in compacted.state_dict().items()}
+    dense_state = dense.state_dict()
+    for key, value in small_state.items():
+        if key in dense_state and dense_state[key].shape == value.shape:
+            dense_state[key].copy_(value)
+    for layer_path, entry in layout["layers"].items():
+        _scatter_layer(dense.get_submodule(layer_path), compacted.get_submodule(layer_path), entry)
+    with atomic_directory(save_directory) as staging:
+        dense.save_pretrained(staging)
+        if processing_class is not None:
+            processing_class.save_pretrained(staging)
+    return dense
+
+
+def read_config_json(path: str | os.PathLike) -> dict:
+    """The saved `config.json` of a folder, as a dict."""
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+def _save_pretrained_compacted(self, save_directory, is_main_process: bool = True, state_dict=None, **kwargs):
+    """`save_pretrained` of a masked model after training: save the compacted model instead."""
+    if not is_main_process:
+        return
+    if state_dict is not None:
+        logger.info("Compacting from the live model; the state_dict passed to save_pretrained is not used.")
+    save_compacted(self, save_directory)
+
+
+_COMPACT_ON_SAVE_CLASSES: dict[type, type] = {}
+
+
+def compact_on_save(model: nn.Module) -> nn.Module:
+    """Make `model.save_pretrained` (hence `Trainer.save_model`) write the compacted model, in place.
+
+    The model stays masked (it can still be evaluated or trained); only what it saves changes. `restore_save` undoes
+    it. The trainer and the callback call this when training ends, so checkpoints written during training keep their
+    scores (for resuming) and the final `trainer.save_model()` writes the small model.
+    """
+    base = plain_class(type(model))
+    if base not in _COMPACT_ON_SAVE_CLASSES:
+        _COMPACT_ON_SAVE_CLASSES[base] = type(
+            f"CompactOnSave{base.__name__}",
+            (base,),
+            {"save_pretrained": _save_pretrained_compacted, "_blockprune_base": base, "__module__": __name__},
+        )
+    model.__class__ = _COMPACT_ON_SAVE_CLASSES[base]
+    return model
+
+
+def restore_save(model: nn.Module) -> nn.Module:
+    """Undo `compact_on_save`: `save_pretrained` saves the masked model with its scores again."""
+    if type(model) in _COMPACT_ON_SAVE_CLASSES.values():
+        model.__class__ = plain_class(type(model))
+    return model

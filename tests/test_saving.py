@@ -1,0 +1,196 @@
+"""Save, load (with hf_blockprune and with plain transformers), export dense, model card, push."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, Trainer
+
+import hf_blockprune
+from hf_blockprune.model_card import CARD_MARKER, FIGURE_NAME
+from hf_blockprune.saving import export_dense, save_compacted
+
+from conftest import ARCHS
+from helpers import biased_model, make_trainer, model_inputs, model_outputs, preset_config, random_masks
+
+AUTO_CLASS = {"bart": "AutoModelForSeq2SeqLM"}
+
+
+def _masked(arch, preset="struct", method="topk", seed=0):
+    return random_masks(biased_model(arch, seed), preset, method, seed, force_empty=True)
+
+
+def _load_with_plain_transformers(path, arch, inputs_file, tmp_path):
+    """Load in a subprocess where hf_blockprune cannot be imported; return its outputs."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["hf_blockprune"] = None  # importing it now fails
+        import torch, transformers
+        inputs = torch.load({str(inputs_file)!r})
+        cls = getattr(transformers, {AUTO_CLASS.get(arch, "AutoModelForSequenceClassification")!r})
+        model = cls.from_pretrained({str(path)!r}, trust_remote_code=True).eval()
+        with torch.no_grad():
+            out = model(**inputs, output_hidden_states=True)
+        torch.save([out.logits] + list(out.hidden_states if out.get("hidden_states") is not None
+                                        else out.encoder_hidden_states), {str(tmp_path / "out.pt")!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, capture_output=True, text=True)
+    return torch.load(tmp_path / "out.pt")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_round_trip_with_the_library_and_with_plain_transformers(arch, tmp_path):
+    model = _masked(arch)
+    inputs = model_inputs(arch)
+    expected = model_outputs(model, inputs)
+    save_compacted(model, tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert "auto_map" in config and "blockprune_layout" in config and "blockprune_config" in config
+    assert hf_blockprune.is_block_pruned(model)  # the masked model is left as it was
+
+    loaded = hf_blockprune.from_pretrained(tmp_path / "model").eval()
+    for got, want in zip(model_outputs(loaded, inputs), expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in loaded.parameters()) < sum(
+        p.numel() for n, p in model.named_parameters() if not n.endswith("scores"))
+
+    torch.save(inputs, tmp_path / "inputs.pt")
+    remote = _load_with_plain_transformers(tmp_path / "model", arch, tmp_path / "inputs.pt", tmp_path)
+    hidden = [o for o in expected[1:]][: len(remote) - 1]
+    for got, want in zip(remote, [expected[0]] + hidden):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_reloaded_model_saves_again_with_its_loading_code(tmp_path):
+    model = _masked("bert")
+    inputs = model_inputs("bert")
+    expected = model_outputs(model, inputs)[0]
+    save_compacted(model, tmp_path / "first")
+    hf_blockprune.from_pretrained(tmp_path / "first").save_pretrained(tmp_path / "second")
+    assert (tmp_path / "second" / "modeling_blockprune.py").is_file()
+    torch.save(inputs, tmp_path / "inputs.pt")
+    remote = _load_with_plain_transformers(tmp_path / "second", "bert", tmp_path / "inputs.pt", tmp_path)
+    torch.testing.assert_close(remote[0], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "bart"])
+def test_dense_export_loads_with_plain_from_pretrained(arch, tmp_path):
+    model = _masked(arch, preset="hybrid", method="sigmoid_threshold")
+    inputs = model_inputs(arch)
+    expected = model_outputs(model, inputs)[0]
+    export_dense(model, tmp_path / "dense")
+    config = json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert "auto_map" not in config and "blockprune_layout" not in config
+    import transformers
+
+    cls = getattr(transformers, AUTO_CLASS.get(arch, "AutoModelForSequenceClassification"))
+    dense = cls.from_pretrained(tmp_path / "dense").eval()
+    torch.testing.assert_close(model_outputs(dense, inputs)[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_weights_that_do_not_match_the_layout_fail_to_load(tmp_path):
+    save_compacted(_masked("bert"), tmp_path / "model")
+    path = tmp_path / "model" / "config.json"
+    config = json.loads(path.read_text())
+    layer = config["blockprune_layout"]["layers"]["bert.encoder.layer.1"]
+    layer["ffn"]["size"] += 3
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="do not match the pruning layout"):
+        hf_blockprune.from_pretrained(tmp_path / "model")
+
+
+def test_loading_a_folder_without_layout_says_so(tmp_path):
+    biased_model("bert").save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="not a model compacted by hf_blockprune"):
+        hf_blockprune.from_pretrained(tmp_path / "plain")
+
+
+def test_a_failed_save_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    target = tmp_path / "model"
+    save_compacted(_masked("bert", seed=1), target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("hf_blockprune.model_card.write_model_card", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_compacted(_masked("bert", seed=2), target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging folder left behind
+
+
+def test_model_card_tells_what_was_pruned(tmp_path):
+    model = _masked("bert")
+    save_compacted(model, tmp_path / "model")
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert CARD_MARKER in card
+    for text in ("AutoModelForSequenceClassification", "prunable linear weights", "bert.encoder.layer.0",
+                 "bert.encoder.layer.1", FIGURE_NAME, '"pruning_method": "topk"', "Base model"):
+        assert text in card
+    assert "| `bert.encoder.layer.0` | 0: [] |" in card  # the first layer lost every head
+    assert (tmp_path / "model" / FIGURE_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("route", ["trainer", "callback"])
+def test_trainer_run_ends_with_a_compacted_output_dir_that_loads_both_ways(route, tmp_path):
+    config = preset_config("struct", pruning_method="topk", final_threshold=0.5, final_warmup=0.2)
+    trainer = make_trainer(route, "bert", config, tmp_path, max_steps=20, save_strategy="steps", save_steps=10)
+    trainer.train()
+    trainer.save_model()
+    checkpoint = json.loads((tmp_path / "checkpoint-20" / "config.json").read_text())
+    assert "blockprune_layout" not in checkpoint  # checkpoints keep the scores, to resume
+    inputs = model_inputs("bert")
+    expected = model_outputs(trainer.model.eval(), inputs)[0]
+    loaded = hf_blockprune.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(model_outputs(loaded, inputs)[0], expected, atol=1e-5, rtol=1e-5)
+    layers = loaded.config.blockprune_layout["layers"].values()
+    assert sum(len(entry["attention"][0]["heads"]) for entry in layers) == 4
+    remote = AutoModelForSequenceClassification.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    torch.testing.assert_close(model_outputs(remote, inputs)[0], expected, atol=1e-5, rtol=1e-5)
+
+
+class _FakeHub:
+    """Stands in for the Hub API at the HTTP boundary: records what would be uploaded."""
+
+    def __init__(self):
+        self.uploaded = None
+
+    def create_repo(self, repo_id, **kwargs):
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        from pathlib import Path
+
+        self.uploaded = {p.name: p.read_bytes() for p in Path(folder_path).iterdir() if p.is_file()}
+        return "https://hub.invalid/commit"
+
+
+def test_push_to_hub_uploads_the_compacted_folder_with_its_card(tmp_path, monkeypatch):
+    hub = _FakeHub()
+    monkeypatch.setattr("transformers.trainer.hf_api", lambda: hub)
+    config = preset_config("struct", pruning_method="topk", final_threshold=0.5, final_warmup=0.2)
+    trainer = make_trainer("trainer", "bert", config, tmp_path, max_steps=10, hub_model_id="me/pruned",
+                           hub_token="not-a-token")
+    trainer.train()
+    trainer.push_to_hub()
+    expected_files = {"model.safetensors", "config.json", "modeling_blockprune.py", "README.md", FIGURE_NAME}
+    assert expected_files <= set(hub.uploaded)
+    assert CARD_MARKER.encode() in hub.uploaded["README.md"]
+    assert b"blockprune_layout" in hub.uploaded["config.json"]
+
+
+def test_saving_during_a_new_training_run_keeps_scores_again(tmp_path):
+    config = preset_config("hybrid")
+    trainer = make_trainer("callback", "bert", config, tmp_path, max_steps=4)
+    trainer.train()
+    assert type(trainer.model).__name__.startswith("CompactOnSave")
+    assert isinstance(trainer, Trainer)
+    trainer.args.max_steps = 8
+    trainer.args.save_strategy = "steps"
+    trainer.args.save_steps = 8
+    trainer.train()
+    assert "blockprune_layout" not in json.loads((tmp_path / "checkpoint-8" / "config.json").read_text())
