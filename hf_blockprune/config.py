@@ -39,6 +39,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+PRESETS["hybrid-filled"] = {**PRESETS["hybrid"], "fill_after": 0.8}
+
 # Defaults for the fields a preset may set, applied last.
 _FALLBACKS: dict[str, Any] = {
     "pruning_method": "sigmoid_threshold",
@@ -58,7 +60,8 @@ class BlockPruningConfig:
 
     Args:
         pruning_preset (`str`, *optional*):
-            One of the paper's recipes: `"hybrid"` (attention 32x32 blocks + FFN neurons), `"struct"` (whole heads +
+            One of the paper's recipes: `"hybrid"` (attention 32x32 blocks + FFN neurons), `"hybrid-filled"` (hybrid,
+            then the surviving heads are made dense again for the last 20% of training), `"struct"` (whole heads +
             FFN neurons) or `"block"` (32x32 blocks everywhere). Explicitly set fields override the preset.
         pruning_method (`str`, *optional*, defaults to `"sigmoid_threshold"`):
             `"topk"` keeps the top fraction of blocks of each matrix by score (hard movement pruning; the
@@ -89,6 +92,11 @@ class BlockPruningConfig:
             Learning rate of the mask scores, independent of the model's (the paper uses 1e-2 vs 3e-5).
         mask_init_value (`float`, *optional*, defaults to 0.0):
             Initial value of every score (sigmoid(0) = 0.5 keeps every block at the start).
+        fill_after (`float`, *optional*):
+            Hybrid-filled: fraction of the training steps after which the heads that survived become dense again
+            (their masked blocks restart from zero and train), dead heads stay removed, the FFN masks are frozen and
+            the regularization stops. Must be at least `1 - final_warmup`, when the threshold has reached its final
+            value. `None` (default): no filled stage.
         layers_pattern (`str`, *optional*):
             For architectures without a built-in map: dotted path (suffix) of the `nn.ModuleList` of layers.
         attention_modules (`list[str]`, *optional*):
@@ -100,7 +108,8 @@ class BlockPruningConfig:
     """
 
     pruning_preset: str | None = field(
-        default=None, metadata={"help": "Paper recipe: hybrid, struct or block.", "choices": sorted(PRESETS)}
+        default=None,
+        metadata={"help": "Paper recipe: hybrid, hybrid-filled, struct or block.", "choices": sorted(PRESETS)},
     )
     pruning_method: str | None = field(
         default=None,
@@ -129,6 +138,10 @@ class BlockPruningConfig:
     )
     mask_scores_learning_rate: float = field(default=1e-2, metadata={"help": "Learning rate of the mask scores."})
     mask_init_value: float = field(default=0.0, metadata={"help": "Initial value of the mask scores."})
+    fill_after: float | None = field(
+        default=None,
+        metadata={"help": "Hybrid-filled: fraction of training after which surviving heads are made dense again."},
+    )
     layers_pattern: str | None = field(
         default=None, metadata={"help": "Custom architectures: path suffix of the ModuleList of layers."}
     )
@@ -210,6 +223,11 @@ class BlockPruningConfig:
             raise ValueError(f"`mask_scores_learning_rate` must be > 0, got {self.mask_scores_learning_rate}.")
         if not math.isfinite(self.mask_init_value):
             raise ValueError(f"`mask_init_value` must be a finite number, got {self.mask_init_value}.")
+        if self.fill_after is not None and not (1.0 - self.final_warmup <= self.fill_after < 1.0):
+            raise ValueError(
+                f"`fill_after` must be in [1 - final_warmup, 1) = [{1.0 - self.final_warmup:g}, 1) so that the masks "
+                f"have reached the final threshold when the filled stage starts; got {self.fill_after}."
+            )
 
     def _validate_custom_modules(self):
         given = [self.attention_modules is not None, self.ffn_modules is not None]

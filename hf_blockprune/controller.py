@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .config import BlockPruningConfig
+from .filling import fill_surviving_heads, is_filled
 from .losses import expected_density, mask_density
 from .model import set_threshold
 from .schedule import schedule_values
@@ -30,8 +31,16 @@ class PruningController:
         self._last_regularization: torch.Tensor | None = None
 
     def update(self, step: int, total_steps: int) -> None:
-        """Set the threshold and lambda for optimizer step `step` of `total_steps`."""
-        self.threshold, self.lambda_value = schedule_values(step, max(total_steps, 1), self.config)
+        """Set the threshold and lambda for optimizer step `step` of `total_steps`; start the filled stage on time."""
+        total_steps = max(total_steps, 1)
+        self.threshold, self.lambda_value = schedule_values(step, total_steps, self.config)
+        if self.config.fill_after is not None and step >= self.config.fill_after * total_steps:
+            self.lambda_value = 0.0
+            if not is_filled(self.model):
+                # from the scores, so a run resumed after the switch fills exactly as the uninterrupted one did
+                set_threshold(self.model, self.threshold)
+                fill_surviving_heads(self.model)
+            return
         set_threshold(self.model, self.threshold)
 
     def regularization(self) -> torch.Tensor | None:

@@ -39,8 +39,11 @@ class BlockScores(nn.Module):
         self.scores = nn.Parameter(torch.full(tuple(grid_shape), init_value / score_scale))
         self.register_buffer("threshold", torch.tensor(float(threshold)))
         self.register_buffer("score_scale", torch.tensor(float(score_scale)))
+        # 1 once the filled stage has zeroed the masked weights: saved, so a resumed run does not zero them again
+        self.register_buffer("filled", torch.tensor(0.0))
         self._threshold_value = float(threshold)
         self._scale_value = float(score_scale)
+        self.filled_value = False
         self.weights_per_block = 0.0  # filled in by the layers that use these scores
         self.register_load_state_dict_post_hook(BlockScores._sync_mirrors)
 
@@ -49,6 +52,7 @@ class BlockScores(nn.Module):
         # The Python copies avoid host syncs in the forward pass; a load is the one place they must be refreshed.
         module._threshold_value = float(module.threshold)
         module._scale_value = float(module.score_scale)
+        module.filled_value = bool(module.filled)
 
     def effective_scores(self) -> torch.Tensor:
         """Scores as the mask sees them (`score_scale * raw`, with gradient 1 to `raw`)."""
@@ -64,6 +68,11 @@ class BlockScores(nn.Module):
         """Set the threshold (kept fraction for top-k) used by `mask()`."""
         self._threshold_value = float(value)
         self.threshold.fill_(float(value))
+
+    def mark_filled(self) -> None:
+        """Record that the filled stage has started (the masked weights are zeroed)."""
+        self.filled_value = True
+        self.filled.fill_(1.0)
 
     def set_score_scale(self, scale: float) -> None:
         """Change the reparametrisation factor while keeping the effective scores unchanged."""
@@ -106,6 +115,8 @@ class MaskedLinear(nn.Module):
                 "size that divides the matrix (e.g. a divisor of the head size)."
             )
         block_scores.weights_per_block += (out_features // rows) * (in_features // cols)
+        # Set by `fix_mask` for the filled stage; not saved: it is recomputed from the scores on resume.
+        self.register_buffer("fixed_mask", None, persistent=False)
 
     def _grid_shape(self, shape) -> tuple[int, int]:
         if self.grid_view == "rows":
@@ -144,8 +155,24 @@ class MaskedLinear(nn.Module):
         mask = self.scores_module.mask() if mask is None else mask
         return mask.reshape(self._grid_shape(mask.shape))
 
+    def full_mask(self) -> torch.Tensor:
+        """The `(out, in)` {0, 1} mask of the weight: the fixed mask if set, else the block mask expanded."""
+        if self.fixed_mask is not None:
+            return self.fixed_mask
+        grid = self.weight_mask()
+        out_features, in_features = self.base_layer.weight.shape
+        rows, cols = grid.shape
+        return grid.repeat_interleave(out_features // rows, 0).repeat_interleave(in_features // cols, 1)
+
+    @torch.no_grad()
+    def fix_mask(self, mask: torch.Tensor) -> None:
+        """Freeze the mask to `mask` (`(out, in)`, {0, 1}): the scores stop mattering (filled stage)."""
+        self.fixed_mask = mask.to(self.base_layer.weight.dtype)
+
     def masked_weight(self, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The weight multiplied block by block by the mask grid."""
+        """The weight multiplied block by block by the mask grid (or by the fixed mask, once set)."""
+        if self.fixed_mask is not None and mask is None:
+            return self.base_layer.weight * self.fixed_mask
         grid = self.weight_mask(mask)
         rows, cols = grid.shape
         weight = self.base_layer.weight

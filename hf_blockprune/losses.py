@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .layer import MaskedLinear
 from .model import block_scores
 
 
@@ -39,7 +40,12 @@ def expected_density(model: nn.Module, kind: str | None = None) -> torch.Tensor:
 @torch.no_grad()
 def mask_density(model: nn.Module, kind: str | None = None) -> torch.Tensor:
     """Fraction of prunable weights kept by the current binary masks (a 0-dim tensor; `.item()` it to log)."""
-    value, weights = _weighted_sum(model, kind, lambda s: s.mask())
-    if value is None:
+    kept = total = None
+    for module in model.modules():
+        if isinstance(module, MaskedLinear) and (kind is None or module.scores_module.kind == kind):
+            mask = module.full_mask()
+            kept = mask.sum() if kept is None else kept + mask.sum()
+            total = mask.numel() if total is None else total + mask.numel()
+    if kept is None:
         return torch.tensor(1.0)
-    return value / weights
+    return kept / total

@@ -14,10 +14,7 @@ def weight_mask(linear: nn.Module) -> torch.Tensor:
     """The `(out, in)` {0, 1} mask of a layer's weight: its block mask expanded, or all ones for a plain Linear."""
     if not isinstance(linear, MaskedLinear):
         return torch.ones_like(linear.weight)
-    grid = linear.weight_mask()
-    out_features, in_features = linear.weight.shape
-    rows, cols = grid.shape
-    return grid.repeat_interleave(out_features // rows, 0).repeat_interleave(in_features // cols, 1)
+    return linear.full_mask()
 
 
 @torch.no_grad()

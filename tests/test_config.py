@@ -29,6 +29,8 @@ from hf_blockprune import BlockPruningConfig
         ({"layers_pattern": "h", "attention_modules": ["q", "k", "v"]}, "attention_modules"),
         ({"layers_pattern": "h", "ffn_modules": ["fc1"]}, "ffn_modules"),
         ({"layers_pattern": "h"}, "layers_pattern"),
+        ({"fill_after": 0.5, "final_warmup": 0.3}, "fill_after"),
+        ({"fill_after": 1.0}, "fill_after"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, field):
