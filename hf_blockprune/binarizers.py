@@ -30,12 +30,16 @@ class TopKBinarizer(torch.autograd.Function):
 
 
 class SigmoidThresholdBinarizer(torch.autograd.Function):
-    """`M_i = 1[sigmoid(S_i) > threshold]`; straight-through backward to the raw scores."""
+    """`M_i = 1[sigmoid(S_i) > threshold] = 1[S_i > logit(threshold)]`; straight-through backward to the scores.
+
+    The comparison is made in score space (`score_cut = logit(threshold)`), which stays exact where the sigmoid
+    saturates in floating point (|S| > ~17).
+    """
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-        """Mask of the scores whose sigmoid exceeds `threshold` (a 0-dim tensor, so no host sync)."""
-        return (torch.sigmoid(scores) > threshold).to(scores.dtype)
+    def forward(ctx, scores: torch.Tensor, score_cut: torch.Tensor) -> torch.Tensor:
+        """Mask of the scores above `score_cut` (a 0-dim tensor, so no host sync)."""
+        return (scores > score_cut).to(scores.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -43,15 +47,15 @@ class SigmoidThresholdBinarizer(torch.autograd.Function):
         return grad_output, None
 
 
-def binarize(scores: torch.Tensor, method: str, threshold: torch.Tensor, keep_fraction: float) -> torch.Tensor:
+def binarize(scores: torch.Tensor, method: str, score_cut: torch.Tensor, keep_fraction: float) -> torch.Tensor:
     """Return the {0, 1} mask of `scores` for `method` (`"topk"` or `"sigmoid_threshold"`).
 
     Args:
         scores (`torch.Tensor`): the scores, any shape.
-        method (`str`): `"topk"` uses `keep_fraction`; `"sigmoid_threshold"` uses `threshold`.
-        threshold (`torch.Tensor`): 0-dim tensor compared with `sigmoid(scores)`.
+        method (`str`): `"topk"` uses `keep_fraction`; `"sigmoid_threshold"` uses `score_cut`.
+        score_cut (`torch.Tensor`): 0-dim tensor, `logit(threshold)`: scores above it are kept.
         keep_fraction (`float`): fraction of blocks kept by top-k.
     """
     if method == "topk":
         return TopKBinarizer.apply(scores, keep_fraction)
-    return SigmoidThresholdBinarizer.apply(scores, threshold)
+    return SigmoidThresholdBinarizer.apply(scores, score_cut)

@@ -17,6 +17,11 @@ METHOD_DEFAULTS: dict[str, dict[str, float]] = {
     "sigmoid_threshold": {"initial_threshold": 0.0, "final_threshold": 0.1, "final_lambda": 50.0},
 }
 
+# With a target density, soft movement pruning keeps a block when its score is positive and starts every score at
+# 0.5: a block needs ~50 steps of consistent push at the default mask learning rate to leave (or come back), short
+# enough for runs of a few hundred steps and long enough that one noisy batch does not flip it.
+TARGET_DEFAULTS: dict[str, float] = {"initial_threshold": 0.5, "final_threshold": 0.5, "mask_init_value": 0.5}
+
 # The paper's recipes (Lagunas et al. 2021, section 4): what each preset sets unless the user overrides it.
 PRESETS: dict[str, dict[str, Any]] = {
     "hybrid": {
@@ -90,8 +95,26 @@ class BlockPruningConfig:
             the same cubic curve as the threshold.
         mask_scores_learning_rate (`float`, *optional*, defaults to 1e-2):
             Learning rate of the mask scores, independent of the model's (the paper uses 1e-2 vs 3e-5).
-        mask_init_value (`float`, *optional*, defaults to 0.0):
-            Initial value of every score (sigmoid(0) = 0.5 keeps every block at the start).
+        mask_init_value (`float`, *optional*):
+            Initial value of every score: 0.0 (sigmoid 0.5 keeps every block at the start), or 0.5 with a target
+            density and soft movement pruning (the threshold is then 0.5 throughout, i.e. a block is kept while its
+            score is positive).
+        target_density (`float`, *optional*):
+            Fraction of prunable weights to keep at the end, instead of a fixed `final_lambda`. Top-k keeps exactly
+            that fraction of each matrix; soft movement pruning steers a Lagrange multiplier on the expected density
+            (see `hf_blockprune.targets`). The target follows the cubic schedule from 1.
+        target_density_attention (`float`, *optional*):
+            Target for the attention blocks alone (with or without `target_density_ffn`; not with `target_density`).
+        target_density_ffn (`float`, *optional*):
+            Target for the FFN blocks alone.
+        target_speedup (`float`, *optional*):
+            Wished speedup on the FLOPs cost model (`hf_blockprune.flops`), turned into one target density for
+            attention and FFN at the start of training; not with the target densities.
+        speedup_sequence_length (`int`, *optional*, defaults to 128):
+            Sequence length at which `target_speedup` is computed (attention scores grow with its square).
+        target_rate (`float`, *optional*, defaults to 0.05):
+            Step size of the log-multiplier update per optimizer step: with a 10% relative density gap the
+            multiplier grows by 0.5% per step, i.e. doubles in about 140 steps.
         fill_after (`float`, *optional*):
             Hybrid-filled: fraction of the training steps after which the heads that survived become dense again
             (their masked blocks restart from zero and train), dead heads stay removed, the FFN masks are frozen and
@@ -137,11 +160,25 @@ class BlockPruningConfig:
         default=None, metadata={"help": "Final weight of the L1 regularization on sigmoid(scores)."}
     )
     mask_scores_learning_rate: float = field(default=1e-2, metadata={"help": "Learning rate of the mask scores."})
-    mask_init_value: float = field(default=0.0, metadata={"help": "Initial value of the mask scores."})
+    mask_init_value: float | None = field(default=None, metadata={"help": "Initial value of the mask scores."})
     fill_after: float | None = field(
         default=None,
         metadata={"help": "Hybrid-filled: fraction of training after which surviving heads are made dense again."},
     )
+    target_density: float | None = field(
+        default=None, metadata={"help": "Fraction of prunable weights to keep (instead of final_lambda)."}
+    )
+    target_density_attention: float | None = field(
+        default=None, metadata={"help": "Fraction of attention weights to keep."}
+    )
+    target_density_ffn: float | None = field(default=None, metadata={"help": "Fraction of FFN weights to keep."})
+    target_speedup: float | None = field(
+        default=None, metadata={"help": "Wished speedup on the FLOPs cost model (sets the target densities)."}
+    )
+    speedup_sequence_length: int = field(
+        default=128, metadata={"help": "Sequence length for the target_speedup cost model."}
+    )
+    target_rate: float = field(default=0.05, metadata={"help": "Step size of the density controller."})
     layers_pattern: str | None = field(
         default=None, metadata={"help": "Custom architectures: path suffix of the ModuleList of layers."}
     )
@@ -160,7 +197,42 @@ class BlockPruningConfig:
         self._validate_choices()
         self._validate_block_sizes()
         self._validate_schedule()
+        self._validate_targets()
         self._validate_custom_modules()
+
+    @property
+    def has_target(self) -> bool:
+        """Whether a target density or speedup replaces the fixed regularization weight."""
+        names = ("target_density", "target_density_attention", "target_density_ffn", "target_speedup")
+        return any(getattr(self, name) is not None for name in names)
+
+    def density_targets(self) -> dict[str, float]:
+        """The final target per group: `{"all": t}` or `{"attention": a, "ffn": f}` (either may be absent)."""
+        if self.target_density is not None:
+            return {"all": self.target_density}
+        pairs = (("attention", self.target_density_attention), ("ffn", self.target_density_ffn))
+        return {group: value for group, value in pairs if value is not None}
+
+    def _validate_targets(self):
+        for name in ("target_density", "target_density_attention", "target_density_ffn"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ValueError(f"`{name}` is a fraction of weights kept and must be in (0, 1], got {value}.")
+        per_kind = self.target_density_attention is not None or self.target_density_ffn is not None
+        if self.target_density is not None and per_kind:
+            raise ValueError(
+                "`target_density` sets one target for all blocks; use it or `target_density_attention` / "
+                "`target_density_ffn`, not both."
+            )
+        if self.target_speedup is not None:
+            if not self.target_speedup > 1.0:
+                raise ValueError(f"`target_speedup` must be > 1, got {self.target_speedup}.")
+            if self.target_density is not None or per_kind:
+                raise ValueError("`target_speedup` sets the target densities itself; do not also give them.")
+        if self.speedup_sequence_length < 1:
+            raise ValueError(f"`speedup_sequence_length` must be >= 1, got {self.speedup_sequence_length}.")
+        if not self.target_rate > 0:
+            raise ValueError(f"`target_rate` must be > 0, got {self.target_rate}.")
 
     def _resolve_defaults(self):
         if self.pruning_preset is not None:
@@ -174,6 +246,12 @@ class BlockPruningConfig:
         for name, value in _FALLBACKS.items():
             if getattr(self, name) is None:
                 setattr(self, name, list(value) if isinstance(value, list) else value)
+        if self.pruning_method == "sigmoid_threshold" and self.has_target:
+            for name, value in TARGET_DEFAULTS.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
+        if self.mask_init_value is None:
+            self.mask_init_value = 0.0
         if self.pruning_method in METHOD_DEFAULTS:
             for name, value in METHOD_DEFAULTS[self.pruning_method].items():
                 if getattr(self, name) is None:

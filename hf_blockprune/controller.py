@@ -8,15 +8,16 @@ from torch import nn
 from .config import BlockPruningConfig
 from .filling import fill_surviving_heads, is_filled
 from .losses import expected_density, mask_density
-from .model import set_threshold
-from .schedule import schedule_values
+from .model import TARGETS_ATTRIBUTE, set_threshold
+from .schedule import cubic_lambda, cubic_threshold, schedule_progress
+from .targets import DensityTargets
 
 
 class PruningController:
-    """Drives the threshold and the regularization weight of a masked model from the training step.
+    """Drives the threshold and the regularization (fixed lambda or density targets) of a masked model.
 
-    All its state is a function of the step (the schedule is pure) or lives in the model's state dict (scores and
-    thresholds), so a resumed run continues exactly where the interrupted one stopped.
+    The schedule is a pure function of the step, and everything else lives in the model's state dict (scores,
+    thresholds, the density multipliers), so a resumed run continues exactly where the interrupted one stopped.
 
     Args:
         model (`nn.Module`): a model masked by `apply_block_pruning`.
@@ -28,34 +29,76 @@ class PruningController:
         self.config = config
         self.threshold = config.initial_threshold
         self.lambda_value = 0.0
+        self.progress = 0.0
+        self.targets: DensityTargets | None = None
+        self._last_step: int | None = None
         self._last_regularization: torch.Tensor | None = None
+        if config.has_target:
+            self.targets = self._attach_targets()
+
+    def _attach_targets(self) -> DensityTargets:
+        existing = getattr(self.model, TARGETS_ATTRIBUTE, None)
+        if existing is not None:
+            return existing
+        if self.config.target_speedup is not None:
+            from .flops import densities_for_speedup
+
+            targets = densities_for_speedup(self.model, self.config.target_speedup,
+                                            self.config.speedup_sequence_length)
+        else:
+            targets = self.config.density_targets()
+        device = next(self.model.parameters()).device
+        state = DensityTargets(targets, self.config.target_rate, initial_lambda=1e-2).to(device)
+        self.model.add_module(TARGETS_ATTRIBUTE, state)
+        return state
+
+    @property
+    def soft_targets(self) -> bool:
+        """Whether a density controller replaces the fixed lambda (soft movement pruning with a target)."""
+        return self.targets is not None and self.config.pruning_method == "sigmoid_threshold"
 
     def update(self, step: int, total_steps: int) -> None:
-        """Set the threshold and lambda for optimizer step `step` of `total_steps`; start the filled stage on time."""
+        """Set threshold, lambda or targets for optimizer step `step` of `total_steps`; start the filled stage."""
         total_steps = max(total_steps, 1)
-        self.threshold, self.lambda_value = schedule_values(step, total_steps, self.config)
-        if self.config.fill_after is not None and step >= self.config.fill_after * total_steps:
-            self.lambda_value = 0.0
-            if not is_filled(self.model):
-                # from the scores, so a run resumed after the switch fills exactly as the uninterrupted one did
-                set_threshold(self.model, self.threshold)
-                fill_surviving_heads(self.model)
+        config = self.config
+        self.progress = schedule_progress(step, total_steps, config.initial_warmup, config.final_warmup)
+        self.threshold = cubic_threshold(self.progress, config.initial_threshold, config.final_threshold)
+        self.lambda_value = 0.0 if self.targets is not None else cubic_lambda(self.progress, config.final_lambda)
+        if config.fill_after is not None and step >= config.fill_after * total_steps:
+            self._fill()
+            return
+        if self.targets is not None and config.pruning_method == "topk":
+            for group, value in self.targets.scheduled(self.progress).items():
+                set_threshold(self.model, value, None if group == "all" else group)
             return
         set_threshold(self.model, self.threshold)
+        if self.soft_targets and step != self._last_step and step > 0:
+            self.targets.update(self.model, self.progress)  # once per optimizer step, from the last step's masks
+        self._last_step = step
+
+    def _fill(self) -> None:
+        self.lambda_value = 0.0
+        if not is_filled(self.model):
+            # from the scores, so a run resumed after the switch fills exactly as the uninterrupted one did
+            set_threshold(self.model, self.threshold)
+            fill_surviving_heads(self.model)
 
     def regularization(self) -> torch.Tensor | None:
-        """`lambda * expected_density(model)` to add to the training loss, or `None` while lambda is 0."""
-        if self.lambda_value == 0.0:
+        """The term to add to the training loss, or `None` when there is none (lambda 0, top-k, filled stage)."""
+        if self.soft_targets and not is_filled(self.model):
+            term = self.targets.penalty(self.model)
+        elif self.lambda_value != 0.0:
+            term = self.lambda_value * expected_density(self.model)
+        else:
             self._last_regularization = None
             return None
-        term = self.lambda_value * expected_density(self.model)
         self._last_regularization = term.detach()
         return term
 
     def metrics(self) -> dict[str, float]:
         """The `pruning/*` values to log (this syncs with the device: call it at log steps only)."""
         last = self._last_regularization
-        return {
+        logs = {
             "pruning/threshold": self.threshold,
             "pruning/lambda": self.lambda_value,
             "pruning/regularization": 0.0 if last is None else last.item(),
@@ -63,3 +106,6 @@ class PruningController:
             "pruning/density_ffn": mask_density(self.model, "ffn").item(),
             "pruning/density": mask_density(self.model).item(),
         }
+        if self.targets is not None:
+            logs.update(self.targets.metrics(self.model, self.progress))
+        return logs

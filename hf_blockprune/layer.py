@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,6 +11,15 @@ from torch import nn
 from .binarizers import binarize
 
 GRID_VIEWS = ("grid", "rows", "cols")
+
+
+def _logit(probability: float) -> float:
+    """`log(p / (1 - p))`, with -inf at 0 and +inf at 1."""
+    if probability <= 0.0:
+        return -math.inf
+    if probability >= 1.0:
+        return math.inf
+    return math.log(probability / (1.0 - probability))
 
 
 class BlockScores(nn.Module):
@@ -38,6 +49,7 @@ class BlockScores(nn.Module):
         self.kind = kind
         self.scores = nn.Parameter(torch.full(tuple(grid_shape), init_value / score_scale))
         self.register_buffer("threshold", torch.tensor(float(threshold)))
+        self.register_buffer("score_cut", torch.tensor(_logit(threshold)))
         self.register_buffer("score_scale", torch.tensor(float(score_scale)))
         # 1 once the filled stage has zeroed the masked weights: saved, so a resumed run does not zero them again
         self.register_buffer("filled", torch.tensor(0.0))
@@ -62,12 +74,19 @@ class BlockScores(nn.Module):
 
     def mask(self) -> torch.Tensor:
         """The {0, 1} mask over the grid, with a straight-through gradient to the scores."""
-        return binarize(self.effective_scores(), self.method, self.threshold, self._threshold_value)
+        return binarize(self.effective_scores(), self.method, self.score_cut, self._threshold_value)
 
     def set_threshold(self, value: float) -> None:
-        """Set the threshold (kept fraction for top-k) used by `mask()`."""
+        """Set the threshold (kept fraction for top-k; bound on `sigmoid(score)` otherwise) used by `mask()`."""
         self._threshold_value = float(value)
         self.threshold.fill_(float(value))
+        self.score_cut.fill_(_logit(value))
+
+    @torch.no_grad()
+    def set_score_cut(self, cut: torch.Tensor) -> None:
+        """Keep the blocks whose score exceeds `cut` (a 0-dim tensor; sigmoid threshold only, no host sync)."""
+        self.score_cut.copy_(cut)
+        self.threshold.copy_(torch.sigmoid(cut))
 
     def mark_filled(self) -> None:
         """Record that the filled stage has started (the masked weights are zeroed)."""

@@ -13,6 +13,7 @@ from .layer import BlockScores, MaskedLinear
 
 CONFIG_ATTRIBUTE = "block_pruning_config"
 LAYOUT_ATTRIBUTE = "blockprune_layout"
+TARGETS_ATTRIBUTE = "block_pruning_targets"  # the density controller's state (hf_blockprune.targets)
 
 
 @dataclass
@@ -197,6 +198,8 @@ def remove_block_pruning(model: nn.Module, merge: bool = True) -> nn.Module:
         _replace(model, name, linear)
     if hasattr(model, CONFIG_ATTRIBUTE):
         delattr(model, CONFIG_ATTRIBUTE)
+    if hasattr(model, TARGETS_ATTRIBUTE):
+        delattr(model, TARGETS_ATTRIBUTE)
     return model
 
 
@@ -217,7 +220,8 @@ def score_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [scores.scores for scores in block_scores(model)]
 
 
-def set_threshold(model: nn.Module, value: float) -> None:
-    """Set the mask threshold (kept fraction for top-k) of every `BlockScores` of `model`."""
+def set_threshold(model: nn.Module, value: float, kind: str | None = None) -> None:
+    """Set the mask threshold (kept fraction for top-k) of every `BlockScores` of `model` (of one `kind` if given)."""
     for scores in block_scores(model):
-        scores.set_threshold(value)
+        if kind is None or scores.kind == kind:
+            scores.set_threshold(value)

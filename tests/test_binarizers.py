@@ -14,8 +14,14 @@ def test_topk_keeps_the_largest_scores(fraction, kept):
 
 def test_sigmoid_threshold_mask():
     scores = torch.tensor([-3.0, -1.0, 0.0, 2.0])
-    mask = binarize(scores, "sigmoid_threshold", torch.tensor(0.3), 1.0)
+    mask = binarize(scores, "sigmoid_threshold", torch.logit(torch.tensor(0.3)), 1.0)
     assert mask.tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_sigmoid_threshold_stays_exact_where_the_sigmoid_saturates():
+    scores = torch.tensor([30.0, 40.0])
+    mask = binarize(scores, "sigmoid_threshold", torch.tensor(35.0), 1.0)
+    assert mask.tolist() == [0.0, 1.0]
 
 
 @pytest.mark.parametrize("method", ["topk", "sigmoid_threshold"])

@@ -31,6 +31,14 @@ from hf_blockprune import BlockPruningConfig
         ({"layers_pattern": "h"}, "layers_pattern"),
         ({"fill_after": 0.5, "final_warmup": 0.3}, "fill_after"),
         ({"fill_after": 1.0}, "fill_after"),
+        ({"target_density": 0.0}, "target_density"),
+        ({"target_density_attention": 1.5}, "target_density_attention"),
+        ({"target_density_ffn": -0.1}, "target_density_ffn"),
+        ({"target_density": 0.5, "target_density_ffn": 0.5}, "target_density"),
+        ({"target_speedup": 1.0}, "target_speedup"),
+        ({"target_speedup": 2.0, "target_density": 0.5}, "target_speedup"),
+        ({"speedup_sequence_length": 0}, "speedup_sequence_length"),
+        ({"target_rate": 0.0}, "target_rate"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, field):

@@ -1,0 +1,77 @@
+"""Target densities: top-k and soft movement pruning end at the asked density."""
+
+import pytest
+import torch
+
+import hf_blockprune
+from hf_blockprune.layer import BlockScores
+from hf_blockprune.losses import mask_density
+from hf_blockprune.targets import weighted_score_cut
+
+from helpers import effective_scores, make_trainer, masks, preset_config
+
+
+@pytest.mark.parametrize("arch", ["bert", "bart"])
+@pytest.mark.parametrize("method", ["topk", "sigmoid_threshold"])
+@pytest.mark.parametrize("target", [0.5, 0.2])
+def test_run_ends_at_the_target_density(arch, method, target, tmp_path):
+    config = preset_config("hybrid", pruning_method=method, target_density=target)
+    trainer = make_trainer("trainer", arch, config, tmp_path, max_steps=200, logging_steps=50)
+    trainer.train()
+    assert mask_density(trainer.model).item() == pytest.approx(target, abs=0.02)
+    last = [entry for entry in trainer.state.log_history if "pruning/target_density_all" in entry][-1]
+    assert last["pruning/target_density_all"] == pytest.approx(target)
+    assert last["pruning/realized_density_all"] == pytest.approx(target, abs=0.02)
+    assert 0.0 < last["pruning/expected_density_all"] < 1.0
+
+
+@pytest.mark.parametrize("method", ["topk", "sigmoid_threshold"])
+def test_attention_and_ffn_targets_separately(method, tmp_path):
+    config = preset_config("hybrid", pruning_method=method, target_density_attention=0.3, target_density_ffn=0.6)
+    trainer = make_trainer("callback", "bert", config, tmp_path, max_steps=200, logging_steps=50)
+    trainer.train()
+    assert mask_density(trainer.model, "attention").item() == pytest.approx(0.3, abs=0.02)
+    assert mask_density(trainer.model, "ffn").item() == pytest.approx(0.6, abs=0.02)
+
+
+def test_soft_targets_let_layers_keep_different_amounts(tmp_path):
+    """The cut is shared by the group, so (unlike top-k) matrices end at different densities."""
+    config = preset_config("hybrid", target_density=0.3)
+    trainer = make_trainer("trainer", "bert", config, tmp_path, max_steps=200)
+    trainer.train()
+    per_matrix = [m.float().mean().item() for m in masks(trainer.model)]
+    assert max(per_matrix) - min(per_matrix) > 0.1
+
+
+def test_resume_with_soft_targets_equals_uninterrupted(tmp_path):
+    def config():
+        return preset_config("hybrid", target_density=0.4)
+
+    args = dict(max_steps=40, save_strategy="steps", save_steps=20, logging_steps=10)
+    full = make_trainer("trainer", "bert", config(), tmp_path / "full", **args)
+    full.train()
+    resumed = make_trainer("trainer", "bert", config(), tmp_path / "resumed", **args)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-20"))
+    for a, b in zip(effective_scores(full.model), effective_scores(resumed.model)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    torch.testing.assert_close(full.model.block_pruning_targets.log_lambda,
+                               resumed.model.block_pruning_targets.log_lambda, atol=1e-6, rtol=0)
+
+
+def test_weighted_score_cut_keeps_the_heaviest_prefix_within_the_target():
+    a = BlockScores((4,), "sigmoid_threshold", "attention", 0.0, 0.5)
+    b = BlockScores((2,), "sigmoid_threshold", "ffn", 0.0, 0.5)
+    a.weights_per_block, b.weights_per_block = 1.0, 3.0
+    with torch.no_grad():
+        a.scores.copy_(torch.tensor([4.0, 3.0, 1.0, 0.0]))
+        b.scores.copy_(torch.tensor([2.0, -1.0]))
+    # total weight 10: 4 (w1), 3 (w1), 2 (w3) -> 5 = half; the next block (1.0, w1) would pass 0.5
+    cut = weighted_score_cut([a, b], 0.5)
+    assert 1.0 < cut.item() < 2.0
+
+
+def test_targets_are_removed_with_the_masks(tmp_path):
+    trainer = make_trainer("trainer", "bert", preset_config("hybrid", target_density=0.5), tmp_path, max_steps=2)
+    assert hasattr(trainer.model, "block_pruning_targets")
+    hf_blockprune.remove_block_pruning(trainer.model)
+    assert not hasattr(trainer.model, "block_pruning_targets")
