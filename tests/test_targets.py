@@ -75,3 +75,22 @@ def test_targets_are_removed_with_the_masks(tmp_path):
     assert hasattr(trainer.model, "block_pruning_targets")
     hf_blockprune.remove_block_pruning(trainer.model)
     assert not hasattr(trainer.model, "block_pruning_targets")
+
+
+def test_target_speedup_sets_the_densities_from_the_cost_model(tmp_path):
+    from hf_blockprune.flops import model_flops
+
+    config = preset_config("struct", pruning_method="topk", target_speedup=2.0, speedup_sequence_length=12)
+    trainer = make_trainer("trainer", "bert", config, tmp_path, max_steps=60)
+    dense = model_flops(trainer.model, 12)
+    trainer.train()
+    pruned = model_flops(trainer.model, 12, kept_only=True)
+    assert dense.total / pruned.total == pytest.approx(2.0, rel=0.1)
+
+
+def test_unreachable_target_speedup_says_why(tmp_path):
+    from hf_blockprune.flops import densities_for_speedup
+
+    model = make_trainer("trainer", "bert", preset_config("hybrid"), tmp_path).model
+    with pytest.raises(ValueError, match="out of reach"):
+        densities_for_speedup(model, 1e6, 12)

@@ -1,0 +1,213 @@
+"""A FLOPs cost model of a transformer (masked, compacted or dense) for one sequence of `T` tokens.
+
+One multiply-add is 2 FLOPs. What is counted, per prunable layer (`prunable_layers(model)`), from the actual Linear
+shapes (a `MaskedLinear` counts its whole `base_layer` unless `kept_only=True`):
+
+- attention projections: `2 * T * in * out` for each of the query, key, value and output projections;
+- attention scores: `2 * 2 * T * T_kv * w` for `Q @ K^T` and for `probs @ V`, with `w = heads * head_dim` the query
+  projection's output size. `T_kv = T` for self-attention, and for BART's cross-attention too: the decoder sequence
+  is taken as long as the encoder sequence (both are `T`);
+- FFN: `2 * T * in * out` for the input and for the output projection.
+
+Fixed cost, which pruning does not shrink: the matmuls of every other `nn.Linear` in the model (pooler,
+classification or LM head, ELECTRA's embedding projection). The pooler and the heads of sequence-level tasks see one
+token per sequence (`POOLED_MODULES`, `SEQUENCE_HEAD_MODULES`), every other fixed Linear sees `T` tokens.
+
+Not counted at all: bias adds, activations, softmax, scaling and masking of the scores, LayerNorm, residual adds,
+dropout and embedding lookups. They are elementwise, `O(T * width)` (softmax: `O(T^2 * heads)`), a few percent of the
+matmuls at BERT sizes, but memory-bound, so on a CPU they take a larger share of the time than of the FLOPs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from .compaction import LayerPlan, compaction_plan
+from .config import BlockPruningConfig
+from .model import AttentionModules, PrunableLayer, is_block_pruned, prunable_layers
+
+# Path components of non-prunable Linear layers that see one token per sequence: the pooler reads the first token.
+POOLED_MODULES = ("pooler",)
+# Heads that read one pooled token (first or EOS) per sequence, in models of the task classes below; the same names
+# in other models (e.g. a token-classification `classifier`) see every token.
+SEQUENCE_HEAD_MODULES = ("pre_classifier", "classifier", "classification_head")
+SEQUENCE_TASK_SUFFIXES = ("ForSequenceClassification", "ForMultipleChoice")
+
+
+@dataclass
+class FlopsBreakdown:
+    """FLOPs of one forward pass over one sequence, by what pruning can shrink.
+
+    Args:
+        attention_projections (`int`): query, key, value and output projections of every attention block.
+        attention_scores (`int`): `Q @ K^T` and `probs @ V` of every attention block.
+        ffn (`int`): both FFN projections of every layer.
+        fixed (`int`): the other Linear layers (pooler, heads, embedding projections), which pruning leaves alone.
+    """
+
+    attention_projections: int = 0
+    attention_scores: int = 0
+    ffn: int = 0
+    fixed: int = 0
+
+    @property
+    def total(self) -> int:
+        """All counted FLOPs."""
+        return self.attention_projections + self.attention_scores + self.ffn + self.fixed
+
+
+def linear_flops(tokens: int, in_features: int, out_features: int) -> int:
+    """`2 * tokens * in_features * out_features`: a `(tokens, in) @ (in, out)` matmul."""
+    return 2 * tokens * in_features * out_features
+
+
+def attention_flops(attention: AttentionModules, seq_len: int, kept_heads: int | None = None) -> tuple[int, int]:
+    """FLOPs of one attention block: `(projections, scores)`.
+
+    Args:
+        attention (`AttentionModules`): the block, as listed by `prunable_layers`.
+        seq_len (`int`): `T`, also used as the key/value length `T_kv`.
+        kept_heads (`int`, *optional*): count only this many heads (of `attention.num_heads`) at full head size;
+            defaults to the projections' actual sizes.
+    """
+
+    def width(size: int) -> int:  # the heads' share of a projection side of `size` = num_heads * head_dim
+        return size if kept_heads is None else size // attention.num_heads * kept_heads
+
+    projections = sum(
+        linear_flops(seq_len, linear.in_features, width(linear.out_features))
+        for linear in (attention.query, attention.key, attention.value)
+    )
+    projections += linear_flops(seq_len, width(attention.output.in_features), attention.output.out_features)
+    scores = 2 * 2 * seq_len * seq_len * width(attention.query.out_features)
+    return projections, scores
+
+
+def ffn_flops(ffn_input: nn.Module, ffn_output: nn.Module, seq_len: int, kept_neurons: int | None = None) -> int:
+    """FLOPs of one FFN (both projections), with all its neurons or only `kept_neurons` of them."""
+    neurons = ffn_input.out_features if kept_neurons is None else kept_neurons
+    expand = linear_flops(seq_len, ffn_input.in_features, neurons)
+    return expand + linear_flops(seq_len, neurons, ffn_output.out_features)
+
+
+def _prunable_modules(layers: list[PrunableLayer]) -> set[int]:
+    """Ids of the prunable projections and of the Linear each `MaskedLinear` wraps."""
+    modules = [
+        m for layer in layers for attn in layer.attentions for m in (attn.query, attn.key, attn.value, attn.output)
+    ]
+    modules += [m for layer in layers for m in (layer.ffn_input, layer.ffn_output) if m is not None]
+    modules += [m.base_layer for m in modules if hasattr(m, "base_layer")]
+    return {id(module) for module in modules}
+
+
+def _fixed_tokens(model: nn.Module, name: str, seq_len: int) -> int:
+    parts = set(name.split("."))
+    sequence_task = type(model).__name__.endswith(SEQUENCE_TASK_SUFFIXES)
+    if parts & set(POOLED_MODULES) or (sequence_task and parts & set(SEQUENCE_HEAD_MODULES)):
+        return 1
+    return seq_len
+
+
+def fixed_flops(model: nn.Module, layers: list[PrunableLayer], seq_len: int) -> int:
+    """Matmul FLOPs of the `nn.Linear` layers of `model` that are not among the prunable projections of `layers`."""
+    prunable = _prunable_modules(layers)
+    return sum(
+        linear_flops(_fixed_tokens(model, name, seq_len), module.in_features, module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and id(module) not in prunable
+    )
+
+
+def _layer_flops(layer: PrunableLayer, plan: LayerPlan | None, seq_len: int) -> FlopsBreakdown:
+    flops = FlopsBreakdown()
+    for index, attention in enumerate(layer.attentions):
+        kept = None if plan is None else len(plan.heads[index])
+        projections, scores = attention_flops(attention, seq_len, kept)
+        flops.attention_projections += projections
+        flops.attention_scores += scores
+    if layer.ffn_input is not None and layer.ffn_output is not None:
+        kept = None if plan is None else len(plan.neurons)
+        flops.ffn = ffn_flops(layer.ffn_input, layer.ffn_output, seq_len, kept)
+    return flops
+
+
+def model_flops(
+    model: nn.Module, seq_len: int, kept_only: bool = False, config: BlockPruningConfig | None = None
+) -> FlopsBreakdown:
+    """FLOPs of one forward pass of `model` over one sequence of `seq_len` tokens (see the module docstring).
+
+    Args:
+        model (`nn.Module`): a dense, masked (`apply_block_pruning`) or compacted (`compact_model`) model.
+        seq_len (`int`): the sequence length `T` (encoder and decoder sequences both, for encoder-decoders).
+        kept_only (`bool`, *optional*, defaults to `False`): for a masked model, count only what `compact_model`
+            would keep: heads that are not dead (`report.dead_heads`), at full head size, and FFN neurons whose input
+            row and output column both survive (`compaction_plan`). This is the cost of the compacted model. With
+            `False`, a masked model costs as much as the dense one. No effect on an unmasked model.
+        config (`BlockPruningConfig`, *optional*): to find the layers of a custom architecture whose masks (and so
+            their config) are gone; defaults to the model's own config, else the built-in module maps.
+
+    Returns:
+        `FlopsBreakdown`: the counts by kind.
+    """
+    if seq_len < 1:
+        raise ValueError(f"`seq_len` must be >= 1, got {seq_len}.")
+    layers = prunable_layers(model, config)
+    plans = compaction_plan(model) if kept_only and is_block_pruned(model) else [None] * len(layers)
+    flops = FlopsBreakdown(fixed=fixed_flops(model, layers, seq_len))
+    for layer, plan in zip(layers, plans, strict=True):
+        part = _layer_flops(layer, plan, seq_len)
+        flops.attention_projections += part.attention_projections
+        flops.attention_scores += part.attention_scores
+        flops.ffn += part.ffn
+    return flops
+
+
+def predicted_speedup(dense_model: nn.Module, pruned_model: nn.Module, seq_len: int) -> float:
+    """Speedup the FLOPs model predicts: dense FLOPs / pruned FLOPs at `seq_len`.
+
+    Args:
+        dense_model (`nn.Module`): the reference; if masked, its dense cost is counted (it may be `pruned_model`).
+        pruned_model (`nn.Module`): a compacted model, or a masked one, counted as it will be once compacted
+            (`kept_only=True`).
+        seq_len (`int`): the sequence length `T`.
+
+    Returns:
+        `float`: the ratio of total FLOPs (`math.inf` if the pruned model has no FLOPs left).
+    """
+    dense = model_flops(dense_model, seq_len).total
+    pruned = model_flops(pruned_model, seq_len, kept_only=is_block_pruned(pruned_model)).total
+    return dense / pruned if pruned else math.inf
+
+
+def densities_for_speedup(model: nn.Module, target_speedup: float, seq_len: int) -> dict[str, float]:
+    """The attention and FFN target densities that make the cost model predict `target_speedup`.
+
+    Attention projections and scores shrink with the fraction of heads kept and the FFN with the fraction of neurons
+    kept; the fixed cost does not shrink. One density `d` for both, `d = (total / target - fixed) / shrinkable`, gives
+    exactly the wished cost when whole heads and neurons go (the `struct` preset); with blocks inside heads
+    (`hybrid`), a head costs its full size while any of its blocks survives, so the realized speedup is lower.
+
+    Args:
+        model (`nn.Module`): the dense (or masked) model.
+        target_speedup (`float`): wished dense / pruned cost, > 1.
+        seq_len (`int`): sequence length of the cost model.
+
+    Returns:
+        `dict[str, float]`: `{"attention": d, "ffn": d}`.
+
+    Raises:
+        `ValueError`: the fixed cost alone exceeds the cost the target allows.
+    """
+    cost = model_flops(model, seq_len)
+    shrinkable = cost.attention_projections + cost.attention_scores + cost.ffn
+    density = (cost.total / target_speedup - cost.fixed) / shrinkable
+    if density <= 0:
+        raise ValueError(
+            f"`target_speedup` {target_speedup} is out of reach at sequence length {seq_len}: the parts pruning "
+            f"cannot shrink cost {cost.fixed / cost.total:.1%} of the model, which caps the speedup at "
+            f"{cost.total / max(cost.fixed, 1):.1f}x."
+        )
+    return {"attention": density, "ffn": density}
