@@ -1,75 +1,95 @@
-"""Fine-prune the offline MiniLM on SST-2 with the hybrid preset and print accuracy and kept structure.
+"""Fine-prune the offline MiniLM on SST-2 and print accuracy, kept structure and measured speedup.
 
-    python examples/demo_sst2.py                 # ~5 min on 2 CPU cores
-    python examples/demo_sst2.py --max_steps 40  # smoke run
+    python examples/demo_sst2.py                    # ~5 min on 2 CPU cores
+    python examples/demo_sst2.py --max_steps 40     # smoke run
 
-Data: `$HF_BLOCKPRUNE_DATA/sst2` or `../shared/data/sst2` (GLUE tsv), else `glue/sst2` from the Hub.
+Data: `$HF_BLOCKPRUNE_DATA/sst2` or `../shared/data/sst2` (GLUE tsv), else `glue/sst2` from the Hub. The pruned model
+is saved compacted to `--output_dir` and reloaded from there before it is evaluated and timed.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
+import statistics
+import time
 
 import numpy as np
-from datasets import load_dataset
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, TrainingArguments
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+)
 
-from hf_blockprune import BlockPruningConfig, BlockPruningTrainer, sparsity_report
-from hf_blockprune.defaults import offline_minilm_path, shared_data_dir
+import hf_blockprune
+from hf_blockprune import BlockPruningConfig, BlockPruningTrainer
+from hf_blockprune.defaults import load_sst2, offline_minilm_path
 
 
-def load_sst2(train_size: int):
-    """SST-2 train subset and full dev split, from the local tsv files or the Hub."""
-    data_dir = shared_data_dir()
-    if data_dir is not None and (data_dir / "sst2").is_dir():
-        files = {split: str(data_dir / "sst2" / f"{split}.tsv") for split in ("train", "dev")}
-        raw = load_dataset("csv", data_files=files, delimiter="\t", quoting=3)
-        raw["validation"] = raw.pop("dev")
-    else:
-        raw = load_dataset("glue", "sst2")
-    raw["train"] = raw["train"].shuffle(seed=0).select(range(min(train_size, len(raw["train"]))))
-    return raw
+def accuracy(prediction) -> dict[str, float]:
+    """Accuracy of a Trainer prediction."""
+    return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
+
+
+@torch.inference_mode()
+def speedup(dense, pruned, rounds: int = 5) -> float:
+    """Dense / pruned median latency at batch 32, sequence 128 (interleaved)."""
+    ids = torch.randint(1000, 30000, (32, 128), generator=torch.Generator().manual_seed(0))
+    times = {"dense": [], "pruned": []}
+    for _ in range(rounds + 1):
+        for name, model in (("dense", dense), ("pruned", pruned)):
+            start = time.perf_counter()
+            model(input_ids=ids)
+            times[name].append(time.perf_counter() - start)
+    return statistics.median(times["dense"][1:]) / statistics.median(times["pruned"][1:])
 
 
 def main() -> None:
-    """Train, evaluate, print."""
+    """Train, save compacted, reload, evaluate, time, print."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model path or Hub id (default: the offline MiniLM)")
     parser.add_argument("--train_size", type=int, default=8000)
     parser.add_argument("--max_steps", type=int, default=250)
-    parser.add_argument("--final_lambda", type=float, default=50.0)
-    parser.add_argument("--mask_lr", type=float, default=5e-2, help="mask_scores_learning_rate")
+    parser.add_argument("--preset", default="hybrid", help="hybrid, hybrid-filled, struct or block")
+    parser.add_argument("--target_density", type=float, default=0.3)
+    parser.add_argument("--output_dir", default="outputs/demo_sst2")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     model_path = args.model or offline_minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    raw = load_sst2(args.train_size)
-    data = raw.map(lambda b: tokenizer(b["sentence"], truncation=True, max_length=64), batched=True)
+    data = load_sst2(args.train_size).map(
+        lambda b: tokenizer(b["sentence"], truncation=True, max_length=64), batched=True)
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
-    config = BlockPruningConfig.from_preset(
-        "hybrid", final_lambda=args.final_lambda, mask_scores_learning_rate=args.mask_lr
+    training_args = TrainingArguments(
+        output_dir=args.output_dir, per_device_train_batch_size=32, per_device_eval_batch_size=128,
+        learning_rate=5e-5, max_steps=args.max_steps, warmup_steps=0.06, logging_steps=max(args.max_steps // 5, 1),
+        report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
     )
-    with tempfile.TemporaryDirectory() as out:
-        training_args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=32, per_device_eval_batch_size=64, learning_rate=5e-5,
-            max_steps=args.max_steps, warmup_steps=0.1, logging_steps=max(args.max_steps // 5, 1), report_to="none",
-            save_strategy="no", use_cpu=True, disable_tqdm=True,
-        )
-        trainer = BlockPruningTrainer(
-            model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
-            data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer, pruning_config=config,
-            compute_metrics=lambda p: {"accuracy": float((np.argmax(p.predictions, -1) == p.label_ids).mean())},
-        )
-        trainer.train()
-        metrics = trainer.evaluate()
-    print(f"\nSST-2 dev accuracy: {metrics['eval_accuracy']:.4f} ({len(data['validation'])} examples)")
-    print("layer                      heads pruned      attention density  FFN neurons kept")
-    for row in sparsity_report(trainer.model):
-        print(f"{row['layer']:<26} {str(row['heads_pruned'][0]):<17} {row['attention_density']:>17.2f}  "
-              f"{row['ffn_neurons_kept']}/{row['ffn_neurons_total']}")
+    trainer = BlockPruningTrainer(
+        model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
+        data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer, compute_metrics=accuracy,
+        pruning_config=BlockPruningConfig(pruning_preset=args.preset, target_density=args.target_density),
+    )
+    trainer.train()
+    trainer.save_model()  # writes the compacted model, its loading code and its model card
+
+    pruned = hf_blockprune.from_pretrained(args.output_dir).eval()
+    metrics = Trainer(model=pruned, args=training_args, eval_dataset=data["validation"], compute_metrics=accuracy,
+                      data_collator=DataCollatorWithPadding(tokenizer)).evaluate()
+    dense = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2).eval()
+    print(f"\nSST-2 dev accuracy of the saved, compacted model: {metrics['eval_accuracy']:.4f} "
+          f"({len(data['validation'])} examples, {args.max_steps} training steps)")
+    print(f"parameters: {sum(p.numel() for p in dense.parameters()) / 1e6:.1f}M -> "
+          f"{sum(p.numel() for p in pruned.parameters()) / 1e6:.1f}M")
+    print("layer                      heads kept  FFN size")
+    for path, entry in pruned.config.blockprune_layout["layers"].items():
+        print(f"{path:<26} {len(entry['attention'][0]['heads']):>10}  {entry['ffn']['size']:>8}")
+    print(f"measured CPU speedup vs dense (batch 32, sequence 128): {speedup(dense, pruned):.2f}x")
+    print(f"saved to {args.output_dir} (README.md is its model card)")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from transformers import TrainerCallback
 
 from .config import BlockPruningConfig
 from .controller import PruningController
+from .distillation import Distiller, load_teacher
 from .model import apply_block_pruning, block_scores, is_block_pruned, score_parameters
 from .saving import compact_on_save, restore_save
 
@@ -37,16 +38,22 @@ class BlockPruningCallback(TrainerCallback):
     after it (`report_to="none", callbacks=[BlockPruningCallback(cfg), TensorBoardCallback()]`) or use
     `BlockPruningTrainer`.
 
+    With a teacher (`teacher_model=` or `pruning_config.teacher_model`), the same hook replaces the training loss by
+    `alpha * KD + (1 - alpha) * task loss`, running the frozen teacher on the same inputs.
+
     Args:
         pruning_config (`BlockPruningConfig`): what to prune and how.
+        teacher_model (`nn.Module` or `str`, *optional*): a dense teacher, or its path / Hub id.
     """
 
-    def __init__(self, pruning_config: BlockPruningConfig):
+    def __init__(self, pruning_config: BlockPruningConfig, teacher_model=None):
         if not isinstance(pruning_config, BlockPruningConfig):
             raise ValueError(
                 f"`pruning_config` must be a BlockPruningConfig, got {type(pruning_config).__name__}."
             )
         self.pruning_config = pruning_config
+        self.teacher_model = teacher_model if teacher_model is not None else pruning_config.teacher_model
+        self.distiller: Distiller | None = None
         self.controller: PruningController | None = None
         self._hook = None
         self._training = False
@@ -64,6 +71,10 @@ class BlockPruningCallback(TrainerCallback):
         else:
             apply_block_pruning(model, self.pruning_config, score_scale=scale)
         self.controller = PruningController(model, self.pruning_config)
+        if self.teacher_model is not None:
+            config = self.pruning_config
+            self.distiller = Distiller(load_teacher(self.teacher_model, model), config.distillation_alpha,
+                                       config.distillation_temperature)
         self._hook = model.register_forward_hook(_RegularizationHook(self), with_kwargs=True)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -124,16 +135,29 @@ class BlockPruningCallback(TrainerCallback):
         if not (module.training and self._training):
             return None
         term = self.controller.regularization()
-        if term is None:
+        if term is None and self.distiller is None:
             return None
+        loss = _loss_of(output)
+        if self.distiller is not None:
+            if isinstance(output, tuple):
+                raise RuntimeError("Distillation needs dict-like model outputs: do not set `return_dict=False`.")
+            loss = self.distiller.loss(loss, output, kwargs)
+        if term is not None:
+            loss = loss + term
         if isinstance(output, tuple):
-            if not (len(output) and torch.is_tensor(output[0]) and output[0].dim() == 0):
-                raise RuntimeError(_NO_LOSS)
-            return (output[0] + term,) + output[1:]
-        if output.get("loss") is None:
-            raise RuntimeError(_NO_LOSS)
-        output["loss"] = output["loss"] + term
+            return (loss,) + output[1:]
+        output["loss"] = loss
         return output
+
+
+def _loss_of(output) -> torch.Tensor:
+    if isinstance(output, tuple):
+        if not (len(output) and torch.is_tensor(output[0]) and output[0].dim() == 0):
+            raise RuntimeError(_NO_LOSS)
+        return output[0]
+    if output.get("loss") is None:
+        raise RuntimeError(_NO_LOSS)
+    return output["loss"]
 
 
 class _RegularizationHook:

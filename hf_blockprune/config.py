@@ -112,6 +112,13 @@ class BlockPruningConfig:
             attention and FFN at the start of training; not with the target densities.
         speedup_sequence_length (`int`, *optional*, defaults to 128):
             Sequence length at which `target_speedup` is computed (attention scores grow with its square).
+        teacher_model (`str`, *optional*):
+            Path or Hub id of a dense teacher fine-tuned on the same task, to distil from while pruning (or pass a
+            model as `teacher_model=` to the trainer or callback).
+        distillation_alpha (`float`, *optional*, defaults to 0.9):
+            Weight of the distillation term: `alpha * KD + (1 - alpha) * task loss` (the paper's 0.9).
+        distillation_temperature (`float`, *optional*, defaults to 2.0):
+            Softmax temperature `T` of the distillation term (the paper's 2).
         target_rate (`float`, *optional*, defaults to 0.05):
             Step size of the log-multiplier update per optimizer step: with a 10% relative density gap the
             multiplier grows by 0.5% per step, i.e. doubles in about 140 steps.
@@ -179,6 +186,11 @@ class BlockPruningConfig:
         default=128, metadata={"help": "Sequence length for the target_speedup cost model."}
     )
     target_rate: float = field(default=0.05, metadata={"help": "Step size of the density controller."})
+    teacher_model: str | None = field(
+        default=None, metadata={"help": "Path or Hub id of a dense teacher to distil from."}
+    )
+    distillation_alpha: float = field(default=0.9, metadata={"help": "Weight of the distillation loss."})
+    distillation_temperature: float = field(default=2.0, metadata={"help": "Distillation softmax temperature."})
     layers_pattern: str | None = field(
         default=None, metadata={"help": "Custom architectures: path suffix of the ModuleList of layers."}
     )
@@ -233,6 +245,10 @@ class BlockPruningConfig:
             raise ValueError(f"`speedup_sequence_length` must be >= 1, got {self.speedup_sequence_length}.")
         if not self.target_rate > 0:
             raise ValueError(f"`target_rate` must be > 0, got {self.target_rate}.")
+        if not 0.0 <= self.distillation_alpha <= 1.0:
+            raise ValueError(f"`distillation_alpha` must be in [0, 1], got {self.distillation_alpha}.")
+        if not self.distillation_temperature > 0:
+            raise ValueError(f"`distillation_temperature` must be > 0, got {self.distillation_temperature}.")
 
     def _resolve_defaults(self):
         if self.pruning_preset is not None:

@@ -8,6 +8,7 @@ from transformers import Trainer
 
 from .config import BlockPruningConfig
 from .controller import PruningController
+from .distillation import Distiller, load_teacher
 from .model import apply_block_pruning, is_block_pruned, score_parameters
 from .model_card import CARD_MARKER
 from .saving import compact_on_save, restore_save
@@ -25,16 +26,21 @@ class BlockPruningTrainer(Trainer):
     training ends, `save_model()` and `push_to_hub()` write the compacted model (pruned heads and FFN neurons
     removed), its loading code and its model card.
 
+    With a teacher (`teacher_model=` or `pruning_config.teacher_model`), the training loss is
+    `alpha * T^2 * KL(teacher || student) + (1 - alpha) * task loss` on the classification, QA start/end or per-token
+    logits; the teacher runs frozen, in eval mode, on the student's device.
+
     Args:
         *args, **kwargs: as for `transformers.Trainer` (`model` is required; `model_init` is not supported).
         pruning_config (`BlockPruningConfig`): what to prune and how.
+        teacher_model (`nn.Module` or `str`, *optional*): a dense teacher, or its path / Hub id.
     """
 
     # compute_loss returns a per-micro-batch mean (num_items_in_batch is not passed to the model, whose loss would
     # ignore it anyway for the supported architectures), so the Trainer must divide by the accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, pruning_config: BlockPruningConfig | None = None, **kwargs):
+    def __init__(self, *args, pruning_config: BlockPruningConfig | None = None, teacher_model=None, **kwargs):
         if not isinstance(pruning_config, BlockPruningConfig):
             raise ValueError(
                 "BlockPruningTrainer needs `pruning_config=BlockPruningConfig(...)` (e.g. "
@@ -47,6 +53,11 @@ class BlockPruningTrainer(Trainer):
             apply_block_pruning(self.model, pruning_config)
         self.pruning_config = pruning_config
         self.pruning = PruningController(self.model, pruning_config)
+        teacher = teacher_model if teacher_model is not None else pruning_config.teacher_model
+        self.distiller = None
+        if teacher is not None:
+            self.distiller = Distiller(load_teacher(teacher, self.model), pruning_config.distillation_alpha,
+                                       pruning_config.distillation_temperature)
 
     def create_optimizer(self, model=None):
         """Build the Trainer's optimizer, then move the mask scores into a group of their own."""
@@ -82,9 +93,12 @@ class BlockPruningTrainer(Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The Trainer's loss (a per-batch mean) plus, in training, the pruning regularization."""
+        """The Trainer's loss (a per-batch mean), mixed with distillation and plus the regularization in training."""
+        teacher_inputs = dict(inputs)  # the Trainer pops `labels` when it computes the loss itself
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=None)
         if model.training:
+            if self.distiller is not None:
+                loss = self.distiller.loss(loss, outputs, teacher_inputs)
             term = self.pruning.regularization()
             if term is not None:
                 loss = loss + term

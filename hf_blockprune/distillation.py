@@ -1,0 +1,136 @@
+"""Knowledge distillation from a dense teacher (Hinton et al. 2015), as the paper uses it while pruning."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`T^2 * KL(softmax(teacher / T) || softmax(student / T))`, averaged over positions.
+
+    Args:
+        student (`torch.Tensor`): `(..., C)` student logits.
+        teacher (`torch.Tensor`): `(..., C)` teacher logits, same shape.
+        temperature (`float`): `T`.
+        mask (`torch.Tensor`, *optional*): `(...)` bool, the positions to average over (e.g. not padding).
+
+    Returns:
+        `torch.Tensor`: a 0-dim loss.
+    """
+    log_p_student = F.log_softmax(student.float() / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher.float() / temperature, dim=-1)
+    per_position = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)  # (...)
+    if mask is not None:
+        per_position = per_position[mask]
+    return per_position.mean() * temperature**2
+
+
+def output_kind(outputs) -> str:
+    """`"question_answering"` (start/end logits), `"token"` (3-D logits) or `"sequence"` (2-D logits)."""
+    if outputs.get("start_logits") is not None:
+        return "question_answering"
+    logits = outputs.get("logits")
+    if logits is None:
+        raise ValueError("Distillation needs `logits` or `start_logits`/`end_logits` in the model outputs.")
+    return "token" if logits.dim() == 3 else "sequence"
+
+
+def distillation_term(student_outputs, teacher_outputs, labels: torch.Tensor | None, temperature: float):
+    """The KD loss for the output kind of `student_outputs` (QA: mean of the start and end losses; per-token logits:
+    positions whose label is -100, i.e. padding, are left out)."""
+    kind = output_kind(student_outputs)
+    if kind == "question_answering":
+        start = kd_loss(student_outputs["start_logits"], teacher_outputs["start_logits"], temperature)
+        end = kd_loss(student_outputs["end_logits"], teacher_outputs["end_logits"], temperature)
+        return (start + end) / 2
+    mask = None
+    if kind == "token" and labels is not None and labels.shape == student_outputs["logits"].shape[:2]:
+        mask = labels != IGNORE_INDEX
+    return kd_loss(student_outputs["logits"], teacher_outputs["logits"], temperature, mask)
+
+
+def _head_kind(model: nn.Module) -> str:
+    name = type(model).__name__
+    for suffix in ("ForQuestionAnswering", "ForSequenceClassification", "ForTokenClassification",
+                   "ForConditionalGeneration", "ForCausalLM", "ForMaskedLM"):
+        if suffix in name:
+            return suffix
+    return name
+
+
+def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
+    """Raise `ValueError` when the teacher's outputs cannot be compared with the student's.
+
+    Checks the output kind (the task head), the label count of classification heads and the vocabulary of
+    generation heads.
+    """
+    student_kind, teacher_kind = _head_kind(student), _head_kind(teacher)
+    if student_kind != teacher_kind:
+        raise ValueError(
+            f"The teacher's output kind ({type(teacher).__name__}) does not match the student's "
+            f"({type(student).__name__}): distil from a teacher fine-tuned for the same task."
+        )
+    s_config, t_config = student.config, teacher.config
+    if student_kind in ("ForSequenceClassification", "ForTokenClassification") and \
+            s_config.num_labels != t_config.num_labels:
+        raise ValueError(
+            f"The teacher predicts {t_config.num_labels} labels and the student {s_config.num_labels}: use a teacher "
+            "fine-tuned on the same label set."
+        )
+    if student_kind in ("ForConditionalGeneration", "ForCausalLM", "ForMaskedLM") and \
+            s_config.vocab_size != t_config.vocab_size:
+        raise ValueError(
+            f"The teacher's vocabulary has {t_config.vocab_size} tokens and the student's {s_config.vocab_size}: "
+            "teacher and student must share a tokenizer."
+        )
+
+
+def load_teacher(teacher: nn.Module | str | os.PathLike, student: nn.Module) -> nn.Module:
+    """The teacher as a frozen model in eval mode on the student's device, checked against the student.
+
+    Args:
+        teacher (`nn.Module` or path): a model, or a path / Hub id loaded with the student's auto class.
+        student (`nn.Module`): the model being pruned.
+    """
+    if not isinstance(teacher, nn.Module):
+        import transformers
+
+        from .saving import auto_class_name
+
+        auto = getattr(transformers, auto_class_name(type(student)))
+        teacher = auto.from_pretrained(teacher)
+    check_teacher(student, teacher)
+    teacher = teacher.to(next(student.parameters()).device).eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    return teacher
+
+
+class Distiller:
+    """Mixes the task loss with the teacher's: `alpha * KD + (1 - alpha) * task`.
+
+    Args:
+        teacher (`nn.Module`): a frozen teacher (see `load_teacher`).
+        alpha (`float`): weight of the distillation term.
+        temperature (`float`): softmax temperature.
+    """
+
+    def __init__(self, teacher: nn.Module, alpha: float, temperature: float):
+        self.teacher = teacher
+        self.alpha = alpha
+        self.temperature = temperature
+
+    def loss(self, task_loss: torch.Tensor, student_outputs, inputs: dict) -> torch.Tensor:
+        """Run the teacher on `inputs` (no gradients) and return the mixed loss."""
+        self.teacher.eval()
+        with torch.no_grad():
+            teacher_outputs = self.teacher(**inputs)
+        term = distillation_term(student_outputs, teacher_outputs, inputs.get("labels"), self.temperature)
+        return self.alpha * term + (1.0 - self.alpha) * task_loss

@@ -1,0 +1,106 @@
+"""Distillation: the loss maths on fixed logits, teacher checks, and the trainer and callback paths."""
+
+import math
+
+import pytest
+import torch
+from transformers import BartForConditionalGeneration, BertForQuestionAnswering, BertForSequenceClassification
+
+from hf_blockprune import BlockPruningCallback, BlockPruningTrainer
+from hf_blockprune.distillation import Distiller, check_teacher, distillation_term, kd_loss, load_teacher
+
+from conftest import tiny_config, tiny_dataset, tiny_model
+from helpers import make_trainer, preset_config
+
+
+def _hand_kd(student: list[float], teacher: list[float], t: float) -> float:
+    def softmax(values):
+        exps = [math.exp(v / t) for v in values]
+        return [e / sum(exps) for e in exps]
+
+    p_s, p_t = softmax(student), softmax(teacher)
+    return t * t * sum(pt * (math.log(pt) - math.log(ps)) for pt, ps in zip(p_t, p_s))
+
+
+def test_sequence_classification_kd_matches_a_hand_computation():
+    student, teacher = [[1.0, 2.0, 0.0], [0.0, -1.0, 3.0]], [[0.5, 1.0, 2.0], [2.0, 0.0, 0.0]]
+    expected = (_hand_kd(student[0], teacher[0], 2.0) + _hand_kd(student[1], teacher[1], 2.0)) / 2
+    got = distillation_term({"logits": torch.tensor(student)}, {"logits": torch.tensor(teacher)}, None, 2.0)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_question_answering_kd_averages_start_and_end():
+    s_start, t_start, s_end, t_end = [0.0, 1.0, 2.0], [2.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 3.0, 0.0]
+    expected = (_hand_kd(s_start, t_start, 2.0) + _hand_kd(s_end, t_end, 2.0)) / 2
+    student = {"start_logits": torch.tensor([s_start]), "end_logits": torch.tensor([s_end])}
+    teacher = {"start_logits": torch.tensor([t_start]), "end_logits": torch.tensor([t_end])}
+    assert distillation_term(student, teacher, None, 2.0).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_seq2seq_kd_leaves_padding_positions_out():
+    s = [[[1.0, 0.0], [0.0, 2.0], [5.0, -5.0]]]
+    t = [[[0.0, 1.0], [1.0, 1.0], [-5.0, 5.0]]]
+    labels = torch.tensor([[4, 7, -100]])
+    expected = (_hand_kd(s[0][0], t[0][0], 2.0) + _hand_kd(s[0][1], t[0][1], 2.0)) / 2
+    got = distillation_term({"logits": torch.tensor(s)}, {"logits": torch.tensor(t)}, labels, 2.0)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_kd_is_zero_for_identical_logits():
+    logits = torch.randn(4, 5)
+    assert kd_loss(logits, logits, 3.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_teacher_with_other_label_count_is_an_error():
+    teacher = BertForSequenceClassification(tiny_config("bert").__class__(**{**tiny_config("bert").to_dict(),
+                                                                               "num_labels": 3}))
+    with pytest.raises(ValueError, match="3 labels and the student 2"):
+        check_teacher(tiny_model("bert"), teacher)
+
+
+def test_teacher_with_other_vocabulary_is_an_error():
+    config = tiny_config("bart")
+    config.vocab_size = 120
+    with pytest.raises(ValueError, match="vocabulary has 120 tokens"):
+        check_teacher(tiny_model("bart"), BartForConditionalGeneration(config))
+
+
+def test_teacher_with_other_output_kind_is_an_error():
+    with pytest.raises(ValueError, match="output kind"):
+        check_teacher(tiny_model("bert"), BertForQuestionAnswering(tiny_config("bert")))
+
+
+@pytest.mark.parametrize("route", ["trainer", "callback"])
+def test_training_loss_mixes_task_and_distillation(route, tmp_path):
+    teacher = tiny_model("bert", seed=5).eval()
+    config = preset_config("hybrid", distillation_alpha=0.9, distillation_temperature=2.0)
+    student = tiny_model("bert", seed=0).train()
+    rows = tiny_dataset("bert")[:4]
+    batch = {"input_ids": torch.stack([r["input_ids"] for r in rows]),
+             "labels": torch.tensor([r["labels"] for r in rows])}
+    with torch.no_grad():  # before any pruning hook exists (the masks keep everything at the start)
+        plain = student(**batch)
+        expected = 0.9 * distillation_term(plain, teacher(**batch), batch["labels"], 2.0) + 0.1 * plain.loss
+    if route == "trainer":
+        trainer = BlockPruningTrainer(model=student, args=make_trainer("trainer", "bert", config, tmp_path).args,
+                                      train_dataset=tiny_dataset("bert"), pruning_config=config, teacher_model=teacher)
+    else:
+        trainer = make_trainer("callback", "bert", config, tmp_path, model=student)
+        callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, BlockPruningCallback))
+        callback.distiller = Distiller(load_teacher(teacher, student), 0.9, 2.0)
+        callback._training = True
+    loss = trainer.compute_loss(student.train(), dict(batch))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(expected.item() - plain.loss.item()) > 1e-3  # the teacher term changes the loss
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_run_with_a_teacher_path(tmp_path):
+    teacher = tiny_model("bert", seed=5)
+    teacher.save_pretrained(tmp_path / "teacher")
+    config = preset_config("hybrid", teacher_model=str(tmp_path / "teacher"), pruning_method="topk",
+                           final_threshold=0.5)
+    trainer = make_trainer("callback", "bert", config, tmp_path / "run", max_steps=10)
+    trainer.train()
+    callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, BlockPruningCallback))
+    assert callback.distiller is not None and not callback.distiller.teacher.training
