@@ -150,8 +150,9 @@ def render(records: list[dict], args) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in records:
+        used = ", ".join(f"{group} {value:.2f}" for group, value in r.get("targets_used", {}).items())
         target = "-" if "targets_used" not in r else (
-            f"{r['target']:.2f}" if r.get("target") else f"{r['target_speedup']}x -> {r['targets_used']}")
+            f"{r['target']:.2f}" if r.get("target") else f"{r['target_speedup']}x (densities: {used})")
         density = "-" if "realized_density" not in r else (
             f"{r['realized_density']:.3f} ({r['realized_density_attention']:.2f} / {r['realized_density_ffn']:.2f})")
         acc = f"{r['dev_accuracy']:.4f}" + (f" / {r['dev_accuracy_compacted']:.4f}" if "dev_accuracy_compacted" in r
