@@ -13,6 +13,7 @@ from .layer import BlockScores, MaskedLinear
 
 CONFIG_ATTRIBUTE = "block_pruning_config"
 LAYOUT_ATTRIBUTE = "blockprune_layout"
+PRUNING_CONFIG_KEY = "blockprune_config"  # the pruning config, as a dict, in model.config (so checkpoints carry it)
 TARGETS_ATTRIBUTE = "block_pruning_targets"  # the density controller's state (hf_blockprune.targets)
 
 
@@ -175,6 +176,8 @@ def apply_block_pruning(model: nn.Module, config: BlockPruningConfig, score_scal
         for path, (_, masked) in zip(paths, pairs):
             _replace(owner, path, masked)
     setattr(model, CONFIG_ATTRIBUTE, config)
+    if getattr(model, "config", None) is not None:
+        setattr(model.config, PRUNING_CONFIG_KEY, config.to_dict())
     return model
 
 

@@ -17,12 +17,12 @@ from torch import nn
 
 from .compaction import compact_model
 from .config import BlockPruningConfig
-from .model import CONFIG_ATTRIBUTE, LAYOUT_ATTRIBUTE, is_block_pruned, prunable_layers
+from .model import CONFIG_ATTRIBUTE, LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY, is_block_pruned, prunable_layers
 from .modeling_blockprune import block_pruned_class
 
 logger = logging.getLogger(__name__)
 
-CONFIG_KEY = "blockprune_config"
+CONFIG_KEY = PRUNING_CONFIG_KEY
 
 # Class-name suffix -> the auto class that loads it (first match wins).
 _AUTO_CLASSES = (

@@ -143,6 +143,7 @@ def test_trainer_run_ends_with_a_compacted_output_dir_that_loads_both_ways(route
     trainer.save_model()
     checkpoint = json.loads((tmp_path / "checkpoint-20" / "config.json").read_text())
     assert "blockprune_layout" not in checkpoint  # checkpoints keep the scores, to resume
+    assert hf_blockprune.BlockPruningConfig.from_dict(checkpoint["blockprune_config"]) == config
     inputs = model_inputs("bert")
     expected = model_outputs(trainer.model.eval(), inputs)[0]
     loaded = hf_blockprune.from_pretrained(tmp_path).eval()
