@@ -13,7 +13,7 @@ CARD_MARKER = "<!-- hf_blockprune model card -->"
 FIGURE_NAME = "pruning_layout.png"
 
 
-def _layer_rows(model: nn.Module) -> list[dict]:
+def layer_rows(model: nn.Module) -> list[dict]:
     """Per layer of the layout: kept heads per attention block (of how many) and the FFN size (of how many)."""
     config = model.config
     rows = []
@@ -24,7 +24,8 @@ def _layer_rows(model: nn.Module) -> list[dict]:
     return rows
 
 
-def _original_sizes(model: nn.Module) -> tuple[int, int | None]:
+def original_sizes(model: nn.Module) -> tuple[int, int | None]:
+    """The dense head count and FFN size of the model's config (before pruning)."""
     config = model.config
     heads = getattr(config, "num_attention_heads", None)
     ffn = next((getattr(config, name) for name in ("intermediate_size", "hidden_dim", "encoder_ffn_dim")
@@ -117,8 +118,8 @@ def write_model_card(save_directory: str | Path, model: nn.Module) -> Path:
     (prunable Linear weights and total), the kept heads and FFN size of each layer, and the per-layer figure.
     """
     save_directory = Path(save_directory)
-    rows = _layer_rows(model)
-    num_heads, ffn_total = _original_sizes(model)
+    rows = layer_rows(model)
+    num_heads, ffn_total = original_sizes(model)
     num_heads = num_heads or max((max(h, default=-1) + 1 for row in rows for h in row["heads"]), default=1)
     write_figure(save_directory / FIGURE_NAME, rows, num_heads, ffn_total)
     card = save_directory / "README.md"

@@ -138,7 +138,8 @@ def save_compacted(
     return compacted
 
 
-def _architecture(config) -> type:
+def architecture_class(config) -> type:
+    """The transformers class named by `config.architectures` (with any `BlockPruned` prefix removed)."""
     names = getattr(config, "architectures", None) or []
     for name in names:
         base = getattr(transformers, name.removeprefix("BlockPruned"), None)
@@ -164,7 +165,7 @@ def from_pretrained(path: str | os.PathLike, model_class: type | None = None, **
             f"{path} has no `{LAYOUT_ATTRIBUTE}` in its config.json: it is not a model compacted by hf_blockprune. "
             "Load it with transformers' from_pretrained."
         )
-    cls = block_pruned_class(model_class or _architecture(config))
+    cls = block_pruned_class(model_class or architecture_class(config))
     cls.register_for_auto_class(auto_class_name(cls))  # so that save_pretrained writes the loading code again
     try:
         return cls.from_pretrained(path, config=config, **kwargs)
