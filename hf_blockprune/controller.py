@@ -81,6 +81,8 @@ class PruningController:
         if not is_filled(self.model):
             # from the scores, so a run resumed after the switch fills exactly as the uninterrupted one did
             set_threshold(self.model, self.threshold)
+            if self.soft_targets:  # the masks at the switch are the target's, not `score > threshold`
+                self.targets.set_cuts(self.model, self.progress)
             fill_surviving_heads(self.model)
 
     def regularization(self) -> torch.Tensor | None:

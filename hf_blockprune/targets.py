@@ -98,14 +98,21 @@ class DensityTargets(nn.Module):
         return {g: t + (1.0 - t) * (1.0 - progress) ** 3 for g, t in self.targets.items()}
 
     @torch.no_grad()
-    def update(self, model: nn.Module, progress: float) -> None:
-        """Set each group's score cut to its scheduled target, then take one dual-ascent step on its multiplier."""
+    def set_cuts(self, model: nn.Module, progress: float) -> None:
+        """Set each group's score cut so that its realized density is its scheduled target at `progress`."""
         scheduled = self.scheduled(progress)
-        for index, group in enumerate(self.groups):
+        for group in self.groups:
             modules = _group_modules(model, self._kind(group))
             cut = weighted_score_cut(modules, scheduled[group])
             for module in modules:
                 module.set_score_cut(cut)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, progress: float) -> None:
+        """Set each group's score cut to its scheduled target, then take one dual-ascent step on its multiplier."""
+        self.set_cuts(model, progress)
+        scheduled = self.scheduled(progress)
+        for index, group in enumerate(self.groups):
             expected = _group_sums(model, self._kind(group), lambda s: torch.sigmoid(s.effective_scores()))
             gap = (expected - scheduled[group]) / max(scheduled[group], 1e-3)
             self.log_lambda[index] = (self.log_lambda[index] + self.rate * gap).clamp(*LOG_LAMBDA_RANGE)

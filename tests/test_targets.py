@@ -94,3 +94,12 @@ def test_unreachable_target_speedup_says_why(tmp_path):
     model = make_trainer("trainer", "bert", preset_config("hybrid"), tmp_path).model
     with pytest.raises(ValueError, match="out of reach"):
         densities_for_speedup(model, 1e6, 12)
+
+
+@pytest.mark.parametrize("route", ["trainer", "callback"])
+def test_filled_stage_keeps_the_target_masks(route, tmp_path):
+    """The switch to the filled stage freezes the masks the target cut realized, not `score > threshold`."""
+    config = preset_config("hybrid", target_density_attention=0.3, target_density_ffn=0.3, fill_after=0.8)
+    trainer = make_trainer(route, "bert", config, tmp_path, max_steps=60, logging_steps=10)
+    trainer.train()
+    assert mask_density(trainer.model, "ffn").item() == pytest.approx(0.3, abs=0.03)  # frozen at the switch
