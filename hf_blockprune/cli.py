@@ -26,9 +26,10 @@ import transformers
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import data, qa
 from .compaction import compact_model
 from .config import BlockPruningConfig
-from .defaults import offline_minilm_path, shared_data_dir
+from .defaults import offline_minilm_path
 from .flops import predicted_speedup
 from .model import LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY, TARGETS_ATTRIBUTE, apply_block_pruning
 from .model_card import layer_rows, original_sizes, write_figure
@@ -37,16 +38,6 @@ from .saving import architecture_class, from_pretrained, plain_class, save_compa
 logger = logging.getLogger(__name__)
 
 SCORE_SUFFIX = "block_scores.scores"
-
-# GLUE task -> (text columns, label column) in the local GLUE tsv files, then in the Hub's `glue` dataset.
-GLUE_LOCAL = {"sst2": (["sentence"], "label"), "mrpc": (["#1 String", "#2 String"], "Quality")}
-GLUE_HUB = {
-    "sst2": ["sentence"], "cola": ["sentence"], "mrpc": ["sentence1", "sentence2"], "qqp": ["question1", "question2"],
-    "qnli": ["question", "sentence"], "rte": ["sentence1", "sentence2"], "wnli": ["sentence1", "sentence2"],
-    "mnli": ["premise", "hypothesis"],
-}
-GLUE_VALIDATION = {"mnli": "validation_matched"}
-
 
 class CliError(Exception):
     """A user-facing error: printed without a traceback, exit code 1."""
@@ -289,58 +280,6 @@ def run_bench(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------- prune
 
 
-def _glue_data(task: str):
-    from datasets import load_dataset
-
-    data_dir = shared_data_dir()
-    if task in GLUE_LOCAL and data_dir is not None and (data_dir / task / "train.tsv").is_file():
-        files = {split: str(data_dir / task / f"{split}.tsv") for split in ("train", "dev")}
-        raw = load_dataset("csv", data_files=files, delimiter="\t", quoting=3, encoding="utf-8-sig")
-        raw["validation"] = raw.pop("dev")
-        return raw, *GLUE_LOCAL[task]
-    if task not in GLUE_HUB:
-        raise CliError(f"--task must be one of {sorted(GLUE_HUB)} (or use --train_file), got {task!r}.")
-    raw = load_dataset("glue", task)
-    raw["validation"] = raw[GLUE_VALIDATION.get(task, "validation")]
-    return raw, GLUE_HUB[task], "label"
-
-
-def _file_data(train_file: str, validation_file: str | None, text_columns: list[str] | None):
-    from datasets import load_dataset
-
-    files = {"train": train_file, **({"validation": validation_file} if validation_file else {})}
-    for name in files.values():
-        if not Path(name).is_file():
-            raise CliError(f"{name} does not exist.")
-    extension = Path(train_file).suffix.lstrip(".")
-    builder = {"csv": "csv", "tsv": "csv", "json": "json", "jsonl": "json"}.get(extension)
-    if builder is None:
-        raise CliError(f"--train_file must be .csv, .tsv, .json or .jsonl, got {train_file!r}.")
-    raw = load_dataset(builder, data_files=files, **({"delimiter": "\t"} if extension == "tsv" else {}))
-    if "validation" not in raw:
-        raw = raw["train"].train_test_split(test_size=0.1, seed=0)
-        raw["validation"] = raw.pop("test")
-    columns = raw["train"].column_names
-    if "label" not in columns:
-        raise CliError(f"{train_file} has no `label` column (columns: {columns}).")
-    text_columns = text_columns or [c for c in columns if c not in ("label", "idx")][:2]
-    missing = [c for c in text_columns if c not in columns]
-    if missing or not text_columns:
-        raise CliError(f"Text columns {missing or text_columns} not found in {train_file} (columns: {columns}).")
-    return raw, text_columns, "label"
-
-
-def _tokenized(raw, tokenizer, text_columns: list[str], label_column: str, max_length: int):
-    def encode(batch):
-        texts = [[str(t) for t in batch[c]] for c in text_columns]
-        encoded = tokenizer(*texts, truncation=True, max_length=max_length)
-        encoded["labels"] = [int(label) for label in batch[label_column]]
-        return encoded
-
-    return {split: raw[split].map(encode, batched=True, remove_columns=raw[split].column_names)
-            for split in ("train", "validation")}
-
-
 def _accuracy(eval_prediction) -> dict[str, float]:
     logits = eval_prediction.predictions[0] if isinstance(eval_prediction.predictions, tuple) \
         else eval_prediction.predictions
@@ -358,43 +297,76 @@ def _training_args(args: argparse.Namespace) -> transformers.TrainingArguments:
 
 
 def _prune_data(args: argparse.Namespace):
-    if (args.task is None) == (args.train_file is None):
-        raise CliError("Give either --task (a GLUE task) or --train_file (with --validation_file), not both.")
-    if args.task is not None:
-        raw, text_columns, label_column = _glue_data(args.task)
+    if args.task is None and args.train_file is None:
+        raise CliError("Give --task (a GLUE task, or squad) or --train_file (with --validation_file).")
+    if args.task is not None and args.task != "squad" and args.train_file is not None:
+        raise CliError("Give either --task (a GLUE task) or --train_file, not both (--train_file goes with "
+                       "--task squad for local SQuAD-format files).")
+    if args.task is not None and args.task != "squad":
+        raw, text_columns, label_column = data.load_glue(args.task)
     else:
-        raw, text_columns, label_column = _file_data(args.train_file, args.validation_file, args.text_columns)
-    if args.max_train_samples is not None:
-        raw["train"] = raw["train"].shuffle(seed=args.seed).select(range(min(args.max_train_samples,
-                                                                             len(raw["train"]))))
-    return raw, text_columns, label_column
+        raw, text_columns, label_column = data.load_classification_files(args.train_file, args.validation_file,
+                                                                         args.text_columns)
+    return _subsets(raw, args), text_columns, label_column
+
+
+def _subsets(raw, args: argparse.Namespace):
+    for split, size in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
+        if size is not None:
+            raw[split] = raw[split].shuffle(seed=args.seed).select(range(min(size, len(raw[split]))))
+    return raw
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    """`prune`: fine-prune a sequence classifier, evaluate it and save it compacted in `--output_dir`."""
+    """`prune`: fine-prune a classifier or an extractive QA model, evaluate it and save it compacted."""
     pruning_config = _config_from_args(args)
     model_path = args.model or offline_minilm_path()
-    raw, text_columns, label_column = _prune_data(args)
-    num_labels = max(int(label) for label in raw["train"][label_column]) + 1
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
-    data = _tokenized(raw, tokenizer, text_columns, label_column, args.max_seq_length)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
-    trainer = _trainer(args, model, tokenizer, data, pruning_config)
-    trainer.train()
-    accuracy = trainer.evaluate()["eval_accuracy"]
-    trainer.save_model()
-    print(f"validation accuracy: {accuracy:.4f} ({len(data['validation'])} examples)")
+    if args.task == "squad":
+        model, metrics, size = _prune_qa(args, model_path, tokenizer, pruning_config)
+    else:
+        model, metrics, size = _prune_classifier(args, model_path, tokenizer, pruning_config)
+    print("validation " + ", ".join(f"{k}: {v:.4f}" for k, v in metrics.items()) + f" ({size} examples)")
     print(layer_table(from_pretrained(args.output_dir))[1])
     print(f"compacted model saved to {args.output_dir}")
     return 0
 
 
-def _trainer(args, model, tokenizer, data, pruning_config):
+def _prune_classifier(args, model_path, tokenizer, pruning_config):
+    raw, text_columns, label_column = _prune_data(args)
+    num_labels = max(int(label) for label in raw["train"][label_column]) + 1
+    tokenized = data.tokenize_classification(raw, tokenizer, text_columns, label_column, args.max_seq_length)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
+    trainer = _trainer(args, model, tokenizer, tokenized, pruning_config, compute_metrics=_accuracy)
+    trainer.train()
+    metrics = {"accuracy": trainer.evaluate()["eval_accuracy"]}
+    trainer.save_model()
+    return trainer.model, metrics, len(tokenized["validation"])
+
+
+def _prune_qa(args, model_path, tokenizer, pruning_config):
+    raw = _subsets(data.load_squad(train_file=args.train_file, validation_file=args.validation_file), args)
+    length, stride = args.max_seq_length, args.doc_stride
+    train = raw["train"].map(lambda b: qa.prepare_train_features(b, tokenizer, length, stride), batched=True,
+                             remove_columns=raw["train"].column_names)
+    features = raw["validation"].map(lambda b: qa.prepare_validation_features(b, tokenizer, length, stride),
+                                     batched=True, remove_columns=raw["validation"].column_names)
+    model = transformers.AutoModelForQuestionAnswering.from_pretrained(model_path)
+    trainer = _trainer(args, model, tokenizer, {"train": train, "validation": None}, pruning_config)
+    trainer.train()
+    start, end = trainer.predict(features.remove_columns(["example_id", "offset_mapping"])).predictions[:2]
+    answers = qa.postprocess_predictions(raw["validation"], features, start, end)
+    references = {example["id"]: example["answers"]["text"] for example in raw["validation"]}
+    trainer.save_model()
+    return trainer.model, qa.squad_metrics(answers, references), len(raw["validation"])
+
+
+def _trainer(args, model, tokenizer, datasets, pruning_config, compute_metrics=None):
     from .trainer import BlockPruningTrainer
 
     return BlockPruningTrainer(
-        model=model, args=_training_args(args), train_dataset=data["train"], eval_dataset=data["validation"],
-        processing_class=tokenizer, compute_metrics=_accuracy, pruning_config=pruning_config,
+        model=model, args=_training_args(args), train_dataset=datasets["train"], eval_dataset=datasets["validation"],
+        processing_class=tokenizer, compute_metrics=compute_metrics, pruning_config=pruning_config,
     )
 
 
@@ -411,16 +383,19 @@ def _pruning_flags() -> argparse.ArgumentParser:
 
 def _add_prune(subparsers) -> None:
     parser = subparsers.add_parser(
-        "prune", parents=[_pruning_flags()], help="fine-prune a text-classification model",
-        description="Fine-prune a sequence-classification model with BlockPruningTrainer, evaluate its accuracy and "
-        "save it compacted. Only text classification: for extractive QA or summarization, use transformers' "
-        "run_qa.py / run_summarization.py with BlockPruningCallback (see the README).",
+        "prune", parents=[_pruning_flags()], help="fine-prune a text classifier or an extractive QA model",
+        description="Fine-prune a model with BlockPruningTrainer, evaluate it and save it compacted: text "
+        "classification (a GLUE task, or local csv/tsv/json files with a `label` column) or SQuAD-format extractive "
+        "QA (--task squad, with optional local files). For summarization or your own scripts, use transformers' "
+        "run_glue.py / run_qa.py / run_summarization.py with BlockPruningCallback (see the README).",
     )
     parser.add_argument("--model", default=None, help="path or Hub id (default: the offline MiniLM-L6-H384)")
-    parser.add_argument("--task", default=None, help="GLUE task (sst2, mrpc, ...): local tsv in the shared data "
-                        "folder when present, else the Hub")
-    parser.add_argument("--train_file", default=None, help="local csv/tsv/json(l) with a `label` column")
-    parser.add_argument("--validation_file", default=None, help="as --train_file (default: 10%% of it)")
+    parser.add_argument("--task", default=None, help="GLUE task (sst2, mrpc, ...) or squad: local files in the "
+                        "shared data folder when present, else the Hub")
+    parser.add_argument("--train_file", default=None, help="classification: csv/tsv/json(l) with a `label` column; "
+                        "with --task squad: SQuAD json (official or json lines)")
+    parser.add_argument("--validation_file", default=None, help="as --train_file (classification default: 10%% of "
+                        "it)")
     parser.add_argument("--text_columns", nargs="+", default=None, help="one or two text columns of the files")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--max_steps", type=int, default=-1)
@@ -429,7 +404,9 @@ def _add_prune(subparsers) -> None:
     parser.add_argument("--per_device_train_batch_size", type=int, default=32)
     parser.add_argument("--per_device_eval_batch_size", type=int, default=64)
     parser.add_argument("--max_seq_length", type=int, default=128)
+    parser.add_argument("--doc_stride", type=int, default=128, help="QA: tokens shared by consecutive windows")
     parser.add_argument("--max_train_samples", type=int, default=None)
+    parser.add_argument("--max_eval_samples", type=int, default=None)
     parser.add_argument("--logging_steps", type=int, default=50)
     parser.add_argument("--save_steps", type=int, default=None, help="save masked checkpoints every N steps")
     parser.add_argument("--seed", type=int, default=42)

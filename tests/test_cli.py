@@ -153,4 +153,36 @@ def test_module_help_runs_in_a_subprocess():
                             text=True, timeout=120)
     assert result.returncode == 0
     assert "--pruning_preset" in result.stdout and "--target_density" in result.stdout
-    assert "run_qa.py" in result.stdout
+    assert "run_qa.py" in result.stdout and "squad" in result.stdout
+
+
+def _write_squad(path, size: int, seed: int) -> None:
+    """SQuAD-format json lines: the answer is the word after `music`."""
+    rng = random.Random(seed)
+    with open(path, "w") as handle:
+        for index in range(size):
+            words = rng.choices(WORDS[:-1], k=rng.randint(4, 10))
+            position = rng.randint(0, len(words) - 1)
+            words[position:position] = ["music", rng.choice(WORDS[:-1])]
+            context = " ".join(words)
+            start = len(" ".join(words[:position + 1])) + 1
+            answer = words[position + 1]
+            handle.write(json.dumps({"id": f"{seed}-{index}", "title": "t", "context": context, "question": "music ?",
+                                     "answers": {"text": [answer], "answer_start": [start]}}) + "\n")
+
+
+def test_prune_extractive_qa_saves_a_compacted_model(workspace, tmp_path, capsys):
+    _write_squad(tmp_path / "train.jsonl", 32, seed=0)
+    _write_squad(tmp_path / "dev.jsonl", 8, seed=1)
+    code = main([
+        "prune", "--model", str(workspace / "base"), "--task", "squad", "--train_file", str(tmp_path / "train.jsonl"),
+        "--validation_file", str(tmp_path / "dev.jsonl"), "--output_dir", str(tmp_path / "out"), "--max_steps", "4",
+        "--per_device_train_batch_size", "8", "--max_seq_length", "16", "--doc_stride", "4", "--use_cpu",
+        *PRUNE_FLAGS,
+    ])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "exact_match" in out and "f1" in out and "(8 examples)" in out
+    model = hf_blockprune.from_pretrained(str(tmp_path / "out"))
+    assert type(model).__name__.endswith("ForQuestionAnswering")
+    assert getattr(model.config, LAYOUT_ATTRIBUTE)
