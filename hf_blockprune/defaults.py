@@ -38,17 +38,11 @@ def shared_data_dir() -> Path | None:
 def load_sst2(train_size: int | None = None, seed: int = 0):
     """GLUE SST-2 as a `DatasetDict` with `train` (shuffled, first `train_size`) and `validation` (all 872).
 
-    Reads `<shared data>/sst2/{train,dev}.tsv` when present (see `shared_data_dir`), else `glue/sst2` from the Hub.
+    Reads `<shared data>/sst2/{train,dev}.tsv` when present (see `shared_data_dir`), else `nyu-mll/glue` from the Hub.
     """
-    from datasets import load_dataset
+    from .data import load_glue
 
-    data_dir = shared_data_dir()
-    if data_dir is not None and (data_dir / "sst2").is_dir():
-        files = {split: str(data_dir / "sst2" / f"{split}.tsv") for split in ("train", "dev")}
-        raw = load_dataset("csv", data_files=files, delimiter="\t", quoting=3)
-        raw["validation"] = raw.pop("dev")
-    else:
-        raw = load_dataset("glue", "sst2")
+    raw, _, _ = load_glue("sst2")
     if train_size is not None:
         raw["train"] = raw["train"].shuffle(seed=seed).select(range(min(train_size, len(raw["train"]))))
     return raw
