@@ -1,6 +1,7 @@
-"""The `hf-blockprune` command: fine-prune a text classifier, compact a checkpoint, report a layout, time a model.
+"""The `hf-blockprune` command: fine-prune a classifier or QA model, compact a checkpoint, report a layout, time it.
 
     hf-blockprune prune --task sst2 --output_dir out --pruning_preset hybrid --target_density 0.3
+    hf-blockprune prune --task squad --output_dir out-qa --pruning_preset struct --target_density 0.5
     hf-blockprune compact out/checkpoint-500 out-small
     hf-blockprune report out
     hf-blockprune bench out --rounds 20
