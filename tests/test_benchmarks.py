@@ -1,0 +1,45 @@
+"""Smoke runs of the benchmark scripts (`--quick`): they run end to end and write what they promise."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_blockprune.defaults import shared_data_dir
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def run(script: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
+                            env=OFFLINE, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shared_data_dir() is None, reason="needs ../shared/data")
+def test_accuracy_speed_benchmark_quick(tmp_path):
+    stdout = run("accuracy_speed_sst2.py", "--quick", "--work_dir", str(tmp_path / "work"),
+                 "--output", str(tmp_path / "out" / "result"))
+    results = json.loads((tmp_path / "out" / "result.json").read_text())
+    kinds = [r["kind"] for r in results["runs"]]
+    assert kinds == ["dense", "hybrid-filled", "struct", "truncated"]
+    for record in results["runs"]:
+        assert 0.0 <= record["dev_accuracy"] <= 1.0 and record["measured_speedup"] > 0
+    dense, *others = results["runs"]
+    assert all(r["parameters"] < dense["parameters"] for r in others if r["kind"] != "hybrid-filled")
+    assert (tmp_path / "out" / "result.png").stat().st_size > 0
+    table = (tmp_path / "out" / "result.md").read_text()
+    assert "| dense |" in table and "Targets:" in table and table in stdout
+
+
+def test_speed_benchmark_quick():
+    stdout = run("speed.py", "--quick")
+    assert "measured / predicted" in stdout
