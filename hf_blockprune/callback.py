@@ -117,6 +117,10 @@ class BlockPruningCallback(TrainerCallback):
         """Set threshold and lambda for this optimizer step."""
         self.controller.update(state.global_step, state.max_steps)
 
+    def on_step_end(self, args, state, control, **kwargs):
+        """Keep a density target's masks on the scheduled density between steps (for evaluation, logs, saving)."""
+        self.controller.after_optimizer_step(state.global_step, state.max_steps)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         """Add the `pruning/*` values to training logs."""
         if logs is not None and "loss" in logs and self.controller is not None:

@@ -76,6 +76,21 @@ class PruningController:
             self.targets.update(self.model, self.progress)  # once per optimizer step, from the last step's masks
         self._last_step = step
 
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Re-place the score cuts of a density target on the scores the optimizer step just moved.
+
+        `update` places the cuts before each step's forward pass; the optimizer step then moves the scores (often all
+        in the same direction), so until the next step the masks would no longer realize the scheduled density. What
+        runs between steps (evaluation, the logged densities, checkpoints, the masks compacted at the end) must see
+        the scheduled density: this re-places the cuts at `step`, the optimizer steps done so far. Training itself
+        is unchanged, as the next `update` places the same cuts. No effect with top-k, fixed lambda, or once filled.
+        """
+        if not self.soft_targets or is_filled(self.model):
+            return
+        config = self.config
+        progress = schedule_progress(step, max(total_steps, 1), config.initial_warmup, config.final_warmup)
+        self.targets.set_cuts(self.model, progress)
+
     def _fill(self) -> None:
         self.lambda_value = 0.0
         if not is_filled(self.model):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from .config import BlockPruningConfig
 from .controller import PruningController
@@ -12,6 +12,16 @@ from .distillation import Distiller, load_teacher
 from .model import apply_block_pruning, is_block_pruned, score_parameters
 from .model_card import CARD_MARKER
 from .saving import compact_on_save, restore_save
+
+
+class _AfterOptimizerStep(TrainerCallback):
+    """Calls `PruningController.after_optimizer_step` at every step end (see there why)."""
+
+    def __init__(self, controller: PruningController):
+        self.controller = controller
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.controller.after_optimizer_step(state.global_step, state.max_steps)
 
 
 class BlockPruningTrainer(Trainer):
@@ -54,6 +64,7 @@ class BlockPruningTrainer(Trainer):
         self.pruning_config = pruning_config
         self.pruning = PruningController(self.model, pruning_config)
         teacher = teacher_model if teacher_model is not None else pruning_config.teacher_model
+        self.add_callback(_AfterOptimizerStep(self.pruning))
         self.distiller = None
         if teacher is not None:
             self.distiller = Distiller(load_teacher(teacher, self.model), pruning_config.distillation_alpha,

@@ -2,12 +2,15 @@
 
 import pytest
 import torch
+from transformers import Trainer
 
 import hf_blockprune
+from hf_blockprune import BlockPruningCallback, BlockPruningTrainer
 from hf_blockprune.layer import BlockScores
 from hf_blockprune.losses import mask_density
 from hf_blockprune.targets import weighted_score_cut
 
+from conftest import tiny_dataset, tiny_model, training_args
 from helpers import effective_scores, make_trainer, masks, preset_config
 
 
@@ -103,3 +106,29 @@ def test_filled_stage_keeps_the_target_masks(route, tmp_path):
     trainer = make_trainer(route, "bert", config, tmp_path, max_steps=60, logging_steps=10)
     trainer.train()
     assert mask_density(trainer.model, "ffn").item() == pytest.approx(0.3, abs=0.03)  # frozen at the switch
+
+
+@pytest.mark.parametrize("route", ["trainer", "callback"])
+def test_masks_between_steps_realize_the_scheduled_density(route, tmp_path):
+    """Logs, evaluation and the final masks see the scheduled density, not a cut the optimizer step left behind.
+
+    A teacher unrelated to the student moves every score down at about the same pace; a cut placed before the
+    optimizer step then sits above (nearly) all the moved scores, which would drop (nearly) every block.
+    """
+    config = preset_config("hybrid", target_density=0.4)
+    model, teacher = tiny_model("bert"), tiny_model("bert", seed=1)
+    args = training_args(tmp_path, max_steps=30, logging_steps=5)
+    data = tiny_dataset("bert")
+    if route == "trainer":
+        trainer = BlockPruningTrainer(model=model, args=args, train_dataset=data, pruning_config=config,
+                                      teacher_model=teacher)
+    else:
+        trainer = Trainer(model=model, args=args, train_dataset=data,
+                          callbacks=[BlockPruningCallback(config, teacher_model=teacher)])
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "pruning/realized_density_all" in e]
+    assert len(logged) == 6
+    for entry in logged:  # early on, Adam's equal steps leave exact ties among scores, which the cut keeps together
+        target = entry["pruning/target_density_all"]
+        assert target - 0.1 <= entry["pruning/realized_density_all"] <= target + 1e-6
+    assert mask_density(trainer.model).item() == pytest.approx(0.4, abs=0.02)
