@@ -8,7 +8,7 @@ import torch
 from transformers import TrainerCallback
 
 from .config import BlockPruningConfig
-from .controller import PruningController
+from .controller import PruningController, check_training_arguments
 from .distillation import Distiller, load_teacher
 from .model import apply_block_pruning, block_scores, is_block_pruned, score_parameters
 from .saving import compact_on_save, restore_save
@@ -64,6 +64,7 @@ class BlockPruningCallback(TrainerCallback):
             raise ValueError(
                 "BlockPruningCallback needs a model at Trainer construction; `model_init` is not supported."
             )
+        check_training_arguments(args, self.pruning_config)
         scale = self.pruning_config.mask_scores_learning_rate / args.learning_rate
         if is_block_pruned(model):
             for scores in block_scores(model):

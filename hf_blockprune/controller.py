@@ -126,3 +126,22 @@ class PruningController:
         if self.targets is not None:
             logs.update(self.targets.metrics(self.model, self.progress))
         return logs
+
+
+def check_training_arguments(args, config: BlockPruningConfig) -> None:
+    """Raise if the `TrainingArguments` cannot run `config` (called by the trainer and the callback at init).
+
+    Multi-process training (`torchrun`, `accelerate launch`) needs nothing special: every process computes the same
+    cuts and multipliers from the same (all-reduced) scores. One combination fails: the filled stage of
+    `hybrid-filled` freezes the scores mid-run, and DDP with `ddp_find_unused_parameters=False` then stops at the
+    next step waiting for their gradients.
+    """
+    distributed = getattr(args, "world_size", 1) > 1
+    if distributed and config.fill_after is not None and getattr(args, "ddp_find_unused_parameters", None) is False:
+        raise ValueError(
+            f"`fill_after={config.fill_after}` (the filled stage of hybrid-filled) freezes the mask scores during "
+            "training, which DDP only allows with unused-parameter detection: leave `ddp_find_unused_parameters` "
+            "unset (the Trainer's default is True) or set it to True, or run the filled stage as a second run "
+            "(`fill_after=None`, then fine-tune the saved compacted model)."
+        )
+

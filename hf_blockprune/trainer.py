@@ -7,7 +7,7 @@ import os
 from transformers import Trainer, TrainerCallback
 
 from .config import BlockPruningConfig
-from .controller import PruningController
+from .controller import PruningController, check_training_arguments
 from .distillation import Distiller, load_teacher
 from .model import apply_block_pruning, is_block_pruned, score_parameters
 from .model_card import CARD_MARKER
@@ -57,6 +57,7 @@ class BlockPruningTrainer(Trainer):
                 "BlockPruningConfig.from_preset('hybrid'))."
             )
         super().__init__(*args, **kwargs)
+        check_training_arguments(self.args, pruning_config)
         if self.model is None or self.model_init is not None:
             raise ValueError("BlockPruningTrainer needs `model=`; `model_init` is not supported.")
         if not is_block_pruned(self.model):
