@@ -34,7 +34,7 @@ def main(route: str, preset: str, out: str) -> None:
         trainer = Trainer(model=model, args=args, train_dataset=data,
                           callbacks=[BlockPruningCallback(config, teacher_model=teacher)])
     trainer.train()
-    rank = int(os.environ["RANK"])
+    rank = int(os.environ.get("RANK", "0"))
     state = {"world_size": trainer.args.world_size}
     with torch.no_grad():
         state["scores"] = [s.scores.flatten().tolist() for s in block_scores(trainer.model)]
