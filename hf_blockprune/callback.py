@@ -7,6 +7,7 @@ import logging
 import torch
 from transformers import TrainerCallback
 
+from .accumulation import loss_shifts_labels, micro_batch_weight
 from .config import BlockPruningConfig
 from .controller import PruningController, check_training_arguments
 from .distillation import Distiller, load_teacher
@@ -55,8 +56,9 @@ class BlockPruningCallback(TrainerCallback):
         self.teacher_model = teacher_model if teacher_model is not None else pruning_config.teacher_model
         self.distiller: Distiller | None = None
         self.controller: PruningController | None = None
-        self._hook = None
+        self._hooks = []
         self._training = False
+        self._items_in_step = None  # the Trainer's num_items_in_batch for the current micro-batch, kept from the model
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         """Mask the model before the Trainer builds the optimizer."""
@@ -65,6 +67,12 @@ class BlockPruningCallback(TrainerCallback):
                 "BlockPruningCallback needs a model at Trainer construction; `model_init` is not supported."
             )
         check_training_arguments(args, self.pruning_config)
+        if not args.learning_rate > 0:
+            raise ValueError(
+                f"BlockPruningCallback gives the mask scores their learning rate relative to `learning_rate`, which is"
+                f" {args.learning_rate}: set `learning_rate` > 0, or use BlockPruningTrainer, which gives the scores "
+                "an optimizer group of their own (e.g. to train only the scores)."
+            )
         scale = self.pruning_config.mask_scores_learning_rate / args.learning_rate
         if is_block_pruned(model):
             for scores in block_scores(model):
@@ -75,8 +83,13 @@ class BlockPruningCallback(TrainerCallback):
         if self.teacher_model is not None:
             config = self.pruning_config
             self.distiller = Distiller(load_teacher(self.teacher_model, model), config.distillation_alpha,
-                                       config.distillation_temperature)
-        self._hook = model.register_forward_hook(_RegularizationHook(self), with_kwargs=True)
+                                       config.distillation_temperature, model.config)
+        hook = _RegularizationHook(self)
+        self._hooks = [
+            model.register_forward_pre_hook(hook.before, with_kwargs=True),
+            model.register_forward_hook(hook, with_kwargs=True),
+        ]
+        self._shift_labels = loss_shifts_labels(model)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         """Check that the pruning can work with this Trainer, then set the schedule for the first step."""
@@ -119,7 +132,9 @@ class BlockPruningCallback(TrainerCallback):
         self.controller.update(state.global_step, state.max_steps)
 
     def on_step_end(self, args, state, control, **kwargs):
-        """Keep a density target's masks on the scheduled density between steps (for evaluation, logs, saving)."""
+        """Stop on a non-finite loss or score (before any checkpoint), then keep a density target's masks on the
+        scheduled density between steps (for evaluation, logs, saving)."""
+        self.controller.check_finite(state.global_step, args.output_dir)
         self.controller.after_optimizer_step(state.global_step, state.max_steps)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -136,11 +151,24 @@ class BlockPruningCallback(TrainerCallback):
         if model is not None:
             compact_on_save(model)
 
+    def _hold_item_count(self, module, args, kwargs):
+        """Keep the Trainer's `num_items_in_batch` from the model, so its loss is a per-micro-batch mean."""
+        self._items_in_step = None
+        if not (module.training and self._training) or "num_items_in_batch" not in kwargs:
+            return None
+        kwargs = dict(kwargs)
+        self._items_in_step = kwargs.pop("num_items_in_batch")
+        return args, kwargs
+
     def _add_regularization(self, module, args, kwargs, output):
         if not (module.training and self._training):
             return None
         term = self.controller.regularization()
-        if term is None and self.distiller is None:
+        # the Trainer passed an item count, so it will not divide by the accumulation steps: weight n_i / N here
+        weight = micro_batch_weight(kwargs, self._items_in_step, self._shift_labels)
+        self._items_in_step = None
+        if term is None and self.distiller is None and weight is None:
+            self.controller.record_loss(_loss_of(output))
             return None
         loss = _loss_of(output)
         if self.distiller is not None:
@@ -149,6 +177,9 @@ class BlockPruningCallback(TrainerCallback):
             loss = self.distiller.loss(loss, output, kwargs)
         if term is not None:
             loss = loss + term
+        if weight is not None:
+            loss = loss * weight
+        self.controller.record_loss(loss)
         if isinstance(output, tuple):
             return (loss,) + output[1:]
         output["loss"] = loss
@@ -166,10 +197,14 @@ def _loss_of(output) -> torch.Tensor:
 
 
 class _RegularizationHook:
-    """The forward hook; shared, not copied, when the model is deep-copied (e.g. to compact it for saving)."""
+    """The forward hooks; shared, not copied, when the model is deep-copied (e.g. to compact it for saving)."""
 
     def __init__(self, callback: BlockPruningCallback):
         self.callback = callback
+
+    def before(self, module, args, kwargs):
+        """Forward pre-hook: see `BlockPruningCallback._hold_item_count`."""
+        return self.callback._hold_item_count(module, args, kwargs)
 
     def __call__(self, module, args, kwargs, output):
         return self.callback._add_regularization(module, args, kwargs, output)

@@ -206,6 +206,7 @@ class BlockPruningConfig:
 
     def __post_init__(self):
         self._resolve_defaults()
+        self._validate_finite()
         self._validate_choices()
         self._validate_block_sizes()
         self._validate_schedule()
@@ -249,6 +250,12 @@ class BlockPruningConfig:
             raise ValueError(f"`distillation_alpha` must be in [0, 1], got {self.distillation_alpha}.")
         if not self.distillation_temperature > 0:
             raise ValueError(f"`distillation_temperature` must be > 0, got {self.distillation_temperature}.")
+
+    def _validate_finite(self):
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"`{item.name}` must be a finite number, got {value}.")
 
     def _resolve_defaults(self):
         if self.pruning_preset is not None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
 from .config import BlockPruningConfig
 from .filling import fill_surviving_heads, is_filled
 from .losses import expected_density, mask_density
-from .model import TARGETS_ATTRIBUTE, set_threshold
+from .model import TARGETS_ATTRIBUTE, block_scores, set_threshold
 from .schedule import cubic_lambda, cubic_threshold, schedule_progress
 from .targets import DensityTargets
 
@@ -31,8 +33,8 @@ class PruningController:
         self.lambda_value = 0.0
         self.progress = 0.0
         self.targets: DensityTargets | None = None
-        self._last_step: int | None = None
         self._last_regularization: torch.Tensor | None = None
+        self._loss_finite: torch.Tensor | None = None  # all training losses of this optimizer step were finite
         if config.has_target:
             self.targets = self._attach_targets()
 
@@ -71,10 +73,11 @@ class PruningController:
             for group, value in self.targets.scheduled(self.progress).items():
                 set_threshold(self.model, value, None if group == "all" else group)
             return
+        if self.soft_targets:
+            # the target owns the cuts: resetting them to logit(threshold) here would unmask everything
+            self.targets.update(self.model, self.progress, step)
+            return
         set_threshold(self.model, self.threshold)
-        if self.soft_targets and step != self._last_step and step > 0:
-            self.targets.update(self.model, self.progress)  # once per optimizer step, from the last step's masks
-        self._last_step = step
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         """Re-place the score cuts of a density target on the scores the optimizer step just moved.
@@ -99,6 +102,37 @@ class PruningController:
             if self.soft_targets:  # the masks at the switch are the target's, not `score > threshold`
                 self.targets.set_cuts(self.model, self.progress)
             fill_surviving_heads(self.model)
+
+    @torch.no_grad()
+    def record_loss(self, loss: torch.Tensor) -> None:
+        """Remember, on the device (no host sync), whether a micro-batch's training loss was finite."""
+        finite = torch.isfinite(loss.detach()).all()
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+
+    @torch.no_grad()
+    def check_finite(self, step: int, output_dir: str | None) -> None:
+        """Stop the run if this optimizer step's loss, the scores or the multipliers are not finite (one host sync).
+
+        Called at the end of every optimizer step, before the Trainer can write a checkpoint, so no checkpoint ever
+        holds the non-finite state.
+
+        Raises:
+            `FloatingPointError`: naming the step, what was not finite, and the last checkpoint written before it.
+        """
+        flags = {"the training loss": self._loss_finite} if self._loss_finite is not None else {}
+        self._loss_finite = None
+        scores = [s.scores for s in block_scores(self.model)]
+        if scores:
+            flags["the mask scores"] = torch.stack([torch.isfinite(s).all() for s in scores]).all()
+        if self.targets is not None:
+            flags["the density multipliers"] = torch.isfinite(self.targets.log_lambda).all()
+        if not flags:
+            return
+        finite = torch.stack([flag.to(torch.bool).cpu() for flag in flags.values()]).tolist()
+        if all(finite):
+            return
+        bad = [name for name, ok in zip(flags, finite) if not ok]
+        raise FloatingPointError(non_finite_message(step, bad, output_dir))
 
     def regularization(self) -> torch.Tensor | None:
         """The term to add to the training loss, or `None` when there is none (lambda 0, top-k, filled stage)."""
@@ -126,6 +160,22 @@ class PruningController:
         if self.targets is not None:
             logs.update(self.targets.metrics(self.model, self.progress))
         return logs
+
+
+def non_finite_message(step: int, what: list[str], output_dir: str | None) -> str:
+    """The error of a run stopped on a non-finite value: the step, what was not finite, the last good checkpoint."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(output_dir) if output_dir and os.path.isdir(output_dir) else None
+    where = (
+        f"The last good checkpoint is {last}: resume from it (`resume_from_checkpoint`)"
+        if last else "No checkpoint was written before it: restart"
+    )
+    return (
+        f"Block pruning stopped at optimizer step {step}: {' and '.join(what)} became NaN or infinite. Nothing was "
+        f"saved from this state. {where} with a lower `learning_rate` or `mask_scores_learning_rate`, gradient "
+        "clipping (`max_grad_norm`), or fp32 instead of fp16."
+    )
 
 
 def check_training_arguments(args, config: BlockPruningConfig) -> None:

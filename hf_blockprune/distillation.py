@@ -32,20 +32,61 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
     return per_position.mean() * temperature**2
 
 
-def output_kind(outputs) -> str:
-    """`"question_answering"` (start/end logits), `"token"` (3-D logits) or `"sequence"` (2-D logits)."""
+def regression_kd_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """`mean((student - teacher) ** 2)`: distillation into a regression head (no softmax, no temperature).
+
+    Args:
+        student (`torch.Tensor`): `(B, K)` student predictions (`K = num_labels`, 1 for STS-B).
+        teacher (`torch.Tensor`): `(B, K)` teacher predictions.
+    """
+    return F.mse_loss(student.float(), teacher.float())
+
+
+def multi_label_kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`T^2 * mean_k KL(Bernoulli(sigmoid(t_k / T)) || Bernoulli(sigmoid(s_k / T)))`: independent labels.
+
+    Args:
+        student (`torch.Tensor`): `(B, K)` student logits.
+        teacher (`torch.Tensor`): `(B, K)` teacher logits.
+        temperature (`float`): `T`.
+    """
+    target = torch.sigmoid(teacher.float() / temperature)
+    cross = F.binary_cross_entropy_with_logits(student.float() / temperature, target)
+    entropy = F.binary_cross_entropy_with_logits(teacher.float() / temperature, target)
+    return (cross - entropy) * temperature**2
+
+
+def output_kind(outputs, problem_type: str | None = None) -> str:
+    """What the outputs are, for distillation.
+
+    `"question_answering"` (start/end logits), `"token"` (3-D logits), `"regression"` (a sequence head with
+    `problem_type="regression"`, or a single output when the problem type is unknown, as transformers decides),
+    `"multi_label"` (`problem_type="multi_label_classification"`) or `"sequence"` (2-D logits, one label per example).
+    """
     if outputs.get("start_logits") is not None:
         return "question_answering"
     logits = outputs.get("logits")
     if logits is None:
         raise ValueError("Distillation needs `logits` or `start_logits`/`end_logits` in the model outputs.")
-    return "token" if logits.dim() == 3 else "sequence"
+    if logits.dim() == 3:
+        return "token"
+    if problem_type == "regression" or (problem_type is None and logits.shape[-1] == 1):
+        return "regression"
+    if problem_type == "multi_label_classification":
+        return "multi_label"
+    return "sequence"
 
 
-def distillation_term(student_outputs, teacher_outputs, labels: torch.Tensor | None, temperature: float):
+def distillation_term(student_outputs, teacher_outputs, labels: torch.Tensor | None, temperature: float,
+                      problem_type: str | None = None):
     """The KD loss for the output kind of `student_outputs` (QA: mean of the start and end losses; per-token logits:
-    positions whose label is -100, i.e. padding, are left out)."""
-    kind = output_kind(student_outputs)
+    positions whose label is -100, i.e. padding, are left out; regression heads: mean squared error to the teacher;
+    multi-label heads: per-label binary KL). `problem_type` is the student's `config.problem_type`."""
+    kind = output_kind(student_outputs, problem_type)
+    if kind == "regression":
+        return regression_kd_loss(student_outputs["logits"], teacher_outputs["logits"])
+    if kind == "multi_label":
+        return multi_label_kd_loss(student_outputs["logits"], teacher_outputs["logits"], temperature)
     if kind == "question_answering":
         start = kd_loss(student_outputs["start_logits"], teacher_outputs["start_logits"], temperature)
         end = kd_loss(student_outputs["end_logits"], teacher_outputs["end_logits"], temperature)
@@ -120,17 +161,22 @@ class Distiller:
         teacher (`nn.Module`): a frozen teacher (see `load_teacher`).
         alpha (`float`): weight of the distillation term.
         temperature (`float`): softmax temperature.
+        student_config (*optional*): the student's config, whose `problem_type` (set by transformers on the first
+            forward with labels) selects the regression or multi-label losses.
     """
 
-    def __init__(self, teacher: nn.Module, alpha: float, temperature: float):
+    def __init__(self, teacher: nn.Module, alpha: float, temperature: float, student_config=None):
         self.teacher = teacher
         self.alpha = alpha
         self.temperature = temperature
+        self.student_config = student_config
 
     def loss(self, task_loss: torch.Tensor, student_outputs, inputs: dict) -> torch.Tensor:
         """Run the teacher on `inputs` (no gradients) and return the mixed loss."""
         self.teacher.eval()
         with torch.no_grad():
             teacher_outputs = self.teacher(**inputs)
-        term = distillation_term(student_outputs, teacher_outputs, inputs.get("labels"), self.temperature)
+        problem_type = getattr(self.student_config, "problem_type", None)
+        term = distillation_term(student_outputs, teacher_outputs, inputs.get("labels"), self.temperature,
+                                 problem_type)
         return self.alpha * term + (1.0 - self.alpha) * task_loss

@@ -27,7 +27,10 @@ and two mechanisms replace the fixed `lambda` and the fixed threshold:
    useful blocks, which is what the cut then removes; the expected and realized densities are both logged.
 
 The multipliers are buffers of a small module attached to the model and the cuts are buffers of the scores, so
-checkpoints save them and a resumed run continues exactly. Everything runs on the device, with no host sync.
+checkpoints save them and a resumed run continues exactly. So is the step of the last multiplier update: the cuts are
+re-placed before every forward pass (every micro-batch of a gradient accumulation, and the first step after a resume)
+while the multipliers move exactly once per optimizer step, whoever calls `update` and however often. Everything runs
+on the device, with no host sync.
 """
 
 from __future__ import annotations
@@ -88,6 +91,14 @@ class DensityTargets(nn.Module):
         self.targets = dict(targets)
         self.rate = rate
         self.register_buffer("log_lambda", torch.full((len(self.groups),), math.log(initial_lambda)))
+        # the optimizer step whose multiplier update is done (0: none yet, as step 0 has no previous masks to follow)
+        self.register_buffer("updated_step", torch.tensor(0, dtype=torch.long))
+        self._updated_step = 0
+        self.register_load_state_dict_post_hook(DensityTargets._sync_step)
+
+    @staticmethod
+    def _sync_step(module, incompatible_keys):
+        module._updated_step = int(module.updated_step)
 
     @staticmethod
     def _kind(group: str) -> str | None:
@@ -108,9 +119,18 @@ class DensityTargets(nn.Module):
                 module.set_score_cut(cut)
 
     @torch.no_grad()
-    def update(self, model: nn.Module, progress: float) -> None:
-        """Set each group's score cut to its scheduled target, then take one dual-ascent step on its multiplier."""
+    def update(self, model: nn.Module, progress: float, step: int) -> None:
+        """Place each group's score cut at its scheduled target; once per optimizer `step`, move the multipliers.
+
+        Safe to call before every micro-batch: the cuts depend only on the scores (which do not move between the
+        micro-batches of one optimizer step) and the multipliers take their dual-ascent step only when `step` is
+        past the last one updated (a saved buffer, so a resumed run neither skips nor repeats a step).
+        """
         self.set_cuts(model, progress)
+        if step <= self._updated_step:
+            return
+        self._updated_step = int(step)
+        self.updated_step.fill_(int(step))
         scheduled = self.scheduled(progress)
         for index, group in enumerate(self.groups):
             expected = _group_sums(model, self._kind(group), lambda s: torch.sigmoid(s.effective_scores()))

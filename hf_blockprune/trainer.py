@@ -6,6 +6,7 @@ import os
 
 from transformers import Trainer, TrainerCallback
 
+from .accumulation import micro_batch_weight
 from .config import BlockPruningConfig
 from .controller import PruningController, check_training_arguments
 from .distillation import Distiller, load_teacher
@@ -15,12 +16,14 @@ from .saving import compact_on_save, restore_save
 
 
 class _AfterOptimizerStep(TrainerCallback):
-    """Calls `PruningController.after_optimizer_step` at every step end (see there why)."""
+    """At every step end, before any checkpoint: stop on non-finite values, then re-place the cuts (see
+    `PruningController.check_finite` and `after_optimizer_step`)."""
 
     def __init__(self, controller: PruningController):
         self.controller = controller
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.controller.check_finite(state.global_step, args.output_dir)
         self.controller.after_optimizer_step(state.global_step, state.max_steps)
 
 
@@ -28,9 +31,10 @@ class BlockPruningTrainer(Trainer):
     """`Trainer` with block movement pruning: masks the model, trains the scores, schedules and regularizes.
 
     The mask scores get their own optimizer group (`mask_scores_learning_rate`, no weight decay, following the
-    learning-rate scheduler). The regularization is added to the training loss only. The loss of each micro-batch
-    is its mean, divided by the number of accumulation steps, so a run with gradient accumulation matches one with
-    the larger batch.
+    learning-rate scheduler). The regularization is added to the training loss only. The training loss of each
+    micro-batch is weighted by its share of the step's labelled items (or divided by the number of accumulation
+    steps when the Trainer does not count them), so a run with gradient accumulation matches one with the larger
+    batch (see `hf_blockprune.accumulation`).
 
     Checkpoints written during training keep the masks and scores (so `resume_from_checkpoint` works); once
     training ends, `save_model()` and `push_to_hub()` write the compacted model (pruned heads and FFN neurons
@@ -46,9 +50,8 @@ class BlockPruningTrainer(Trainer):
         teacher_model (`nn.Module` or `str`, *optional*): a dense teacher, or its path / Hub id.
     """
 
-    # compute_loss returns a per-micro-batch mean (num_items_in_batch is not passed to the model, whose loss would
-    # ignore it anyway for the supported architectures), so the Trainer must divide by the accumulation steps.
-    loss_is_scaled_for_ga = False
+    # compute_loss weights each micro-batch itself (see `_accumulation_weight`): the Trainer must not divide again.
+    loss_is_scaled_for_ga = True
 
     def __init__(self, *args, pruning_config: BlockPruningConfig | None = None, teacher_model=None, **kwargs):
         if not isinstance(pruning_config, BlockPruningConfig):
@@ -69,7 +72,7 @@ class BlockPruningTrainer(Trainer):
         self.distiller = None
         if teacher is not None:
             self.distiller = Distiller(load_teacher(teacher, self.model), pruning_config.distillation_alpha,
-                                       pruning_config.distillation_temperature)
+                                       pruning_config.distillation_temperature, self.model.config)
 
     def create_optimizer(self, model=None):
         """Build the Trainer's optimizer, then move the mask scores into a group of their own."""
@@ -107,6 +110,7 @@ class BlockPruningTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The Trainer's loss (a per-batch mean), mixed with distillation and plus the regularization in training."""
         teacher_inputs = dict(inputs)  # the Trainer pops `labels` when it computes the loss itself
+        # the model gets no item count, so its loss is a per-micro-batch mean whatever its forward does with it
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=None)
         if model.training:
             if self.distiller is not None:
@@ -114,7 +118,19 @@ class BlockPruningTrainer(Trainer):
             term = self.pruning.regularization()
             if term is not None:
                 loss = loss + term
+            loss = loss * self._accumulation_weight(teacher_inputs, num_items_in_batch)
+            self.pruning.record_loss(loss)
         return (loss, outputs) if return_outputs else loss
+
+    def _accumulation_weight(self, inputs: dict, num_items_in_batch):
+        """`n_i / N` (times the process count the Trainer divides out when it averages items across processes), or
+        `1 / accumulation steps` when the Trainer counted no items."""
+        weight = micro_batch_weight(inputs, num_items_in_batch, getattr(self, "_loss_shifts_labels", False))
+        if weight is None:
+            return 1.0 / max(getattr(self, "current_gradient_accumulation_steps", 1), 1)
+        if self.args.average_tokens_across_devices:
+            weight = weight * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return weight
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the `pruning/*` values to training logs, so every `report_to` target sees them."""

@@ -77,3 +77,11 @@ def test_hf_argument_parser_turns_fields_into_flags():
 def test_dict_round_trip():
     config = BlockPruningConfig.from_preset("struct", final_lambda=3.0)
     assert BlockPruningConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("field", ["distillation_temperature", "target_rate", "target_speedup", "final_lambda",
+                                   "mask_scores_learning_rate", "target_density"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_non_finite_numbers_are_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        BlockPruningConfig.from_preset("hybrid", **{field: value})

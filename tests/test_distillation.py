@@ -104,3 +104,49 @@ def test_run_with_a_teacher_path(tmp_path):
     trainer.train()
     callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, BlockPruningCallback))
     assert callback.distiller is not None and not callback.distiller.teacher.training
+
+
+def test_regression_head_distils_by_mean_squared_error():
+    student, teacher = torch.tensor([[0.5], [2.0]], requires_grad=True), torch.tensor([[1.0], [1.0]])
+    term = distillation_term({"logits": student}, {"logits": teacher}, torch.tensor([0.7, 1.5]), 2.0)
+    assert term.item() == pytest.approx((0.25 + 1.0) / 2)
+    term.backward()
+    assert student.grad.abs().sum() > 0  # a softmax over one logit would give exactly 0 here
+
+
+def test_multi_label_head_distils_per_label():
+    logits = torch.tensor([[1.0, -2.0, 0.5]])
+    same = distillation_term({"logits": logits}, {"logits": logits}, None, 2.0, "multi_label_classification")
+    assert same.item() == pytest.approx(0.0, abs=1e-6)
+    other = distillation_term({"logits": logits}, {"logits": -logits}, None, 2.0, "multi_label_classification")
+    assert other.item() > 0.1
+
+
+@pytest.mark.parametrize("route", ["trainer", "callback"])
+def test_regression_student_follows_its_teacher(route, tmp_path):
+    """STS-B-like: one output. The KD term must pull the student towards the teacher (it was identically 0)."""
+    def regression_model(seed):
+        config = tiny_config("bert")
+        config.num_labels = 1
+        torch.manual_seed(seed)
+        return BertForSequenceClassification(config)
+
+    teacher = regression_model(5).eval()
+    rows = [{**row, "labels": float(row["labels"])} for row in tiny_dataset("bert")]
+    config = preset_config("hybrid", pruning_method="topk", final_threshold=1.0, distillation_alpha=1.0)
+    trainer = make_trainer(route, "bert", config, tmp_path, model=regression_model(0), max_steps=30)
+    trainer.train_dataset = rows
+    if route == "trainer":
+        trainer.distiller = Distiller(load_teacher(teacher, trainer.model), 1.0, 2.0, trainer.model.config)
+    else:
+        callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, BlockPruningCallback))
+        callback.distiller = Distiller(load_teacher(teacher, trainer.model), 1.0, 2.0, trainer.model.config)
+
+    def gap():
+        batch = {"input_ids": torch.stack([r["input_ids"] for r in rows[:32]])}
+        with torch.no_grad():
+            return (trainer.model.eval()(**batch).logits - teacher(**batch).logits).pow(2).mean().item()
+
+    before = gap()
+    trainer.train()
+    assert gap() < 0.5 * before
