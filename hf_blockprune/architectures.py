@@ -13,12 +13,26 @@ from torch import nn
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    """Names of one attention block's projections, relative to its layer."""
+    """Names of one attention block's projections, relative to its layer, and how generation caches it.
+
+    Args:
+        query (`str`), key (`str`), value (`str`), output (`str`): the projections' module paths in the layer.
+        sets_cache_length (`bool`, *optional*, defaults to `False`):
+            Its keys and values are cached at generation and the cache reads the sequence length from them (a
+            decoder's self-attention). With no head left its cached keys are empty, transformers' cache then reports
+            length 0 and positions restart at every step, so compaction keeps one zero placeholder head instead.
+            BART's cross-attention caches the encoder's keys but never gives the length: it may lose every head.
+    """
 
     query: str
     key: str
     value: str
     output: str
+    sets_cache_length: bool = False
+
+    def paths(self) -> dict[str, str]:
+        """`{"query": ..., "key": ..., "value": ..., "output": ...}`: the projections' paths by role."""
+        return {"query": self.query, "key": self.key, "value": self.value, "output": self.output}
 
 
 @dataclass(frozen=True)
@@ -52,6 +66,7 @@ _BERT_LIKE = (
 )
 
 _BART_SELF = AttentionSpec("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+_BART_DECODER_SELF = AttentionSpec(*_BART_SELF.paths().values(), sets_cache_length=True)
 _BART_CROSS = AttentionSpec(
     "encoder_attn.q_proj", "encoder_attn.k_proj", "encoder_attn.v_proj", "encoder_attn.out_proj"
 )
@@ -77,7 +92,7 @@ ARCHITECTURES: dict[str, tuple[LayerStackSpec, ...]] = {
         ),
         LayerStackSpec(
             layers="decoder.layers",
-            attentions=(_BART_SELF, _BART_CROSS),
+            attentions=(_BART_DECODER_SELF, _BART_CROSS),
             ffn=FFNSpec("fc1", "fc2"),
             num_heads_attribute="decoder_attention_heads",
         ),
@@ -88,11 +103,16 @@ ARCHITECTURES: dict[str, tuple[LayerStackSpec, ...]] = {
 def stack_specs(model: nn.Module, config) -> tuple[LayerStackSpec, ...]:
     """Return the layer stacks to prune in `model`: the user's patterns from `config`, else the built-in map.
 
+    An attention named by patterns is taken to set the KV-cache length when the model can generate (its placeholder
+    head, if it loses every head, is exact either way).
+
     Raises:
         `ValueError`: the model type has no built-in map and the config names no modules.
     """
     if config.layers_pattern is not None:
-        attention = () if config.attention_modules is None else (AttentionSpec(*config.attention_modules),)
+        attention = ()
+        if config.attention_modules is not None:
+            attention = (AttentionSpec(*config.attention_modules, sets_cache_length=can_generate(model)),)
         ffn = None if config.ffn_modules is None else FFNSpec(*config.ffn_modules)
         return (LayerStackSpec(config.layers_pattern, attention, ffn, config.num_heads_attribute),)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -103,6 +123,12 @@ def stack_specs(model: nn.Module, config) -> tuple[LayerStackSpec, ...]:
             "(query key value output, relative to a layer) and `ffn_modules` (input output) in BlockPruningConfig."
         )
     return ARCHITECTURES[model_type]
+
+
+def can_generate(model: nn.Module) -> bool:
+    """Whether `model` can `generate()` (transformers' `can_generate`), hence may cache its attention."""
+    method = getattr(model, "can_generate", None)
+    return bool(method()) if callable(method) else False
 
 
 def find_layer_lists(model: nn.Module, suffix: str) -> list[tuple[str, nn.ModuleList]]:

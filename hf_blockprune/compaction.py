@@ -14,10 +14,20 @@ Heads that survive in part stay whole (their masked blocks stay zero in the weig
 attention code, which reshapes with `-1` heads, runs unchanged. The kept heads and FFN sizes, which differ from layer
 to layer, are recorded in `model.config.blockprune_layout` (see `compaction_layout`); the config's head count and FFN
 size keep their original values.
+
+An attention whose keys give generation's KV-cache length (`AttentionSpec.sets_cache_length`, a decoder's
+self-attention) never ends with no head: transformers' cache would report length 0 and restart the positions at
+every step. When it keeps no real head it keeps one placeholder head whose query, key and value rows (weights and
+biases) and output-projection columns are zero: it adds exactly 0, and its cached keys have the real length. The
+layout records it as `"heads": [], "placeholder": true` (0 real heads).
+
+A compacted model can be masked and compacted again: its head slots come from the layout, and the new layout
+records the kept heads by their original index (and keeps the first `dense_parameters`).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import operator
 from dataclasses import dataclass
@@ -30,6 +40,7 @@ from .model import (
     LAYOUT_ATTRIBUTE,
     AttentionModules,
     PrunableLayer,
+    check_model,
     is_block_pruned,
     prunable_layers,
     remove_block_pruning,
@@ -38,7 +49,9 @@ from .report import dead_heads, weight_mask
 
 logger = logging.getLogger(__name__)
 
-LAYOUT_VERSION = 1
+# 2: an attention record may hold a placeholder head (`"placeholder": true`); layouts without one are still
+# written as version 1, which older loaders read.
+LAYOUT_VERSION = 2
 
 # Where each architecture keeps the FFN activation, relative to one layer. Only needed to fold neurons whose input
 # row is masked but whose output column is not; for another architecture every path below is tried.
@@ -61,16 +74,20 @@ class LayerPlan:
 
     Args:
         name (`str`): module path of the layer, as in `prunable_layers` (e.g. `"bert.encoder.layer.0"`).
-        heads (`list[list[int]]`): for each attention block of the layer, the original indices of the kept heads.
-        neurons (`list[int]`, *optional*): original indices of the kept FFN neurons; `None` if the layer has no FFN.
+        heads (`list[list[int]]`): for each attention block of the layer, the kept head slots: indices into the
+            current weights, which are the original head indices unless the model was compacted before.
+        neurons (`list[int]`, *optional*): indices of the kept FFN neurons; `None` if the layer has no FFN.
         constant_neurons (`list[int]`): removed neurons whose input row is masked but whose output column is not:
             they output `act(b_1[i])` whatever the input, and are folded into the FFN output bias.
+        placeholders (`list[bool]`): for each attention block, whether it keeps one zero placeholder head (it keeps
+            no real head and sets the KV-cache length, see `AttentionSpec.sets_cache_length`).
     """
 
     name: str
     heads: list[list[int]]
     neurons: list[int] | None
     constant_neurons: list[int]
+    placeholders: list[bool]
 
 
 def _indices(flags: torch.Tensor) -> list[int]:
@@ -86,7 +103,7 @@ def _ffn_neurons(ffn_input: nn.Module, ffn_output: nn.Module) -> tuple[list[int]
 
 def _kept_heads(attention: AttentionModules) -> list[int]:
     dead = set(dead_heads(attention))
-    return [head for head in range(attention.num_heads) if head not in dead]
+    return [head for head in range(attention.real_heads) if head not in dead]  # a placeholder is never "kept"
 
 
 def compaction_plan(model: nn.Module) -> list[LayerPlan]:
@@ -103,42 +120,75 @@ def compaction_plan(model: nn.Module) -> list[LayerPlan]:
     plans = []
     for layer in prunable_layers(model):
         heads = [_kept_heads(attention) for attention in layer.attentions]
+        placeholders = [attn.spec.sets_cache_length and not kept for attn, kept in zip(layer.attentions, heads)]
         neurons, constant = None, []
         if layer.ffn_input is not None and layer.ffn_output is not None:
             neurons, constant = _ffn_neurons(layer.ffn_input, layer.ffn_output)
-        plans.append(LayerPlan(layer.name, heads, neurons, constant))
+        plans.append(LayerPlan(layer.name, heads, neurons, constant, placeholders))
     return plans
 
 
-def compaction_layout(layers: list[PrunableLayer], plans: list[LayerPlan]) -> dict:
+def _attention_record(attention: AttentionModules, kept: list[int], placeholder: bool) -> dict:
+    """The layout record of one attention: its paths, head size and kept heads by original index."""
+    record = {**attention.spec.paths(), "head_dim": attention.head_dim, "heads": [attention.heads[h] for h in kept]}
+    if placeholder:
+        record["placeholder"] = True
+    return record
+
+
+def _layer_entry(layer: PrunableLayer, plan: LayerPlan) -> dict:
+    records = zip(layer.attentions, plan.heads, plan.placeholders, strict=True)
+    entry = {"attention": [_attention_record(*record) for record in records]}
+    if plan.neurons is not None:
+        entry["ffn"] = {"input": layer.ffn_spec.input, "output": layer.ffn_spec.output, "size": len(plan.neurons)}
+    return entry
+
+
+def _merge_entries(previous: dict | None, entry: dict) -> dict:
+    """A layer's new entry, keeping the records of an earlier layout that this compaction did not cover."""
+    if previous is None:
+        return entry
+    records = {record["query"]: record for record in previous.get("attention", [])}
+    records.update({record["query"]: record for record in entry["attention"]})
+    merged = {"attention": list(records.values())}
+    ffn = entry.get("ffn", previous.get("ffn"))
+    if ffn is not None:
+        merged["ffn"] = ffn
+    return merged
+
+
+def _layout_version(entries: dict) -> int:
+    records = (record for entry in entries.values() for record in entry.get("attention", []))
+    return LAYOUT_VERSION if any(record.get("placeholder") for record in records) else 1
+
+
+def compaction_layout(layers: list[PrunableLayer], plans: list[LayerPlan], previous: dict | None = None) -> dict:
     """The JSON-serializable layout stored in `config.blockprune_layout`, enough to rebuild the layer shapes.
 
     Args:
         layers (`list[PrunableLayer]`): the layers of the model before compaction (`prunable_layers(model)`).
         plans (`list[LayerPlan]`): what compaction keeps of each (`compaction_plan(model)`).
+        previous (`dict`, *optional*): the layout of an earlier compaction of the same model: the new one records
+            heads by their original index, keeps the layers and entries this compaction does not cover, and keeps
+            its other keys (`dense_parameters`).
 
     Returns:
-        `dict`: `{"version": 1, "layers": {<layer path>: {"attention": [{"query": <path>, "key": <path>,
+        `dict`: `{"version": 1 or 2, "layers": {<layer path>: {"attention": [{"query": <path>, "key": <path>,
         "value": <path>, "output": <path>, "head_dim": int, "heads": [kept original head indices]}, ...],
         "ffn": {"input": <path>, "output": <path>, "size": int}}}}`, module paths relative to the layer; `"ffn"` is
-        left out for a layer without FFN.
+        left out for a layer without FFN. An attention that keeps a placeholder head has `"heads": []` and
+        `"placeholder": true` (version 2; version 1 has no placeholder).
     """
-    entries = {}
-    for layer, plan in zip(layers, plans):
-        attention = [
-            {**vars(attn.spec), "head_dim": attn.query.out_features // attn.num_heads, "heads": list(heads)}
-            for attn, heads in zip(layer.attentions, plan.heads)
-        ]
-        entry = {"attention": attention}
-        if plan.neurons is not None:
-            entry["ffn"] = {"input": layer.ffn_spec.input, "output": layer.ffn_spec.output, "size": len(plan.neurons)}
-        entries[plan.name] = entry
-    return {"version": LAYOUT_VERSION, "layers": entries}
+    previous = copy.deepcopy(previous or {})
+    entries = previous.pop("layers", {})
+    for layer, plan in zip(layers, plans, strict=True):
+        entries[plan.name] = _merge_entries(entries.get(plan.name), _layer_entry(layer, plan))
+    previous.pop("version", None)
+    return {"version": _layout_version(entries), "layers": entries, **previous}
 
 
-def _head_index(heads: list[int], width: int, num_heads: int, device) -> torch.Tensor:
-    """Row indices of `heads` in a projection of `width = num_heads * head_dim` rows."""
-    head_dim = width // num_heads
+def _head_index(heads: list[int], head_dim: int, device) -> torch.Tensor:
+    """Row indices of head slots `heads` in a projection of heads of `head_dim` rows each."""
     offsets = torch.arange(head_dim, device=device)
     starts = torch.tensor(heads, dtype=torch.long, device=device) * head_dim
     return (starts[:, None] + offsets[None, :]).flatten()
@@ -182,18 +232,45 @@ def _set_head_count(module: nn.Module, num_heads: int, inner_size: int) -> None:
 
 
 @torch.no_grad()
-def _compact_attention(attention: AttentionModules, kept: list[int], layer_module: nn.Module) -> None:
-    num_heads, device = attention.num_heads, attention.query.weight.device
-    removed = sorted(set(range(num_heads)) - set(kept))
+def _grow_with_zeros_(linear: nn.Linear, size: int, dim: int) -> None:
+    """Append `size` zero rows (`dim=0`, with zero biases) or zero columns (`dim=1`) to `linear`, in place."""
+    shape = list(linear.weight.shape)
+    shape[dim] = size
+    weight = torch.cat([linear.weight, linear.weight.new_zeros(shape)], dim)
+    linear.weight = nn.Parameter(weight, linear.weight.requires_grad)
+    if dim == 1:
+        linear.in_features += size
+        return
+    linear.out_features += size
+    if linear.bias is not None:
+        bias = torch.cat([linear.bias, linear.bias.new_zeros(size)])
+        linear.bias = nn.Parameter(bias, linear.bias.requires_grad)
+
+
+def _add_placeholder_head_(attention: AttentionModules) -> None:
+    """Give an attention without heads one head that adds exactly 0 (zero Q/K/V rows and biases, zero O columns)."""
+    for linear in (attention.query, attention.key, attention.value):
+        _grow_with_zeros_(linear, attention.head_dim, dim=0)
+    _grow_with_zeros_(attention.output, attention.head_dim, dim=1)
+
+
+@torch.no_grad()
+def _compact_attention(attention: AttentionModules, kept: list[int], placeholder: bool, layer_module) -> None:
+    device, head_dim = attention.query.weight.device, attention.head_dim
+    removed = sorted(set(range(attention.num_heads)) - set(kept))
     value, output = attention.value, attention.output
     if removed and value.bias is not None:
         # Heads with masked value rows output b_v[h]; those with masked output columns have zero columns here.
-        index = _head_index(removed, value.out_features, num_heads, device)
+        index = _head_index(removed, head_dim, device)
         _add_to_bias_(output, output.weight[:, index] @ value.bias[index])
-    for linear in (attention.query, attention.key, value):
-        _select_(linear, _head_index(kept, linear.out_features, num_heads, device), dim=0)
-    _select_(output, _head_index(kept, output.in_features, num_heads, device), dim=1)
-    _set_head_count(_parent(layer_module, attention.query), len(kept), attention.query.out_features)
+    if removed:
+        index = _head_index(kept, head_dim, device)
+        for linear in (attention.query, attention.key, value):
+            _select_(linear, index, dim=0)
+        _select_(output, index, dim=1)
+    if placeholder:
+        _add_placeholder_head_(attention)
+    _set_head_count(_parent(layer_module, attention.query), len(kept) + int(placeholder), attention.query.out_features)
 
 
 def _ffn_activation(model: nn.Module, layer_module: nn.Module, layer_name: str):
@@ -227,8 +304,8 @@ def _compact_ffn(ffn_input: nn.Linear, ffn_output: nn.Linear, plan: LayerPlan, a
 
 def _compact_layer(model: nn.Module, layer, plan: LayerPlan) -> None:
     layer_module = model.get_submodule(layer.name)
-    for attention, kept in zip(layer.attentions, plan.heads):
-        _compact_attention(attention, kept, layer_module)
+    for attention, kept, placeholder in zip(layer.attentions, plan.heads, plan.placeholders, strict=True):
+        _compact_attention(attention, kept, placeholder, layer_module)
     if plan.neurons is not None:
         activation = _ffn_activation(model, layer_module, layer.name) if plan.constant_neurons else None
         _compact_ffn(layer.ffn_input, layer.ffn_output, plan, activation)
@@ -241,8 +318,9 @@ def compact_model(model: nn.Module) -> nn.Module:
     neurons of `compaction_plan(model)`, folding the constant output of removed units into the output-projection
     biases, so that the result computes the same function as the masked model in eval mode (attention dropout
     would make a removed head's output no longer constant in training). A layer may lose every head or every
-    neuron. The layout is recorded in `model.config.blockprune_layout` (see `compaction_layout`). Deep-copy the model
-    first to keep the masked one.
+    neuron (an attention that sets the KV-cache length then keeps a zero placeholder head). The layout is recorded in
+    `model.config.blockprune_layout` (see `compaction_layout`); a model compacted before, masked again, gets the two
+    layouts composed. Deep-copy the model first to keep the masked one.
 
     Args:
         model (`nn.Module`): a model masked by `apply_block_pruning`.
@@ -251,17 +329,17 @@ def compact_model(model: nn.Module) -> nn.Module:
         `nn.Module`: the same model object, compacted, with no masks and no scores.
 
     Raises:
-        `ValueError`: the model holds no block-pruning masks, or is already compacted.
+        `ValueError`: the model holds no block-pruning masks, or is wrapped (`DataParallel`, DDP).
     """
+    check_model(model)
     if not is_block_pruned(model):
         raise ValueError("compact_model expects a model masked by apply_block_pruning (with its masks still on).")
-    if getattr(model.config, LAYOUT_ATTRIBUTE, None) is not None:
-        raise ValueError(f"This model is already compacted (`config.{LAYOUT_ATTRIBUTE}` is set).")
     pruning_config = getattr(model, CONFIG_ATTRIBUTE, None)  # removed with the masks, needed to find the layers again
     plans = compaction_plan(model)
-    layout = compaction_layout(prunable_layers(model), plans)
+    layout = compaction_layout(prunable_layers(model), plans, getattr(model.config, LAYOUT_ATTRIBUTE, None))
     remove_block_pruning(model, merge=True)
-    for layer, plan in zip(prunable_layers(model, pruning_config), plans):
+    # The layers are found under the earlier layout (if any), which still describes the weights.
+    for layer, plan in zip(prunable_layers(model, pruning_config), plans, strict=True):
         _compact_layer(model, layer, plan)
     setattr(model.config, LAYOUT_ATTRIBUTE, layout)
     kept_heads = sum(len(heads) for plan in plans for heads in plan.heads)

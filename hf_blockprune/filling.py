@@ -19,6 +19,8 @@ def _head_rows(num_heads: int, width: int, alive: list[int], like: torch.Tensor)
 
 @torch.no_grad()
 def _fill_attention(attention) -> None:
+    if attention.real_heads == 0:  # compacted to no head before (or only a zero placeholder): nothing to refill
+        return
     dead = set(dead_heads(attention))
     alive = [h for h in range(attention.num_heads) if h not in dead]
     for linear in (attention.query, attention.key, attention.value):

@@ -71,11 +71,12 @@ def attention_flops(attention: AttentionModules, seq_len: int, kept_heads: int |
         attention (`AttentionModules`): the block, as listed by `prunable_layers`.
         seq_len (`int`): `T`, also used as the key/value length `T_kv`.
         kept_heads (`int`, *optional*): count only this many heads (of `attention.num_heads`) at full head size;
-            defaults to the projections' actual sizes.
+            defaults to the projections' actual sizes (a placeholder head, which compaction keeps in an attention
+            that sets the KV-cache length, is computed like a head and counted).
     """
 
     def width(size: int) -> int:  # the heads' share of a projection side of `size` = num_heads * head_dim
-        return size if kept_heads is None else size // attention.num_heads * kept_heads
+        return size if kept_heads is None else attention.head_dim * kept_heads
 
     projections = sum(
         linear_flops(seq_len, linear.in_features, width(linear.out_features))
@@ -124,7 +125,7 @@ def fixed_flops(model: nn.Module, layers: list[PrunableLayer], seq_len: int) -> 
 def _layer_flops(layer: PrunableLayer, plan: LayerPlan | None, seq_len: int) -> FlopsBreakdown:
     flops = FlopsBreakdown()
     for index, attention in enumerate(layer.attentions):
-        kept = None if plan is None else len(plan.heads[index])
+        kept = None if plan is None else len(plan.heads[index]) + int(plan.placeholders[index])
         projections, scores = attention_flops(attention, seq_len, kept)
         flops.attention_projections += projections
         flops.attention_scores += scores

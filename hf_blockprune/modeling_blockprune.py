@@ -8,6 +8,9 @@ weights, with an `auto_map` in `config.json`, so that plain transformers loads t
 `__init__` resizes the Linear layers named in `config.blockprune_layout` (written by `hf_blockprune.compact_model`):
 per layer, the kept heads of each attention block (and the head size) and the FFN size. The normal `from_pretrained`
 pipeline then loads the weights into layers of the right shapes; a checkpoint whose shapes differ fails to load.
+
+Layout versions: 1, and 2, where an attention record may say `"placeholder": true`: besides its kept `"heads"`
+(none, then) it holds one head slot of zero weights, so that generation's KV cache has a real length.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import transformers
 from torch import nn
 
 LAYOUT_ATTRIBUTE = "blockprune_layout"
-SUPPORTED_LAYOUT_VERSIONS = (1,)
+SUPPORTED_LAYOUT_VERSIONS = (1, 2)
 CLASS_PREFIX = "BlockPruned"
 _HEAD_COUNT_ATTRIBUTES = ("num_attention_heads", "num_heads", "n_heads")
 
@@ -47,8 +50,13 @@ def _linear(layer: nn.Module, layer_path: str, path: str) -> nn.Linear:
     return module
 
 
+def _head_slots(attention: dict) -> int:
+    """Head slots in the weights of a layout record: the kept heads, plus a placeholder head (version 2)."""
+    return len(attention["heads"]) + int(bool(attention.get("placeholder", False)))
+
+
 def _shrink_attention(layer: nn.Module, layer_path: str, attention: dict) -> None:
-    width = len(attention["heads"]) * attention["head_dim"]
+    width = _head_slots(attention) * attention["head_dim"]
     for role in ("query", "key", "value"):
         linear = _linear(layer, layer_path, attention[role])
         _replace(layer, attention[role], _resized(linear, width, linear.in_features))
@@ -58,7 +66,7 @@ def _shrink_attention(layer: nn.Module, layer_path: str, attention: dict) -> Non
     parent = layer.get_submodule(parent_path) if parent_path else layer
     for name in _HEAD_COUNT_ATTRIBUTES:
         if isinstance(getattr(parent, name, None), int):
-            setattr(parent, name, len(attention["heads"]))
+            setattr(parent, name, _head_slots(attention))
     if isinstance(getattr(parent, "all_head_size", None), int):
         parent.all_head_size = width
 

@@ -19,7 +19,12 @@ def weight_mask(linear: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def dead_heads(attention: AttentionModules) -> list[int]:
-    """Heads whose value rows or output-projection columns are all masked: their contribution is constant."""
+    """Head slots whose value rows or output-projection columns are all masked: their contribution is constant.
+
+    A placeholder slot (see `AttentionModules.placeholder`) is not a head: it is never listed.
+    """
+    if attention.real_heads == 0:
+        return []
     value = weight_mask(attention.value)  # (H * d, in)
     output = weight_mask(attention.output)  # (out, H * d)
     heads = attention.num_heads
@@ -41,12 +46,15 @@ def sparsity_report(model: nn.Module) -> list[dict]:
 
     Returns:
         `list[dict]`: one dict per layer with `layer` (module path), `heads_pruned` (one list of head indices per
-        attention block of the layer: self-attention, then cross-attention for decoders), `num_heads`,
-        `attention_density` (fraction of Q/K/V/O weights kept), `ffn_neurons_kept` and `ffn_neurons_total`.
+        attention block of the layer: self-attention, then cross-attention for decoders; original indices, also for
+        a model compacted before), `num_heads` (the real heads each attention block has now: a compacted one's kept
+        heads, a placeholder head not counted), `attention_density` (fraction of Q/K/V/O weights kept),
+        `ffn_neurons_kept` and `ffn_neurons_total`.
     """
     report = []
     for layer in prunable_layers(model):
-        linears = [m for attn in layer.attentions for m in (attn.query, attn.key, attn.value, attn.output)]
+        real = [attn for attn in layer.attentions if attn.real_heads]  # a placeholder holds no real weight
+        linears = [m for attn in real for m in (attn.query, attn.key, attn.value, attn.output)]
         kept_neurons = total_neurons = 0
         if layer.ffn_input is not None:
             rows_alive = weight_mask(layer.ffn_input).any(dim=1)
@@ -56,8 +64,8 @@ def sparsity_report(model: nn.Module) -> list[dict]:
         report.append(
             {
                 "layer": layer.name,
-                "heads_pruned": [dead_heads(attn) for attn in layer.attentions],
-                "num_heads": [attn.num_heads for attn in layer.attentions],
+                "heads_pruned": [[attn.heads[h] for h in dead_heads(attn)] for attn in layer.attentions],
+                "num_heads": [attn.real_heads for attn in layer.attentions],
                 "attention_density": _density(linears),
                 "ffn_neurons_kept": kept_neurons,
                 "ffn_neurons_total": total_neurons,

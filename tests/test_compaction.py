@@ -2,13 +2,18 @@ import json
 
 import pytest
 import torch
+from test_model import LLAMA_ATTENTION, tiny_llama
 from torch import nn
+from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
-from hf_blockprune import apply_block_pruning, is_block_pruned
+import hf_blockprune
+from hf_blockprune import BlockPruningConfig, apply_block_pruning, is_block_pruned, save_compacted
 from hf_blockprune.compaction import LAYOUT_ATTRIBUTE, compact_model, compaction_plan
+from hf_blockprune.layer import MaskedLinear
 from hf_blockprune.model import block_scores, prunable_layers, set_threshold
+from hf_blockprune.modeling_blockprune import shrink_to_layout
 
-from conftest import ARCHS, tiny_model
+from conftest import ARCHS, VOCAB, tiny_model
 from helpers import (
     ALIVE,
     DEAD,
@@ -119,8 +124,10 @@ def test_layout_in_config_matches_the_layers_and_survives_json(arch, tmp_path):
         assert [attention["heads"] for attention in entry["attention"]] == plan.heads
         assert entry["ffn"]["size"] == len(plan.neurons)
         for attention, recorded in zip(layer.attentions, entry["attention"]):
-            assert attention.num_heads == len(recorded["heads"]) and recorded["head_dim"] == 8
-            assert attention.query.out_features == attention.output.in_features == 8 * len(recorded["heads"])
+            slots = len(recorded["heads"]) + recorded.get("placeholder", False)
+            assert attention.num_heads == slots and attention.real_heads == len(recorded["heads"])
+            assert recorded["head_dim"] == 8
+            assert attention.query.out_features == attention.output.in_features == 8 * slots
         assert layer.ffn_input.out_features == layer.ffn_output.in_features == entry["ffn"]["size"]
     assert json.loads(json.dumps(model.config.to_dict()))[LAYOUT_ATTRIBUTE] == layout
     model.config.save_pretrained(tmp_path)
@@ -136,16 +143,218 @@ def test_compacted_attention_modules_report_their_new_head_count():
     assert model.config.num_attention_heads == 4 and model.config.intermediate_size == 37
 
 
-def test_compacting_a_plain_or_compacted_model_is_an_error():
+def test_compacting_a_plain_model_is_an_error():
     with pytest.raises(ValueError, match="apply_block_pruning"):
         compact_model(tiny_model("bert"))
-    model = compact_model(random_masks(biased_model("bert"), "struct", "topk", 0, force_empty=False))
-    apply_block_pruning(model, preset_config("hybrid"))
-    with pytest.raises(ValueError, match="already compacted"):
-        compact_model(model)
+    compacted = compact_model(random_masks(biased_model("bert"), "struct", "topk", 0, force_empty=False))
+    with pytest.raises(ValueError, match="apply_block_pruning"):
+        compact_model(compacted)
 
 
 def test_compacted_model_has_only_plain_linears():
     model = compact_model(random_masks(biased_model("distilbert"), "block", "topk", 0, force_empty=True))
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert all(type(m) is nn.Linear for m in linears) and not list(block_scores(model))
+
+
+# Placeholder heads: an attention whose cached keys give generation's sequence length never ends with no head.
+
+GENERATE = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_scores=True)
+
+
+def assert_same_generation(actual, expected) -> None:
+    assert torch.equal(actual.sequences, expected.sequences)
+    for step_scores, expected_scores in zip(actual.scores, expected.scores, strict=True):
+        torch.testing.assert_close(step_scores, expected_scores, atol=1e-5, rtol=1e-5)
+
+
+def mask_heads(model, dead_slots: dict[int, list[int]], config=None):
+    """Whole-head masks keeping every head except `dead_slots[layer index]` (slots of the current weights)."""
+    apply_block_pruning(model, config or preset_config("struct", pruning_method="sigmoid_threshold"))
+    with torch.no_grad():
+        for scores in block_scores(model):
+            scores.scores.fill_(ALIVE)
+        layers = prunable_layers(model)
+        for index, slots in dead_slots.items():
+            layers[index].attentions[0].value.scores_module.scores[slots] = DEAD
+    set_threshold(model, 0.5)
+    return model
+
+
+def test_attentions_without_heads_keep_a_zero_placeholder_only_where_the_cache_reads_its_length():
+    model = random_masks(biased_model("bart"), "struct", "sigmoid_threshold", 0, force_empty=False)
+    for layer in prunable_layers(model):
+        for attention in layer.attentions:
+            kill_scores(attention.value.scores_module)
+    inputs = model_inputs("bart")
+    reference = model_outputs(model, inputs)
+
+    compact_model(model)
+    layout = getattr(model.config, LAYOUT_ATTRIBUTE)
+    assert layout["version"] == 2
+    for name, entry in layout["layers"].items():
+        for record in entry["attention"]:
+            decoder_self = name.startswith("model.decoder") and record["query"] == "self_attn.q_proj"
+            assert record["heads"] == [] and record.get("placeholder", False) is decoder_self
+    for layer in model.model.decoder.layers:
+        attention = layer.self_attn
+        assert attention.num_heads == 1
+        for linear in (attention.q_proj, attention.k_proj, attention.v_proj):
+            assert linear.weight.shape == (8, 32) and not linear.weight.any() and not linear.bias.any()
+        assert attention.out_proj.weight.shape == (32, 8) and not attention.out_proj.weight.any()
+        assert layer.encoder_attn.q_proj.out_features == 0
+    assert all(layer.self_attn.q_proj.out_features == 0 for layer in model.model.encoder.layers)
+    for actual, expected in zip(model_outputs(model, inputs), reference, strict=True):
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention_index", [0, 1], ids=["self_attn", "encoder_attn"])
+@pytest.mark.parametrize("num_beams, use_cache", [(1, True), (3, True), (3, False)])
+def test_bart_generates_the_same_tokens_when_the_first_decoder_layer_loses_an_attention(attention_index, num_beams,
+                                                                                        use_cache):
+    # The cache reads its length from decoder layer 0's self-attention keys: that one keeps a placeholder head. The
+    # cross-attention caches the encoder's keys too, but never gives the length: it may keep no head at all.
+    model = random_masks(biased_model("bart", 1), "hybrid", "sigmoid_threshold", 1, force_empty=False)
+    kill_scores(prunable_layers(model)[2].attentions[attention_index].value.scores_module)
+    inputs = model_inputs("bart")
+    del inputs["decoder_input_ids"]
+    settings = dict(GENERATE, num_beams=num_beams, use_cache=use_cache)
+    expected = model.generate(**inputs, **settings)
+    compact_model(model)
+    first = model.model.decoder.layers[0]
+    assert (first.self_attn, first.encoder_attn)[attention_index].q_proj.out_features == (8, 0)[attention_index]
+    assert_same_generation(model.generate(**inputs, **settings), expected)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_a_generating_model_described_by_patterns_keeps_a_placeholder_head(num_beams):
+    # Any attention of a model that can generate may be cached: with module patterns, a head-less one keeps a
+    # placeholder (Llama's cache reads its length from layer 0 too).
+    model = tiny_llama(num_key_value_heads=4).eval()
+    config = BlockPruningConfig.from_preset("struct", layers_pattern="layers", attention_modules=LLAMA_ATTENTION)
+    model = mask_heads(model, {0: [0, 1, 2, 3], 1: [2]}, config)
+    ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    prompt = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])}  # left padding
+    settings = dict(GENERATE, num_beams=num_beams, use_cache=True, pad_token_id=0)
+    expected = model.generate(**prompt, **settings)
+    compact_model(model)
+    records = [entry["attention"][0] for entry in getattr(model.config, LAYOUT_ATTRIBUTE)["layers"].values()]
+    assert records[0]["heads"] == [] and records[0]["placeholder"] and records[1]["heads"] == [0, 1, 3]
+    assert model.model.layers[0].self_attn.q_proj.out_features == 8
+    assert_same_generation(model.generate(**prompt, **settings), expected)
+
+
+def _record(heads, **extra) -> dict:
+    return {"query": "self_attn.q_proj", "key": "self_attn.k_proj", "value": "self_attn.v_proj",
+            "output": "self_attn.out_proj", "head_dim": 8, "heads": heads, **extra}
+
+
+@pytest.mark.parametrize("version, record, slots", [(1, _record([1, 3]), 2), (2, _record([], placeholder=True), 1),
+                                                    (2, _record([0, 2]), 2)])
+def test_the_loader_reads_layouts_of_version_1_and_2(version, record, slots):
+    model = tiny_model("bart")
+    shrink_to_layout(model, {"version": version, "layers": {"model.decoder.layers.0": {"attention": [record]}}})
+    attention = model.model.decoder.layers[0].self_attn
+    assert attention.num_heads == slots and attention.q_proj.weight.shape == (8 * slots, 32)
+    assert attention.out_proj.weight.shape == (32, 8 * slots)
+    with pytest.raises(ValueError, match="version 3.*Upgrade hf_blockprune"):
+        shrink_to_layout(tiny_model("bart"), {"version": 3, "layers": {}})
+
+
+# Compacting again: a compacted model, masked anew, compacts to the composed layout.
+
+
+def test_compacting_a_compacted_model_again_records_heads_by_original_index():
+    model = compact_model(mask_heads(biased_model("bert"), {0: [0]}))
+    layout = getattr(model.config, LAYOUT_ATTRIBUTE)
+    assert layout["layers"]["bert.encoder.layer.0"]["attention"][0]["heads"] == [1, 2, 3]
+    layout["dense_parameters"] = {"prunable_linear": 1, "total": 2}  # as save_compacted records it
+    mask_heads(model, {0: [1], 1: [0, 3]})  # slot 1 of layer 0 is original head 2
+    assert prunable_layers(model)[0].attentions[0].value.scores_module.scores.shape == (3,)
+    inputs = model_inputs("bert")
+    reference = model_outputs(model, inputs)
+
+    compact_model(model)
+    layout = getattr(model.config, LAYOUT_ATTRIBUTE)
+    heads = [entry["attention"][0]["heads"] for entry in layout["layers"].values()]
+    assert heads == [[1, 3], [1, 2]] and layout["version"] == 1
+    assert layout["dense_parameters"] == {"prunable_linear": 1, "total": 2}
+    assert model.bert.encoder.layer[0].attention.self.query.out_features == 16
+    for actual, expected in zip(model_outputs(model, inputs), reference, strict=True):
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_second_compaction_that_covers_only_the_ffn_keeps_the_recorded_heads(tmp_path):
+    model = compact_model(mask_heads(biased_model("bert"), {0: [0, 2]}))
+    ffn_only = BlockPruningConfig.from_preset("struct", pruning_method="topk", layers_pattern="encoder.layer",
+                                              ffn_modules=["intermediate.dense", "output.dense"])
+    apply_block_pruning(model, ffn_only)
+    set_threshold(model, 0.5)
+    inputs = model_inputs("bert")
+    reference = model_outputs(model, inputs)
+    save_compacted(model, tmp_path, model_card=False)
+    layout = getattr(compact_model(model).config, LAYOUT_ATTRIBUTE)
+    assert [entry["attention"][0]["heads"] for entry in layout["layers"].values()] == [[1, 3], [0, 1, 2, 3]]
+    assert [entry["ffn"]["size"] for entry in layout["layers"].values()] == [round(0.5 * 37)] * 2
+    for loaded in (model, hf_blockprune.from_pretrained(tmp_path)):
+        for actual, expected in zip(model_outputs(loaded.eval(), inputs), reference, strict=True):
+            torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def remask(model, seed):
+    """Random block masks on a compacted model; the last layer loses every FFN neuron and, in its first attention
+    that still has heads, every head (decoder layer 1's self-attention for BART, which then needs a placeholder)."""
+    apply_block_pruning(model, preset_config("hybrid", pruning_method="sigmoid_threshold"))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for scores in block_scores(model):
+            scores.scores.copy_(torch.randn(scores.scores.shape, generator=generator))
+    set_threshold(model, 0.5)
+    last = prunable_layers(model)[-1]
+    kill_scores(next(a for a in last.attentions if isinstance(a.value, MaskedLinear)).value.scores_module)
+    if isinstance(last.ffn_input, MaskedLinear):
+        kill_scores(last.ffn_input.scores_module)
+    return model
+
+
+AUTO_CLASSES = {arch: AutoModelForSequenceClassification for arch in ARCHS} | {"bart": AutoModelForSeq2SeqLM}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_reloaded_compacted_model_pruned_again_saves_and_reloads_the_masked_function(arch, tmp_path):
+    first = random_masks(biased_model(arch, 5), "struct", "sigmoid_threshold", 5, force_empty=True)
+    if arch == "bart":
+        kill_scores(prunable_layers(first)[2].attentions[0].value.scores_module)  # decoder layer 0: a placeholder
+    save_compacted(first, tmp_path / "once", model_card=False)
+    once = getattr(hf_blockprune.from_pretrained(tmp_path / "once").config, LAYOUT_ATTRIBUTE)
+    model = remask(hf_blockprune.from_pretrained(tmp_path / "once").eval(), seed=6)
+    layers = prunable_layers(model)  # the first layer has no head left, the last no FFN neuron: no scores
+    assert not any(isinstance(m, MaskedLinear) for m in (layers[0].attentions[0].value, layers[-1].ffn_input))
+    inputs = model_inputs(arch)
+    reference = model_outputs(model, inputs)
+    generation = dict(GENERATE, num_beams=3, use_cache=True)
+    if arch == "bart":
+        expected_tokens = model.generate(**{k: v for k, v in inputs.items() if k != "decoder_input_ids"}, **generation)
+
+    save_compacted(model, tmp_path / "twice", model_card=False)
+    compact_model(model)
+    twice = getattr(model.config, LAYOUT_ATTRIBUTE)
+    for name, entry in twice["layers"].items():
+        for record, before in zip(entry["attention"], once["layers"][name]["attention"], strict=True):
+            assert set(record["heads"]) <= set(before["heads"])
+            assert record.get("placeholder", False) == (record["query"] == "self_attn.q_proj" and "decoder" in name
+                                                        and not record["heads"])
+    if arch == "bart":
+        assert twice["layers"]["model.decoder.layers.0"]["attention"][0]["placeholder"]
+        assert twice["layers"]["model.decoder.layers.1"]["attention"][0] == {
+            **twice["layers"]["model.decoder.layers.1"]["attention"][0], "heads": [], "placeholder": True}
+    reloaded = hf_blockprune.from_pretrained(tmp_path / "twice").eval()
+    remote = AUTO_CLASSES[arch].from_pretrained(tmp_path / "twice", trust_remote_code=True).eval()
+    assert getattr(reloaded.config, LAYOUT_ATTRIBUTE)["layers"] == twice["layers"]
+    assert getattr(reloaded.config, LAYOUT_ATTRIBUTE)["dense_parameters"] == once["dense_parameters"]
+    for candidate in (model, reloaded, remote):
+        for actual, expected in zip(model_outputs(candidate, inputs), reference, strict=True):
+            torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+        if arch == "bart":
+            prompt = {k: v for k, v in inputs.items() if k != "decoder_input_ids"}
+            assert_same_generation(candidate.generate(**prompt, **generation), expected_tokens)

@@ -1,12 +1,26 @@
+import contextlib
+import re
+
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+import torch.distributed as dist
+from torch import nn
+from transformers import BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from hf_blockprune import BlockPruningConfig, apply_block_pruning, is_block_pruned, remove_block_pruning
+from hf_blockprune import (
+    BlockPruningConfig,
+    apply_block_pruning,
+    compact_model,
+    is_block_pruned,
+    remove_block_pruning,
+    sparsity_report,
+)
+from hf_blockprune.compaction import compaction_plan
 from hf_blockprune.layer import MaskedLinear
 from hf_blockprune.model import block_scores, prunable_layers, set_threshold
 
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, tiny_config, tiny_model
+from helpers import biased_model, kill_scores, random_masks
 
 PRESETS = {
     "hybrid": dict(attention_block_size=[8, 8]),
@@ -75,23 +89,153 @@ def test_scores_are_saved_once_per_shared_group():
 def test_unknown_model_type_lists_supported_types_and_how_to_pass_patterns():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=VOCAB))
     with pytest.raises(ValueError, match=r"supported: \['bart', 'bert'.*layers_pattern"):
-        apply_block_pruning(model, BlockPruningConfig())
+        apply_block_pruning(model, BlockPruningConfig.from_preset("struct"))
 
 
 def test_user_patterns_override_the_map():
     model = tiny_model("bert")
-    config = BlockPruningConfig(layers_pattern="encoder.layer", ffn_modules=["intermediate.dense", "output.dense"])
+    config = BlockPruningConfig.from_preset("struct", layers_pattern="encoder.layer",
+                                            ffn_modules=["intermediate.dense", "output.dense"])
     apply_block_pruning(model, config)
     assert sum(isinstance(m, MaskedLinear) for m in model.modules()) == 4
     assert not isinstance(model.bert.encoder.layer[0].attention.self.query, MaskedLinear)
 
 
-def test_block_size_that_does_not_divide_is_an_error():
-    with pytest.raises(ValueError, match="does not divide"):
-        apply_block_pruning(tiny_model("bert"), BlockPruningConfig(attention_block_size=[5, 8]))
+BLOCK_SIZE_ERRORS = [
+    ("attention_block_size", dict(attention_block_size=[5, 8]), "bert.encoder.layer.0.attention.self.query", "32x32"),
+    ("ffn_block_size", dict(ffn_granularity="block", ffn_block_size=[2, 2]), "bert.encoder.layer.0.intermediate.dense",
+     "37x32"),
+]
+
+
+@pytest.mark.parametrize("field, settings, path, shape", BLOCK_SIZE_ERRORS, ids=["attention", "ffn"])
+def test_block_size_that_does_not_divide_names_the_field_the_module_and_the_shape(field, settings, path, shape):
+    model = tiny_model("bert")
+    with pytest.raises(ValueError, match=rf"`{field}` .* does not divide the {shape} weight of {re.escape(path)}"):
+        apply_block_pruning(model, BlockPruningConfig(pruning_method="topk", **settings))
+    assert not is_block_pruned(model)  # refused before any layer was wrapped
+
+
+def tiny_llama(num_key_value_heads: int) -> LlamaForCausalLM:
+    """A tiny Llama (4 query heads of 8) with `num_key_value_heads` key/value heads."""
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=num_key_value_heads,
+                                        max_position_embeddings=64))
+
+
+LLAMA_ATTENTION = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+
+
+def test_grouped_query_attention_is_refused_naming_the_module():
+    model = tiny_llama(num_key_value_heads=2)
+    config = BlockPruningConfig.from_preset("struct", layers_pattern="layers", attention_modules=LLAMA_ATTENTION)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj has 16 .* grouped-query .* not "
+                                         r"supported yet"):
+        apply_block_pruning(model, config)
+    assert not is_block_pruned(model)
+
+
+def test_a_head_count_that_does_not_divide_the_projections_is_refused():
+    model = tiny_model("bert")
+    model.config.odd_heads = 5
+    config = BlockPruningConfig.from_preset("struct", layers_pattern="encoder.layer", num_heads_attribute="odd_heads",
+                                            attention_modules=["attention.self.query", "attention.self.key",
+                                                               "attention.self.value", "attention.output.dense"])
+    with pytest.raises(ValueError, match=r"attention\.self\.query has 32 output features, which 5 heads do not "
+                                         r"divide.*num_heads_attribute"):
+        apply_block_pruning(model, config)
+
+
+GPT2_PATTERNS = [
+    dict(attention_modules=["attn.c_attn", "attn.c_attn", "attn.c_attn", "attn.c_proj"]),
+    dict(ffn_modules=["mlp.c_fc", "mlp.c_proj"]),
+]
+
+
+@pytest.mark.parametrize("modules", GPT2_PATTERNS, ids=["attention", "ffn_only"])
+def test_a_module_that_is_not_an_nn_linear_is_refused_with_its_path_and_type(modules):
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=VOCAB, bos_token_id=0,
+                                       eos_token_id=0))
+    config = BlockPruningConfig.from_preset("struct", layers_pattern="h", **modules)
+    with pytest.raises(ValueError, match=r"transformer\.h\.0\.(attn\.c_attn|mlp\.c_fc) is a \S*Conv1D, not an "
+                                         r"nn\.Linear"):
+        apply_block_pruning(model, config)
+    assert not is_block_pruned(model)
+
+
+def test_a_model_on_the_meta_device_is_refused():
+    with torch.device("meta"):
+        model = BertForSequenceClassification(tiny_config("bert"))
+    with pytest.raises(ValueError, match=r"on the meta device.*materialize the weights"):
+        apply_block_pruning(model, BlockPruningConfig.from_preset("struct"))
+
+
+@contextlib.contextmanager
+def wrapped(model, wrapper: str, store):
+    """`model` in `nn.DataParallel`, or in DDP over a one-process gloo group (rendezvous in the file `store`)."""
+    if wrapper == "DataParallel":
+        yield nn.DataParallel(model)
+        return
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        yield nn.parallel.DistributedDataParallel(model)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("wrapper", ["DataParallel", "DistributedDataParallel"])
+def test_a_model_wrapped_for_data_parallelism_is_refused_naming_model_module(wrapper, tmp_path):
+    config = BlockPruningConfig.from_preset("struct")
+    masked = apply_block_pruning(tiny_model("bert"), config)
+    message = rf"{wrapper}: pass the model inside it \(`model\.module`\)"
+    with wrapped(tiny_model("bert"), wrapper, tmp_path / "a") as parallel, pytest.raises(ValueError, match=message):
+        apply_block_pruning(parallel, config)
+    with wrapped(masked, wrapper, tmp_path / "b") as parallel, pytest.raises(ValueError, match=message):
+        compact_model(parallel)
+
+
+def test_a_config_that_prunes_nothing_is_refused():
+    if not hasattr(BlockPruningConfig, "enabled"):
+        pytest.skip("this BlockPruningConfig has no `pruning_preset='none'`")
+    with pytest.raises(ValueError, match="prunes nothing.*preset"):
+        apply_block_pruning(tiny_model("bert"), BlockPruningConfig(pruning_preset="none"))
+
+
+@pytest.mark.parametrize("preset", ["struct", "block"])
+def test_a_compacted_model_is_masked_by_its_remaining_heads_and_neurons(preset):
+    model = random_masks(biased_model("bart"), "struct", "sigmoid_threshold", 0, force_empty=True)
+    kill_scores(prunable_layers(model)[2].attentions[0].value.scores_module)  # decoder layer 0: a placeholder head
+    plans = compaction_plan(model)
+    compact_model(model)
+
+    apply_block_pruning(model, BlockPruningConfig.from_preset(preset, **PRESETS[preset]))
+    for layer, plan in zip(prunable_layers(model), plans, strict=True):
+        for attention, kept in zip(layer.attentions, plan.heads, strict=True):
+            assert attention.real_heads == len(kept) and attention.heads == kept
+            assert isinstance(attention.value, MaskedLinear) == bool(kept)  # no head left: no scores
+            if kept and preset == "struct":
+                assert attention.value.scores_module.scores.shape == (len(kept),)
+        assert isinstance(layer.ffn_input, MaskedLinear) == bool(plan.neurons)
+    placeholder = prunable_layers(model)[2].attentions[0]
+    assert placeholder.placeholder and placeholder.num_heads == 1 and placeholder.real_heads == 0
+    report = sparsity_report(model)
+    assert [entry["num_heads"] for entry in report] == [[len(h) for h in plan.heads] for plan in plans]
+    with torch.no_grad():
+        model(**_inputs("bart"))
 
 
 def test_applying_twice_is_an_error():
     model = apply_block_pruning(tiny_model("bert"), BlockPruningConfig(attention_block_size=[8, 8]))
     with pytest.raises(ValueError, match="already"):
         apply_block_pruning(model, BlockPruningConfig(attention_block_size=[8, 8]))
+
+
+def test_a_compacted_model_with_nothing_left_to_prune_is_refused():
+    model = apply_block_pruning(biased_model("bert"), BlockPruningConfig.from_preset("struct"))
+    for scores in block_scores(model):
+        kill_scores(scores)
+    set_threshold(model, 0.5)
+    compact_model(model)
+    with pytest.raises(ValueError, match="Nothing left to prune"):
+        apply_block_pruning(model, BlockPruningConfig.from_preset("struct"))
