@@ -1,6 +1,7 @@
 """hf_blockprune: block movement pruning (Lagunas et al., 2021) for the Hugging Face Trainer."""
 
 from .callback import BlockPruningCallback
+from .checkpoints import load_masked_checkpoint
 from .compaction import compact_model
 from .config import BlockPruningConfig
 from .model import apply_block_pruning, is_block_pruned, remove_block_pruning
@@ -19,6 +20,7 @@ __all__ = [
     "export_dense",
     "from_pretrained",
     "is_block_pruned",
+    "load_masked_checkpoint",
     "remove_block_pruning",
     "save_compacted",
     "sparsity_report",

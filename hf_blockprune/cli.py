@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
 import statistics
@@ -28,17 +27,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import data, qa
+from .checkpoints import is_masked_checkpoint, load_masked_checkpoint, read_model_config
 from .compaction import compact_model
 from .config import BlockPruningConfig
 from .defaults import offline_minilm_path
 from .flops import predicted_speedup
-from .model import LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY, TARGETS_ATTRIBUTE, apply_block_pruning
+from .model import LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY
 from .model_card import layer_rows, original_sizes, write_figure
 from .saving import architecture_class, from_pretrained, plain_class, save_compacted
 
 logger = logging.getLogger(__name__)
-
-SCORE_SUFFIX = "block_scores.scores"
 
 class CliError(Exception):
     """A user-facing error: printed without a traceback, exit code 1."""
@@ -47,88 +45,13 @@ class CliError(Exception):
 # --------------------------------------------------------------------------------------------------- loading models
 
 
-def _read_config(path: str | os.PathLike) -> transformers.PretrainedConfig:
-    """The model config of a local folder (or Hub id), with a clear error when there is none."""
-    if os.path.exists(path) and not (Path(path) / "config.json").is_file():
-        raise CliError(f"{path} has no config.json: it is not a saved model folder.")
-    looks_local = Path(path).is_absolute() or str(path).startswith((".", "~")) or str(path).count("/") > 1
-    if looks_local and not os.path.exists(path):
-        raise CliError(f"{path} does not exist.")
-    try:
-        return transformers.AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise CliError(f"Cannot read a model config from {path}: {error}") from None
-
-
-def _checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
-    """The weights of a local checkpoint folder (`model.safetensors`, possibly sharded)."""
-    from safetensors.torch import load_file
-
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(path / shard).items()}
-    if not (path / "model.safetensors").is_file():
-        raise CliError(f"{path} has no model.safetensors.")
-    return load_file(path / "model.safetensors")
-
-
-def _pruning_config_for(config, config_file: str | None, flags: BlockPruningConfig | None) -> BlockPruningConfig:
-    """The config the checkpoint was masked with: `--pruning_config` file, else config.json's record, else flags."""
-    if config_file is not None:
-        try:
-            return BlockPruningConfig.from_dict(json.loads(Path(config_file).read_text()))
-        except (OSError, json.JSONDecodeError) as error:
-            raise CliError(f"Cannot read --pruning_config {config_file}: {error}") from None
-    recorded = getattr(config, PRUNING_CONFIG_KEY, None)
-    if recorded is not None:
-        return BlockPruningConfig.from_dict(recorded)
-    if flags is None:
-        raise CliError("The checkpoint does not record its pruning config: pass --pruning_config or preset flags.")
-    logger.warning("The checkpoint does not record its pruning config; using the command-line flags.")
-    return flags
-
-
-def load_masked_checkpoint(
-    path: str | os.PathLike, pruning_config_file: str | None = None, flags: BlockPruningConfig | None = None
-) -> nn.Module:
-    """Rebuild the masked model of a checkpoint written by `BlockPruningTrainer` (or the callback) during training.
-
-    Args:
-        path (`str` or `os.PathLike`): the checkpoint folder (`config.json` and `model.safetensors` with
-            `...base_layer.weight` and `...block_scores.scores` keys).
-        pruning_config_file (`str`, *optional*): a JSON file with the `BlockPruningConfig` used in training; defaults
-            to the `blockprune_config` recorded in `config.json`.
-        flags (`BlockPruningConfig`, *optional*): the config to use when neither of the above exists.
-
-    Returns:
-        `nn.Module`: the masked model, in eval mode, with its scores and thresholds as saved.
-    """
-    path = Path(path)
-    config = _read_config(path)
-    if getattr(config, LAYOUT_ATTRIBUTE, None) is not None:
-        raise CliError(f"{path} holds a compacted model already (its config.json has `{LAYOUT_ATTRIBUTE}`).")
-    state = _checkpoint_state(path)
-    if not any(key.endswith(SCORE_SUFFIX) for key in state):
-        raise CliError(f"{path} holds no mask scores (`*.{SCORE_SUFFIX}`): it is not a masked training checkpoint.")
-    # The density controller's state (lambda) only matters for resuming training: the masks are the scores and cuts.
-    state = {k: v for k, v in state.items() if not k.startswith(f"{TARGETS_ATTRIBUTE}.")}
-    model = architecture_class(config)(config)
-    apply_block_pruning(model, _pruning_config_for(config, pruning_config_file, flags))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise CliError(f"The weights in {path} do not match the pruning config: {error}") from None
-    return model.eval()
-
-
 def load_any(path: str | os.PathLike, pruning_config_file: str | None = None) -> nn.Module:
     """A compacted folder via `from_pretrained`, a masked checkpoint compacted in memory, or a plain model."""
-    config = _read_config(path)
+    config = read_model_config(path)
+    if Path(path).is_dir() and is_masked_checkpoint(path):
+        return compact_model(load_masked_checkpoint(path, pruning_config_file))
     if getattr(config, LAYOUT_ATTRIBUTE, None) is not None:
         return from_pretrained(path).eval()
-    if Path(path).is_dir() and any(k.endswith(SCORE_SUFFIX) for k in _checkpoint_state(Path(path))):
-        return compact_model(load_masked_checkpoint(path, pruning_config_file))
     try:
         model_class = architecture_class(config)
     except ValueError:

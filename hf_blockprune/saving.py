@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import itertools
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import transformers
 from torch import nn
 
+from .atomic import atomic_directory, recover_interrupted_save
 from .compaction import compact_model
 from .config import BlockPruningConfig
 from .model import CONFIG_ATTRIBUTE, LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY, is_block_pruned, prunable_layers
@@ -60,39 +59,38 @@ def _layer_linears(layer) -> list[nn.Module]:
     return linears + [m for m in (layer.ffn_input, layer.ffn_output) if m is not None]
 
 
-@contextlib.contextmanager
-def atomic_directory(save_directory: str | os.PathLike):
-    """Yield a temporary folder next to `save_directory`; on success move its files in, on failure drop it.
+def _refuse_non_finite(model: nn.Module, save_directory: str | os.PathLike) -> None:
+    """Raise `ValueError` naming the first floating parameter or buffer of `model` that holds NaN or inf values.
 
-    Files already in `save_directory` that the save does not produce are left alone; each produced file replaces its
-    old version in one `os.replace`, so an interrupted save never leaves a half-written file.
+    Args:
+        model (`nn.Module`): the model about to be written.
+        save_directory (`str` or `os.PathLike`): where it would go (named in the error).
     """
-    target = Path(save_directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield staging
-        target.mkdir(exist_ok=True)
-        for path in sorted(staging.rglob("*")):
-            destination = target / path.relative_to(staging)
-            if path.is_dir():
-                destination.mkdir(exist_ok=True)
-            else:
-                os.replace(path, destination)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(
+                f"`{name}` holds NaN or inf values: the model was not saved and nothing was written to "
+                f"{save_directory}."
+            )
+
+
+def is_compacted(model: nn.Module) -> bool:
+    """Whether `model` was compacted by hf_blockprune (its config records a `blockprune_layout`)."""
+    return getattr(getattr(model, "config", None), LAYOUT_ATTRIBUTE, None) is not None
 
 
 def _compacted_copy(model: nn.Module) -> nn.Module:
-    if getattr(model.config, LAYOUT_ATTRIBUTE, None) is not None and not is_block_pruned(model):
-        return model
-    if not is_block_pruned(model):
+    """A compacted copy of `model` (masked, or compacted and possibly re-masked); `model` itself is left as it is."""
+    if not is_block_pruned(model) and not is_compacted(model):
         raise ValueError("save_compacted expects a model masked by hf_blockprune, or one it compacted already.")
     dense_counts = parameter_counts(model)
     clone = copy.deepcopy(model)
     clone.__class__ = plain_class(type(clone))
+    if not is_block_pruned(clone):
+        return clone
     compacted = compact_model(clone)
-    getattr(compacted.config, LAYOUT_ATTRIBUTE)["dense_parameters"] = dense_counts
+    # a model compacted before keeps the size of the original dense model
+    getattr(compacted.config, LAYOUT_ATTRIBUTE).setdefault("dense_parameters", dense_counts)
     return compacted
 
 
@@ -107,7 +105,8 @@ def save_compacted(
 
     Writes `model.safetensors`, `config.json` (with `blockprune_layout`, the pruning config and an `auto_map`),
     `modeling_blockprune.py` (so plain transformers loads it with `trust_remote_code=True`), `README.md` (the model
-    card) and `pruning_layout.png`, plus `processing_class` if given. The files appear all at once at the end.
+    card) and `pruning_layout.png`, plus `processing_class` if given. A save killed midway leaves the old model or the
+    new one, never a mix of their files (see `atomic_directory`); other entries of the folder are left alone.
 
     Args:
         model (`nn.Module`): a masked model (or an already compacted one).
@@ -119,6 +118,9 @@ def save_compacted(
 
     Returns:
         `nn.Module`: the compacted model that was saved.
+
+    Raises:
+        `ValueError`: a parameter or buffer holds NaN or inf values (nothing is written), or the model is not masked.
     """
     pruning_config = pruning_config or getattr(model, CONFIG_ATTRIBUTE, None)
     compacted = _compacted_copy(model)
@@ -126,6 +128,7 @@ def save_compacted(
     compacted.register_for_auto_class(auto_class_name(type(compacted)))
     if pruning_config is not None:
         setattr(compacted.config, CONFIG_KEY, pruning_config.to_dict())
+    _refuse_non_finite(compacted, save_directory)
     with atomic_directory(save_directory) as staging:
         compacted.save_pretrained(staging)
         if processing_class is not None:
@@ -151,6 +154,8 @@ def architecture_class(config) -> type:
 def from_pretrained(path: str | os.PathLike, model_class: type | None = None, **kwargs) -> nn.Module:
     """Load a model saved by `save_compacted` (or a Trainer of hf_blockprune), without remote code.
 
+    A local folder that an interrupted save left is first completed or cleaned (`recover_interrupted_save`).
+
     Args:
         path (`str` or `os.PathLike`): the saved folder (or Hub id).
         model_class (`type`, *optional*): the transformers class to build (default: from `config.architectures`).
@@ -159,6 +164,9 @@ def from_pretrained(path: str | os.PathLike, model_class: type | None = None, **
     Raises:
         `ValueError`: the folder holds no compacted model, or its weights do not match its recorded layout.
     """
+    if Path(path).is_dir():
+        recover_interrupted_save(path)
+        _refuse_masked_checkpoint(path)
     config = transformers.AutoConfig.from_pretrained(path)
     if getattr(config, LAYOUT_ATTRIBUTE, None) is None:
         raise ValueError(
@@ -176,6 +184,17 @@ def from_pretrained(path: str | os.PathLike, model_class: type | None = None, **
             f"The weights in {path} do not match the pruning layout recorded in its config.json "
             f"(`{LAYOUT_ATTRIBUTE}`): the folder was modified or mixed with another model's files.\n{error}"
         ) from None
+
+
+def _refuse_masked_checkpoint(path: str | os.PathLike) -> None:
+    from .checkpoints import is_masked_checkpoint
+
+    if is_masked_checkpoint(path):
+        raise ValueError(
+            f"{path} is a masked training checkpoint (weights and mask scores, written before training ended), not a "
+            f"compacted model. Compact it with `hf-blockprune compact {path} OUTPUT_DIR` and load OUTPUT_DIR, or load "
+            f"it masked (to evaluate or inspect it) with `hf_blockprune.load_masked_checkpoint({str(path)!r})`."
+        )
 
 
 @torch.no_grad()
@@ -197,16 +216,17 @@ def _pair(dense_layer: nn.Module, small_layer: nn.Module, path: str) -> tuple[nn
 
 
 def _copy_rows(dense: nn.Linear, small: nn.Linear, rows: torch.Tensor) -> None:
+    # a zero placeholder head (kept for the KV cache) sits after the real heads and is left out
     dense.weight.zero_()
-    dense.weight[rows] = small.weight
+    dense.weight[rows] = small.weight[: len(rows)]
     if dense.bias is not None:
         dense.bias.zero_()
-        dense.bias[rows] = small.bias
+        dense.bias[rows] = small.bias[: len(rows)]
 
 
 def _copy_cols(dense: nn.Linear, small: nn.Linear, cols: torch.Tensor) -> None:
     dense.weight.zero_()
-    dense.weight[:, cols] = small.weight
+    dense.weight[:, cols] = small.weight[:, : len(cols)]
     if dense.bias is not None:
         dense.bias.copy_(small.bias)
 
@@ -225,6 +245,9 @@ def export_dense(model: nn.Module, save_directory: str | os.PathLike, processing
 
     Returns:
         `nn.Module`: the dense model that was saved.
+
+    Raises:
+        `ValueError`: a parameter or buffer holds NaN or inf values (nothing is written).
     """
     compacted = _compacted_copy(model)
     layout = getattr(compacted.config, LAYOUT_ATTRIBUTE)
@@ -241,6 +264,7 @@ def export_dense(model: nn.Module, save_directory: str | os.PathLike, processing
             dense_state[key].copy_(value)
     for layer_path, entry in layout["layers"].items():
         _scatter_layer(dense.get_submodule(layer_path), compacted.get_submodule(layer_path), entry)
+    _refuse_non_finite(dense, save_directory)
     with atomic_directory(save_directory) as staging:
         dense.save_pretrained(staging)
         if processing_class is not None:

@@ -195,3 +195,36 @@ def test_saving_during_a_new_training_run_keeps_scores_again(tmp_path):
     trainer.args.save_steps = 8
     trainer.train()
     assert "blockprune_layout" not in json.loads((tmp_path / "checkpoint-8" / "config.json").read_text())
+
+
+def test_a_masked_checkpoint_points_to_compaction_and_loads_masked(tmp_path):
+    trainer = make_trainer("trainer", "bert", preset_config("struct", target_density=0.5), tmp_path, max_steps=4,
+                           save_strategy="steps", save_steps=4)
+    trainer.train()
+    checkpoint = tmp_path / "checkpoint-4"
+    with pytest.raises(ValueError, match="masked training checkpoint.*hf-blockprune compact.*load_masked_checkpoint"):
+        hf_blockprune.from_pretrained(checkpoint)
+    masked = hf_blockprune.load_masked_checkpoint(checkpoint)
+    inputs = model_inputs("bert")
+    with torch.no_grad():
+        torch.testing.assert_close(masked(**inputs).logits, trainer.model.eval()(**inputs).logits)
+
+
+def test_dense_export_of_a_model_with_a_placeholder_head(tmp_path):
+    """Decoder layer 0 loses every self-attention head: compaction keeps a zero head for the cache; the dense
+    export leaves it out and computes the same function."""
+    from transformers import BartForConditionalGeneration
+
+    from hf_blockprune.model import prunable_layers
+
+    from helpers import kill_scores
+
+    model = random_masks(biased_model("bart"), "struct", "sigmoid_threshold", seed=3, force_empty=False)
+    decoder_first = next(layer for layer in prunable_layers(model) if ".decoder." in layer.name)
+    kill_scores(decoder_first.attentions[0].value.scores_module)
+    inputs = model_inputs("bart")
+    expected = model_outputs(model.eval(), inputs)
+    export_dense(model, tmp_path / "dense")
+    dense = BartForConditionalGeneration.from_pretrained(tmp_path / "dense").eval()
+    for a, b in zip(expected, model_outputs(dense, inputs)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
