@@ -15,13 +15,19 @@ is read from `../shared/data` (or `$HF_BLOCKPRUNE_DATA`) when it is there, else 
 After training, `trainer.save_model()` writes the compacted model (pruned heads and FFN neurons removed). The
 evaluation then reloads it from `--output_dir` with `hf_blockprune.from_pretrained`, so the reported accuracy is the
 saved model's.
+
+A compacted model given as `--model_name_or_path` is loaded with `hf_blockprune.from_pretrained` and can be fine-tuned
+further (`--pruning_preset none`, or no pruning flag: the paper's second stage, e.g. with `--teacher_model`) or pruned
+again (any preset: the saved layout records the heads kept by their original index).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import transformers
@@ -51,6 +57,9 @@ class ModelArguments:
         default=None, metadata={"help": "Path or Hub id of the model (default: the offline MiniLM-L6-H384)."}
     )
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run the model's own code (not needed for hf_blockprune compacted models)."}
+    )
 
 
 @dataclass
@@ -105,6 +114,20 @@ def compute_metrics(prediction) -> dict[str, float]:
     return metrics
 
 
+def is_compacted(path: str) -> bool:
+    """Whether `path` is a local folder holding a model compacted by hf_blockprune (e.g. a first pruning run)."""
+    config_file = Path(path) / "config.json"
+    return config_file.is_file() and "blockprune_layout" in json.loads(config_file.read_text())
+
+
+def load_model(path: str, model_args: ModelArguments, **kwargs):
+    """A compacted model through hf_blockprune (to fine-tune or prune again), any other through transformers."""
+    if is_compacted(path):  # its task head is part of what was pruned: the label count is the saved one
+        return hf_blockprune.from_pretrained(path)
+    return AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=model_args.trust_remote_code,
+                                                              **kwargs)
+
+
 def main() -> None:
     """Train with block pruning, save the compacted model, reload it and evaluate it."""
     model_args, data_args, training_args, pruning_args = parse_arguments()
@@ -120,7 +143,7 @@ def main() -> None:
     collator = DataCollatorWithPadding(tokenizer)
 
     if training_args.do_train:
-        model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
+        model = load_model(model_path, model_args, num_labels=num_labels)
         trainer = BlockPruningTrainer(  # the one-line change from run_glue.py: Trainer -> BlockPruningTrainer
             model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
             processing_class=tokenizer, data_collator=collator, compute_metrics=compute_metrics,
@@ -133,7 +156,7 @@ def main() -> None:
         trainer.save_state()
 
     if training_args.do_eval:
-        model = hf_blockprune.from_pretrained(training_args.output_dir)
+        model = load_model(training_args.output_dir, model_args)
         evaluator = Trainer(model=model, args=training_args, eval_dataset=data["validation"],
                             processing_class=tokenizer, data_collator=collator, compute_metrics=compute_metrics)
         metrics = evaluator.evaluate()

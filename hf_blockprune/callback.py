@@ -9,10 +9,10 @@ from transformers import TrainerCallback
 
 from .accumulation import loss_shifts_labels, micro_batch_weight
 from .config import BlockPruningConfig
-from .controller import PruningController, check_training_arguments
+from .controller import PruningController, check_training_arguments, warn_if_stacks_emptied
 from .distillation import Distiller, load_teacher
 from .model import apply_block_pruning, block_scores, is_block_pruned, score_parameters
-from .saving import compact_on_save, restore_save
+from .saving import compact_on_save, is_compacted, restore_save
 
 logger = logging.getLogger(__name__)
 
@@ -67,18 +67,8 @@ class BlockPruningCallback(TrainerCallback):
                 "BlockPruningCallback needs a model at Trainer construction; `model_init` is not supported."
             )
         check_training_arguments(args, self.pruning_config)
-        if not args.learning_rate > 0:
-            raise ValueError(
-                f"BlockPruningCallback gives the mask scores their learning rate relative to `learning_rate`, which is"
-                f" {args.learning_rate}: set `learning_rate` > 0, or use BlockPruningTrainer, which gives the scores "
-                "an optimizer group of their own (e.g. to train only the scores)."
-            )
-        scale = self.pruning_config.mask_scores_learning_rate / args.learning_rate
-        if is_block_pruned(model):
-            for scores in block_scores(model):
-                scores.set_score_scale(scale)
-        else:
-            apply_block_pruning(model, self.pruning_config, score_scale=scale)
+        if self.pruning_config.enabled:
+            self._mask(model, args)
         self.controller = PruningController(model, self.pruning_config)
         if self.teacher_model is not None:
             config = self.pruning_config
@@ -91,6 +81,20 @@ class BlockPruningCallback(TrainerCallback):
         ]
         self._shift_labels = loss_shifts_labels(model)
 
+    def _mask(self, model, args) -> None:
+        if not args.learning_rate > 0:
+            raise ValueError(
+                f"BlockPruningCallback gives the mask scores their learning rate relative to `learning_rate`, which is"
+                f" {args.learning_rate}: set `learning_rate` > 0, or use BlockPruningTrainer, which gives the scores "
+                "an optimizer group of their own (e.g. to train only the scores)."
+            )
+        scale = self.pruning_config.mask_scores_learning_rate / args.learning_rate
+        if is_block_pruned(model):
+            for scores in block_scores(model):
+                scores.set_score_scale(scale)
+        else:
+            apply_block_pruning(model, self.pruning_config, score_scale=scale)
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         """Check that the pruning can work with this Trainer, then set the schedule for the first step."""
         if self.controller is None:
@@ -98,7 +102,7 @@ class BlockPruningCallback(TrainerCallback):
                 "BlockPruningCallback was added after the Trainer was built, so its scores are not in the optimizer. "
                 "Pass it at construction: Trainer(..., callbacks=[BlockPruningCallback(config)])."
             )
-        if args.label_smoothing_factor > 0:
+        if args.label_smoothing_factor > 0 and (self.pruning_config.enabled or self.distiller is not None):
             raise ValueError(
                 "With `label_smoothing_factor` > 0 the Trainer computes the loss outside the model, where this "
                 "callback cannot add the regularization. Use BlockPruningTrainer(..., pruning_config=config) instead."
@@ -148,13 +152,16 @@ class BlockPruningCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         """Stop adding the regularization; from now on `trainer.save_model()` writes the compacted model."""
         self._training = False
-        if model is not None:
+        if model is not None and is_block_pruned(model):
+            warn_if_stacks_emptied(model)
+        if model is not None and (is_block_pruned(model) or is_compacted(model)):
             compact_on_save(model)
 
     def _hold_item_count(self, module, args, kwargs):
         """Keep the Trainer's `num_items_in_batch` from the model, so its loss is a per-micro-batch mean."""
         self._items_in_step = None
-        if not (module.training and self._training) or "num_items_in_batch" not in kwargs:
+        # without labels in the call the model computes no loss (the Trainer does, e.g. with label smoothing)
+        if not (module.training and self._training) or "num_items_in_batch" not in kwargs or "labels" not in kwargs:
             return None
         kwargs = dict(kwargs)
         self._items_in_step = kwargs.pop("num_items_in_batch")
@@ -168,7 +175,9 @@ class BlockPruningCallback(TrainerCallback):
         weight = micro_batch_weight(kwargs, self._items_in_step, self._shift_labels)
         self._items_in_step = None
         if term is None and self.distiller is None and weight is None:
-            self.controller.record_loss(_loss_of(output))
+            loss = output[0] if isinstance(output, tuple) else output.get("loss")
+            if torch.is_tensor(loss):
+                self.controller.record_loss(loss)
             return None
         loss = _loss_of(output)
         if self.distiller is not None:

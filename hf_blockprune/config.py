@@ -46,6 +46,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 PRESETS["hybrid-filled"] = {**PRESETS["hybrid"], "fill_after": 0.8}
 
+# `pruning_preset="none"`: fine-tune (and distil) without pruning, e.g. the second stage on a compacted model.
+NO_PRUNING = "none"
+
+# The fields that ask for pruning. A config that sets none of them (e.g. a script's `HfArgumentParser` given no pruning
+# flag) prunes nothing; the others (distillation, custom module names) are meaningful without pruning.
+PRUNING_FIELDS = (
+    "pruning_method", "attention_granularity", "attention_block_size", "ffn_granularity", "ffn_block_size",
+    "initial_threshold", "final_threshold", "final_lambda", "mask_init_value", "fill_after", "target_density",
+    "target_density_attention", "target_density_ffn", "target_speedup",
+)
+
 # Defaults for the fields a preset may set, applied last.
 _FALLBACKS: dict[str, Any] = {
     "pruning_method": "sigmoid_threshold",
@@ -68,6 +79,10 @@ class BlockPruningConfig:
             One of the paper's recipes: `"hybrid"` (attention 32x32 blocks + FFN neurons), `"hybrid-filled"` (hybrid,
             then the surviving heads are made dense again for the last 20% of training), `"struct"` (whole heads +
             FFN neurons) or `"block"` (32x32 blocks everywhere). Explicitly set fields override the preset.
+            `"none"` prunes nothing: the trainer and the callback then fine-tune (and distil, with a teacher) as a
+            plain Trainer would, and a compacted model keeps its layout and loading code when saved. A config that
+            names no preset and sets no pruning field (method, granularity, threshold, lambda, target, `fill_after`)
+            is `"none"` too, so a script whose parser holds `BlockPruningConfig` runs unpruned without pruning flags.
         pruning_method (`str`, *optional*, defaults to `"sigmoid_threshold"`):
             `"topk"` keeps the top fraction of blocks of each matrix by score (hard movement pruning; the
             threshold is that fraction) or `"sigmoid_threshold"` keeps a block when `sigmoid(score) > threshold`
@@ -122,6 +137,10 @@ class BlockPruningConfig:
         target_rate (`float`, *optional*, defaults to 0.05):
             Step size of the log-multiplier update per optimizer step: with a 10% relative density gap the
             multiplier grows by 0.5% per step, i.e. doubles in about 140 steps.
+        target_per_stack (`bool`, *optional*, defaults to `True`):
+            In a model with several layer stacks (an encoder and a decoder), each stack meets the target density
+            on its own (one score cut per stack), so that no stack can lose all its blocks; `False` shares one cut
+            across the stacks, letting the scores decide how much each keeps (a stack may then be emptied).
         fill_after (`float`, *optional*):
             Hybrid-filled: fraction of the training steps after which the heads that survived become dense again
             (their masked blocks restart from zero and train), dead heads stay removed, the FFN masks are frozen and
@@ -139,7 +158,11 @@ class BlockPruningConfig:
 
     pruning_preset: str | None = field(
         default=None,
-        metadata={"help": "Paper recipe: hybrid, hybrid-filled, struct or block.", "choices": sorted(PRESETS)},
+        metadata={
+            "help": "Paper recipe: hybrid, hybrid-filled, struct or block; none (the default when no pruning flag is "
+                    "given) fine-tunes without pruning.",
+            "choices": sorted(PRESETS) + [NO_PRUNING],
+        },
     )
     pruning_method: str | None = field(
         default=None,
@@ -186,6 +209,10 @@ class BlockPruningConfig:
         default=128, metadata={"help": "Sequence length for the target_speedup cost model."}
     )
     target_rate: float = field(default=0.05, metadata={"help": "Step size of the density controller."})
+    target_per_stack: bool = field(
+        default=True,
+        metadata={"help": "With several layer stacks (encoder, decoder): each stack meets the target on its own."},
+    )
     teacher_model: str | None = field(
         default=None, metadata={"help": "Path or Hub id of a dense teacher to distil from."}
     )
@@ -205,13 +232,37 @@ class BlockPruningConfig:
     )
 
     def __post_init__(self):
-        self._resolve_defaults()
         self._validate_finite()
+        if self._resolve_no_pruning():
+            self._validate_fractions()
+            self._validate_distillation()
+            self._validate_custom_modules()
+            return
+        self._resolve_defaults()
         self._validate_choices()
         self._validate_block_sizes()
         self._validate_schedule()
         self._validate_targets()
         self._validate_custom_modules()
+
+    @property
+    def enabled(self) -> bool:
+        """Whether this config prunes (`False` for `pruning_preset="none"`)."""
+        return self.pruning_preset != NO_PRUNING
+
+    def _resolve_no_pruning(self) -> bool:
+        given = [name for name in PRUNING_FIELDS if getattr(self, name) is not None]
+        self.no_pruning_implied = self.pruning_preset is None and not given  # not a field: not saved, not a flag
+        if self.no_pruning_implied:
+            self.pruning_preset = NO_PRUNING
+        if self.pruning_preset != NO_PRUNING:
+            return False
+        if given:
+            raise ValueError(
+                f"`pruning_preset='{NO_PRUNING}'` prunes nothing, but {', '.join(f'`{n}`' for n in given)} "
+                "asks for pruning: name a preset (hybrid, hybrid-filled, struct, block) or drop those fields."
+            )
+        return True
 
     @property
     def has_target(self) -> bool:
@@ -246,6 +297,26 @@ class BlockPruningConfig:
             raise ValueError(f"`speedup_sequence_length` must be >= 1, got {self.speedup_sequence_length}.")
         if not self.target_rate > 0:
             raise ValueError(f"`target_rate` must be > 0, got {self.target_rate}.")
+        self._validate_distillation()
+
+    def _validate_fractions(self):
+        """The fields with defaults, checked whether or not the config prunes."""
+        for name in ("initial_warmup", "final_warmup"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"`{name}` is a fraction of the training steps in [0, 1), got {getattr(self, name)}.")
+        if self.initial_warmup + self.final_warmup >= 1.0:
+            raise ValueError(
+                f"`initial_warmup` + `final_warmup` must be below 1 to leave steps for the cubic schedule, got "
+                f"{self.initial_warmup} + {self.final_warmup}."
+            )
+        if not self.mask_scores_learning_rate > 0.0:
+            raise ValueError(f"`mask_scores_learning_rate` must be > 0, got {self.mask_scores_learning_rate}.")
+        if self.speedup_sequence_length < 1:
+            raise ValueError(f"`speedup_sequence_length` must be >= 1, got {self.speedup_sequence_length}.")
+        if not self.target_rate > 0:
+            raise ValueError(f"`target_rate` must be > 0, got {self.target_rate}.")
+
+    def _validate_distillation(self):
         if not 0.0 <= self.distillation_alpha <= 1.0:
             raise ValueError(f"`distillation_alpha` must be in [0, 1], got {self.distillation_alpha}.")
         if not self.distillation_temperature > 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -13,6 +14,8 @@ from .losses import expected_density, mask_density
 from .model import TARGETS_ATTRIBUTE, block_scores, set_threshold
 from .schedule import cubic_lambda, cubic_threshold, schedule_progress
 from .targets import DensityTargets
+
+logger = logging.getLogger(__name__)
 
 
 class PruningController:
@@ -37,6 +40,8 @@ class PruningController:
         self._loss_finite: torch.Tensor | None = None  # all training losses of this optimizer step were finite
         if config.has_target:
             self.targets = self._attach_targets()
+        if not config.enabled:
+            _log_no_pruning(config)
 
     def _attach_targets(self) -> DensityTargets:
         existing = getattr(self.model, TARGETS_ATTRIBUTE, None)
@@ -50,7 +55,8 @@ class PruningController:
         else:
             targets = self.config.density_targets()
         device = next(self.model.parameters()).device
-        state = DensityTargets(targets, self.config.target_rate, initial_lambda=1e-2).to(device)
+        state = DensityTargets(targets, self.config.target_rate, initial_lambda=1e-2,
+                               per_stack=self.config.target_per_stack).to(device)
         self.model.add_module(TARGETS_ATTRIBUTE, state)
         return state
 
@@ -61,8 +67,10 @@ class PruningController:
 
     def update(self, step: int, total_steps: int) -> None:
         """Set threshold, lambda or targets for optimizer step `step` of `total_steps`; start the filled stage."""
-        total_steps = max(total_steps, 1)
         config = self.config
+        if not config.enabled:
+            return
+        total_steps = max(total_steps, 1)
         self.progress = schedule_progress(step, total_steps, config.initial_warmup, config.final_warmup)
         self.threshold = cubic_threshold(self.progress, config.initial_threshold, config.final_threshold)
         self.lambda_value = 0.0 if self.targets is not None else cubic_lambda(self.progress, config.final_lambda)
@@ -148,6 +156,8 @@ class PruningController:
 
     def metrics(self) -> dict[str, float]:
         """The `pruning/*` values to log (this syncs with the device: call it at log steps only)."""
+        if not self.config.enabled:
+            return {}
         last = self._last_regularization
         logs = {
             "pruning/threshold": self.threshold,
@@ -160,6 +170,48 @@ class PruningController:
         if self.targets is not None:
             logs.update(self.targets.metrics(self.model, self.progress))
         return logs
+
+
+def emptied_stacks(model: nn.Module) -> list[str]:
+    """What the masks empty entirely across a whole layer stack: e.g. `"model.encoder.layers: attention 0"` when
+    no layer of the encoder keeps a head of its first attention, or `"...: FFN"` when none keeps an FFN neuron."""
+    from .report import sparsity_report
+
+    stacks: dict[str, list[dict]] = {}
+    for row in sparsity_report(model):
+        stacks.setdefault(row["layer"].rpartition(".")[0], []).append(row)
+    emptied = []
+    for stack, rows in stacks.items():
+        for index in range(len(rows[0]["num_heads"])):
+            if all(row["num_heads"][index] and len(row["heads_pruned"][index]) >= row["num_heads"][index]
+                   for row in rows):
+                emptied.append(f"{stack}: attention {index}")
+        if all(row["ffn_neurons_total"] and row["ffn_neurons_kept"] == 0 for row in rows):
+            emptied.append(f"{stack}: FFN")
+    return emptied
+
+
+def warn_if_stacks_emptied(model: nn.Module) -> None:
+    """Log a warning naming every layer stack whose attention or FFN the masks removed entirely."""
+    emptied = emptied_stacks(model)
+    if emptied:
+        logger.warning(
+            "Pruning removed ALL of %s: the model no longer has that part in any layer of the stack (an encoder "
+            "without attention does not mix tokens; a seq2seq model may generate nothing). Check its accuracy; to "
+            "prevent it, use a target density (one score cut per stack, `target_per_stack=True`), a milder target, "
+            "or per-group targets (`target_density_attention` / `target_density_ffn`).",
+            "; ".join(emptied),
+        )
+
+
+def _log_no_pruning(config: BlockPruningConfig) -> None:
+    if config.no_pruning_implied:
+        logger.warning(
+            "BlockPruningConfig names no preset and sets no pruning field: this run fine-tunes WITHOUT pruning "
+            "(as `--pruning_preset none`). To prune, give e.g. `--pruning_preset hybrid --target_density 0.3`."
+        )
+    else:
+        logger.info("pruning_preset='none': fine-tuning without pruning.")
 
 
 def non_finite_message(step: int, what: list[str], output_dir: str | None) -> str:

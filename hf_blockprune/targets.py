@@ -12,7 +12,10 @@ and two mechanisms replace the fixed `lambda` and the fixed threshold:
    `D_k = sum_{b in k} n_b 1[S_b > c_k] / sum_{b in k} n_b` (`n_b`: the weights block `b` governs) is the largest
    not above `t_k`: a weighted quantile of the scores of the whole group. Unlike top-k, which keeps the same fraction
    of every matrix, the cut is shared by the group, so how much each layer and matrix keeps is learned by the scores.
-   The realized density therefore follows the schedule to within one block.
+   The realized density therefore follows the schedule to within one block. In a model with several layer
+   stacks (BART's encoder and decoder), each stack gets its own cut at the same scheduled density
+   (`target_per_stack`, on by default): one shared cut has been seen to empty a whole stack (every encoder head of a
+   small BART at `target_density=0.5`), which leaves a model that generates nothing.
 
 2. **Multiplier.** The L1 term becomes `sum_k lambda_k * E_k`, with `E_k = sum_{b in k} n_b sigmoid(S_b) /
    sum_{b in k} n_b` the expected density, and after every optimizer step `lambda_k` follows the gap between
@@ -49,6 +52,24 @@ def _group_modules(model: nn.Module, kind: str | None) -> list[BlockScores]:
     return [m for m in model.modules() if isinstance(m, BlockScores) and (kind is None or m.kind == kind)]
 
 
+def stack_partition(model: nn.Module, modules: list[BlockScores]) -> list[list[BlockScores]]:
+    """Split `modules` by the layer stack (e.g. encoder, decoder) whose layers they mask, in first-seen order."""
+    from .layer import MaskedLinear
+    from .model import prunable_layers
+
+    stack_of = {}
+    for layer in prunable_layers(model):
+        stack = layer.name.rpartition(".")[0]
+        linears = [m for attn in layer.attentions for m in (attn.query, attn.key, attn.value, attn.output)]
+        for linear in linears + [layer.ffn_input, layer.ffn_output]:
+            if isinstance(linear, MaskedLinear):
+                stack_of.setdefault(id(linear.scores_module), stack)
+    parts: dict[str, list[BlockScores]] = {}
+    for module in modules:
+        parts.setdefault(stack_of.get(id(module), ""), []).append(module)
+    return list(parts.values())
+
+
 @torch.no_grad()
 def weighted_score_cut(modules: list[BlockScores], density: float) -> torch.Tensor:
     """The score cut `c` keeping the highest-scored blocks of `modules` up to `density` of their weights.
@@ -83,10 +104,15 @@ class DensityTargets(nn.Module):
         targets (`dict`): group -> final target density; a group is `"attention"`, `"ffn"` or `"all"`.
         rate (`float`): step size of the log-multiplier update.
         initial_lambda (`float`): starting multiplier.
+        per_stack (`bool`, *optional*, defaults to `True`): place one cut per layer stack (encoder, decoder) so that
+            each stack meets the target on its own; `False`: one cut for the whole group.
     """
 
-    def __init__(self, targets: dict[str, float], rate: float, initial_lambda: float):
+    def __init__(self, targets: dict[str, float], rate: float, initial_lambda: float, per_stack: bool = True):
         super().__init__()
+        self.per_stack = per_stack
+        self._partitions: dict[str, list[list[BlockScores]]] = {}
+        self._partition_key: dict[str, tuple] = {}
         self.groups = list(targets)
         self.targets = dict(targets)
         self.rate = rate
@@ -113,10 +139,21 @@ class DensityTargets(nn.Module):
         """Set each group's score cut so that its realized density is its scheduled target at `progress`."""
         scheduled = self.scheduled(progress)
         for group in self.groups:
-            modules = _group_modules(model, self._kind(group))
-            cut = weighted_score_cut(modules, scheduled[group])
-            for module in modules:
-                module.set_score_cut(cut)
+            for modules in self._cut_sets(model, group):
+                cut = weighted_score_cut(modules, scheduled[group])
+                for module in modules:
+                    module.set_score_cut(cut)
+
+    def _cut_sets(self, model: nn.Module, group: str) -> list[list[BlockScores]]:
+        """The sets of scores that share one cut: the group, or the group within each layer stack."""
+        modules = _group_modules(model, self._kind(group))
+        if not self.per_stack:
+            return [modules]
+        key = (group, tuple(id(m) for m in modules))
+        if self._partition_key.get(group) != key:  # the model's structure is fixed during training: split once
+            self._partition_key[group] = key
+            self._partitions[group] = stack_partition(model, modules)
+        return self._partitions[group]
 
     @torch.no_grad()
     def update(self, model: nn.Module, progress: float, step: int) -> None:

@@ -8,11 +8,11 @@ from transformers import Trainer, TrainerCallback
 
 from .accumulation import micro_batch_weight
 from .config import BlockPruningConfig
-from .controller import PruningController, check_training_arguments
+from .controller import PruningController, check_training_arguments, warn_if_stacks_emptied
 from .distillation import Distiller, load_teacher
 from .model import apply_block_pruning, is_block_pruned, score_parameters
 from .model_card import CARD_MARKER
-from .saving import compact_on_save, restore_save
+from .saving import compact_on_save, is_compacted, restore_save
 
 
 class _AfterOptimizerStep(TrainerCallback):
@@ -63,7 +63,7 @@ class BlockPruningTrainer(Trainer):
         check_training_arguments(self.args, pruning_config)
         if self.model is None or self.model_init is not None:
             raise ValueError("BlockPruningTrainer needs `model=`; `model_init` is not supported.")
-        if not is_block_pruned(self.model):
+        if pruning_config.enabled and not is_block_pruned(self.model):
             apply_block_pruning(self.model, pruning_config)
         self.pruning_config = pruning_config
         self.pruning = PruningController(self.model, pruning_config)
@@ -80,6 +80,8 @@ class BlockPruningTrainer(Trainer):
             return self.optimizer
         optimizer = super().create_optimizer(model)
         scores = score_parameters(self.model if model is None else model)
+        if not scores:
+            return optimizer
         score_ids = {id(p) for p in scores}
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) not in score_ids]
@@ -92,7 +94,10 @@ class BlockPruningTrainer(Trainer):
         """Train with pruning; afterwards `save_model()` writes the compacted model."""
         restore_save(self.model)
         output = super().train(*args, **kwargs)
-        compact_on_save(self.model)
+        if is_block_pruned(self.model):
+            warn_if_stacks_emptied(self.model)
+        if is_block_pruned(self.model) or is_compacted(self.model):
+            compact_on_save(self.model)
         return output
 
     def create_model_card(self, *args, **kwargs):

@@ -70,6 +70,31 @@ def test_text_classification_with_the_trainer_swap(tmp_path):
     assert metrics["eval_parameters"] == sum(p.numel() for p in model.parameters())
 
 
+def _kept_heads(folder: Path) -> dict[str, list[int]]:
+    layout = json.loads((folder / "config.json").read_text())[LAYOUT_ATTRIBUTE]
+    return {name: entry["attention"][0]["heads"] for name, entry in layout["layers"].items()}
+
+
+def test_a_compacted_model_is_fine_tuned_then_pruned_again(tmp_path):
+    """The paper's second stage through the script: no pruning flag fine-tunes the compacted model as it is; a preset
+    prunes it again, and the new layout names the heads by their original index."""
+    data = ["--task_name", "sst2", "--max_train_samples", "160", "--max_eval_samples", "64", "--max_steps", "10",
+            "--per_device_train_batch_size", "16", "--max_seq_length", "48"]
+    first = tmp_path / "first"
+    run_example("run_glue_blockprune.py", [*data, "--pruning_preset", "struct", "--target_density", "0.5"], first)
+    tuned = tmp_path / "tuned"
+    metrics = run_example("run_glue_blockprune.py", [*data, "--model_name_or_path", str(first)], tuned)
+    assert _kept_heads(tuned) == _kept_heads(first)
+    assert metrics["eval_parameters"] == sum(p.numel() for p in hf_blockprune.from_pretrained(str(first)).parameters())
+    again = tmp_path / "again"
+    run_example("run_glue_blockprune.py", [*data, "--model_name_or_path", str(first), "--pruning_preset", "struct",
+                                           "--target_density", "0.5", "--initial_warmup", "0", "--final_warmup",
+                                           "0.2"], again)
+    before, after = _kept_heads(first), _kept_heads(again)
+    assert all(set(after[name]) <= set(before[name]) for name in before)
+    assert sum(map(len, after.values())) < sum(map(len, before.values()))
+
+
 def test_extractive_qa_with_its_own_trainer_and_the_callback(tmp_path):
     out = tmp_path / "squad"
     metrics = run_example("run_qa_blockprune.py", [

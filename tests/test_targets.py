@@ -132,3 +132,37 @@ def test_masks_between_steps_realize_the_scheduled_density(route, tmp_path):
         target = entry["pruning/target_density_all"]
         assert target - 0.1 <= entry["pruning/realized_density_all"] <= target + 1e-6
     assert mask_density(trainer.model).item() == pytest.approx(0.4, abs=0.02)
+
+
+def _emptied_bart_run(tmp_path, per_stack):
+    config = preset_config("struct", target_density=0.5, target_per_stack=per_stack, initial_warmup=0.0,
+                           final_warmup=0.2)
+    trainer = make_trainer("trainer", "bart", config, tmp_path, max_steps=60)
+    # a stack whose scores all sit below the other's: one shared cut would drop every one of its blocks
+    with torch.no_grad():
+        for name, module in trainer.model.named_modules():
+            if isinstance(module, BlockScores) and ".encoder." in name:
+                module.scores.sub_(5.0)
+    trainer.train()
+    return trainer
+
+
+def test_a_target_cannot_empty_a_stack(tmp_path, caplog):
+    from hf_blockprune.controller import emptied_stacks
+
+    trainer = _emptied_bart_run(tmp_path, per_stack=True)
+    assert emptied_stacks(trainer.model) == []
+    for stack in ("encoder", "decoder"):  # each stack meets the target on its own
+        scores = [m for n, m in trainer.model.named_modules() if isinstance(m, BlockScores) and f".{stack}." in n]
+        kept = sum(m.mask().sum().item() * m.weights_per_block for m in scores)
+        total = sum(m.scores.numel() * m.weights_per_block for m in scores)
+        assert kept / total == pytest.approx(0.5, abs=0.05)
+
+
+def test_a_shared_cut_that_empties_a_stack_is_reported_loudly(tmp_path, caplog):
+    from hf_blockprune.controller import emptied_stacks
+
+    with caplog.at_level("WARNING", logger="hf_blockprune.controller"):
+        trainer = _emptied_bart_run(tmp_path, per_stack=False)
+    assert any("model.encoder.layers" in entry for entry in emptied_stacks(trainer.model))
+    assert "Pruning removed ALL of model.encoder.layers" in caplog.text
