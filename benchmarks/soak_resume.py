@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def train(args: argparse.Namespace, output_dir: Path) -> None:
     """One training process: resume from the last checkpoint in `output_dir` if there is one, else start."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     from hf_blockprune import BlockPruningCallback, BlockPruningConfig, BlockPruningTrainer
@@ -64,6 +64,7 @@ def train(args: argparse.Namespace, output_dir: Path) -> None:
     raw, text_columns, label_column = load_glue("sst2")
     raw["train"] = raw["train"].shuffle(seed=0).select(range(6000))
     data = tokenize_classification(raw, tokenizer, text_columns, label_column, 48)
+    set_seed(0)  # the fresh classifier head: every process of both runs starts from the same one
     model = AutoModelForSequenceClassification.from_pretrained(offline_minilm_path(), num_labels=2)
     training = TrainingArguments(
         output_dir=str(output_dir), max_steps=args.max_steps, per_device_train_batch_size=8,
