@@ -293,10 +293,6 @@ class BlockPruningConfig:
                 raise ValueError(f"`target_speedup` must be > 1, got {self.target_speedup}.")
             if self.target_density is not None or per_kind:
                 raise ValueError("`target_speedup` sets the target densities itself; do not also give them.")
-        if self.speedup_sequence_length < 1:
-            raise ValueError(f"`speedup_sequence_length` must be >= 1, got {self.speedup_sequence_length}.")
-        if not self.target_rate > 0:
-            raise ValueError(f"`target_rate` must be > 0, got {self.target_rate}.")
         self._validate_distillation()
 
     def _validate_fractions(self):
@@ -381,18 +377,9 @@ class BlockPruningConfig:
                     raise ValueError(
                         f"`{name}` is compared with sigmoid(score) and must be in [0, 1), got {getattr(self, name)}."
                     )
-        for name in ("initial_warmup", "final_warmup"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"`{name}` is a fraction of the training steps in [0, 1), got {getattr(self, name)}.")
-        if self.initial_warmup + self.final_warmup >= 1.0:
-            raise ValueError(
-                f"`initial_warmup` + `final_warmup` must be below 1 to leave steps for the cubic schedule, got "
-                f"{self.initial_warmup} + {self.final_warmup}."
-            )
+        self._validate_fractions()
         if not (self.final_lambda >= 0.0 and math.isfinite(self.final_lambda)):
             raise ValueError(f"`final_lambda` must be a finite number >= 0, got {self.final_lambda}.")
-        if not (self.mask_scores_learning_rate > 0.0 and math.isfinite(self.mask_scores_learning_rate)):
-            raise ValueError(f"`mask_scores_learning_rate` must be > 0, got {self.mask_scores_learning_rate}.")
         if not math.isfinite(self.mask_init_value):
             raise ValueError(f"`mask_init_value` must be a finite number, got {self.mask_init_value}.")
         if self.fill_after is not None and not (1.0 - self.final_warmup <= self.fill_after < 1.0):
