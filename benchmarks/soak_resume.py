@@ -92,10 +92,11 @@ def _worker_command(args: argparse.Namespace, output_dir: Path) -> list[str]:
             "--max_steps", str(args.max_steps), "--save_steps", str(args.save_steps)]
 
 
-def run_uninterrupted(args: argparse.Namespace, output_dir: Path) -> float:
-    """The reference run, in one process (cached)."""
+def run_uninterrupted(args: argparse.Namespace, output_dir: Path) -> float | None:
+    """The reference run, in one process (cached); its wall time in seconds, if it was timed."""
     if (output_dir / "DONE").is_file():
-        return json.loads((output_dir / "wall.json").read_text())["seconds"]
+        wall = output_dir / "wall.json"
+        return json.loads(wall.read_text())["seconds"] if wall.is_file() else None
     start = time.time()
     subprocess.run(_worker_command(args, output_dir), check=True)
     seconds = time.time() - start
@@ -103,29 +104,57 @@ def run_uninterrupted(args: argparse.Namespace, output_dir: Path) -> float:
     return seconds
 
 
-def run_with_kills(args: argparse.Namespace, output_dir: Path, reference_seconds: float) -> list[dict]:
-    """Kill the run `args.kills` times at random moments, resuming after each, then let it finish (cached)."""
+def run_with_kills(args: argparse.Namespace, output_dir: Path) -> list[dict]:
+    """Kill the run `args.kills` times, resuming after each, then let it finish (cached).
+
+    Each process is killed only after it wrote `k` new checkpoints (k random, 1 to about twice a fair share of the
+    run's checkpoints), at a random moment within one checkpoint interval after the last: so every kill loses real
+    progress, lands in training or in a save, and the resumed process starts from a checkpoint of its own making,
+    however slow the machine is.
+    """
     log_file = output_dir.parent / f"{output_dir.name}-kills.json"
     kills = json.loads(log_file.read_text()) if log_file.is_file() else []
     rng = random.Random(args.seed)
-    for _ in kills:  # the same kill times after a driver restart
-        rng.uniform(0, 1)
+    total = args.max_steps // args.save_steps
+    most = max(1, 2 * (total // (args.kills + 1)) - 1)
+    for _ in kills:  # the same draws after a driver restart
+        rng.randint(1, most), rng.uniform(0, 1)
     while not (output_dir / "DONE").is_file():
+        before = set(_checkpoints(output_dir))
+        started = time.time()
         process = subprocess.Popen(_worker_command(args, output_dir))
         if len(kills) < args.kills:
-            # between the start-up (~15 s) and about a run's share, so that kills land in training and in saves
-            delay = 15 + rng.uniform(0, 1) * max(reference_seconds / (args.kills + 1), 10)
-            try:
-                process.wait(timeout=delay)
-            except subprocess.TimeoutExpired:
-                process.send_signal(signal.SIGKILL)
-                process.wait()
-                kills.append({"after_seconds": round(delay, 1), "checkpoints": _checkpoints(output_dir)})
+            wanted, fraction = rng.randint(1, most), rng.uniform(0, 1)
+            kill = _kill_after_checkpoints(process, output_dir, before, wanted, fraction, started)
+            if kill is not None:
+                kills.append(kill)
                 log_file.write_text(json.dumps(kills, indent=1))
                 continue
         if process.wait() != 0 and not (output_dir / "DONE").is_file():
             raise SystemExit(f"The resumed worker failed (exit {process.returncode}).")
     return kills
+
+
+def _kill_after_checkpoints(process, output_dir: Path, before: set, wanted: int, fraction: float, started: float):
+    """SIGKILL `process` a `fraction` of an interval after its `wanted`-th new checkpoint (`None`: it ended first)."""
+    seen, last_time, interval = 0, started, None
+    while process.poll() is None:
+        new = set(_checkpoints(output_dir)) - before
+        if len(new) > seen:
+            now = time.time()
+            interval, last_time, seen = now - last_time, now, len(new)
+            before |= new
+            if seen >= wanted:
+                time.sleep(fraction * interval)
+                if process.poll() is not None:
+                    return None
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                return {"after_seconds": round(time.time() - started, 1), "new_checkpoints": seen,
+                        "seconds_after_the_last": round(fraction * interval, 1),
+                        "checkpoints": _checkpoints(output_dir)}
+        time.sleep(0.5)
+    return None
 
 
 def _checkpoints(output_dir: Path) -> list[str]:
@@ -181,12 +210,15 @@ def report(args, kills, diffs, accuracies, seconds) -> str:
     lines = [
         f"# Kill-and-resume soak ({args.route}, {args.max_steps} optimizer steps)", "",
         "MiniLM-L6-H384 on 6,000 SST-2 sentences, `hybrid` to target density 0.3, batch 8 x gradient accumulation 2, "
-        f"checkpoints every {args.save_steps} steps; reference run {seconds:.0f} s.", "",
+        f"checkpoints every {args.save_steps} steps; reference run "
+        f"{f'{seconds:.0f} s' if seconds is not None else 'not timed'}.", "",
         f"Kills (SIGKILL) and the checkpoints on disk at each: {len(kills)}", "",
-        "| # | after (s) | checkpoints on disk |", "|---|---|---|",
+        "| # | process age (s) | its new checkpoints | s after the last | checkpoints on disk |",
+        "|---|---|---|---|---|",
     ]
     for index, kill in enumerate(kills):
-        lines.append(f"| {index + 1} | {kill['after_seconds']} | {', '.join(kill['checkpoints']) or '-'} |")
+        lines.append(f"| {index + 1} | {kill['after_seconds']} | {kill.get('new_checkpoints', '-')} | "
+                     f"{kill.get('seconds_after_the_last', '-')} | {', '.join(kill['checkpoints']) or '-'} |")
     lines += ["", "| compared at the final checkpoint | max abs difference |", "|---|---|"]
     lines += [f"| {kind} | {value:.3g} |" for kind, value in diffs.items() if kind != "masks_equal"]
     lines += ["", f"Masks equal: **{diffs['masks_equal']}**. Dev accuracy of the compacted models: uninterrupted "
@@ -204,7 +236,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     reference, resumed = work / "uninterrupted", work / "killed"
     seconds = run_uninterrupted(args, reference)
-    kills = run_with_kills(args, resumed, seconds)
+    kills = run_with_kills(args, resumed)
     diffs = compare(reference, resumed, args.max_steps)
     accuracies = (dev_accuracy(reference / "final"), dev_accuracy(resumed / "final"))
     text = report(args, kills, diffs, accuracies, seconds)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .modeling_blockprune import base_model_type
+
 
 @dataclass(frozen=True)
 class AttentionSpec:
@@ -115,7 +117,7 @@ def stack_specs(model: nn.Module, config) -> tuple[LayerStackSpec, ...]:
             attention = (AttentionSpec(*config.attention_modules, sets_cache_length=can_generate(model)),)
         ffn = None if config.ffn_modules is None else FFNSpec(*config.ffn_modules)
         return (LayerStackSpec(config.layers_pattern, attention, ffn, config.num_heads_attribute),)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = base_model_type(getattr(getattr(model, "config", None), "model_type", None))
     if model_type not in ARCHITECTURES:
         raise ValueError(
             f"hf_blockprune has no module map for model_type {model_type!r}; supported: {sorted(ARCHITECTURES)}. "

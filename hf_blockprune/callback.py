@@ -12,7 +12,7 @@ from .config import BlockPruningConfig
 from .controller import PruningController, check_training_arguments, warn_if_stacks_emptied
 from .distillation import Distiller, load_teacher
 from .model import apply_block_pruning, block_scores, is_block_pruned, score_parameters
-from .saving import compact_on_save, is_compacted, restore_save
+from .saving import checkpoint_on_save, compact_on_save, is_compacted
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class BlockPruningCallback(TrainerCallback):
             )
         self._check_optimizer(optimizer)
         self.controller.update(state.global_step, state.max_steps)
-        restore_save(model)
+        checkpoint_on_save(model)  # checkpoints keep the scores, under a marked config
         self._training = True
 
     def _check_optimizer(self, optimizer) -> None:

@@ -14,13 +14,12 @@ import os
 from pathlib import Path
 
 import torch
-import transformers
 from torch import nn
 
 from .config import BlockPruningConfig
 from .model import LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY, TARGETS_ATTRIBUTE, apply_block_pruning
 from .modeling_blockprune import block_pruned_class
-from .saving import architecture_class
+from .saving import architecture_class, read_model_config
 
 logger = logging.getLogger(__name__)
 
@@ -45,19 +44,6 @@ def _weight_names(path: Path) -> list[str]:
         return []
     with safe_open(str(path / "model.safetensors"), framework="pt") as weights:
         return list(weights.keys())
-
-
-def read_model_config(path: str | os.PathLike) -> transformers.PretrainedConfig:
-    """The model config of a local folder (or Hub id), with a clear error when there is none."""
-    if os.path.exists(path) and not (Path(path) / "config.json").is_file():
-        raise ValueError(f"{path} has no config.json: it is not a saved model folder.")
-    looks_local = Path(path).is_absolute() or str(path).startswith((".", "~")) or str(path).count("/") > 1
-    if looks_local and not os.path.exists(path):
-        raise ValueError(f"{path} does not exist.")
-    try:
-        return transformers.AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"Cannot read a model config from {path}: {error}") from None
 
 
 def checkpoint_state(path: Path) -> dict[str, torch.Tensor]:

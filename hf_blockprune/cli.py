@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
 import statistics
@@ -27,14 +26,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import data, qa
-from .checkpoints import is_masked_checkpoint, load_masked_checkpoint, read_model_config
+from .checkpoints import is_masked_checkpoint, load_masked_checkpoint
 from .compaction import compact_model
 from .config import BlockPruningConfig
 from .defaults import offline_minilm_path
 from .flops import predicted_speedup
-from .model import LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY
+from .model import LAYOUT_ATTRIBUTE
 from .model_card import layer_rows, original_sizes, write_figure
-from .saving import architecture_class, from_pretrained, plain_class, save_compacted
+from .saving import architecture_class, dense_config, from_pretrained, plain_class, read_model_config, save_compacted
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +60,8 @@ def load_any(path: str | os.PathLike, pruning_config_file: str | None = None) ->
 
 def dense_twin(model: nn.Module, device: str | torch.device | None = None) -> nn.Module:
     """A randomly initialised dense model of `model`'s architecture and original sizes (its layout removed)."""
-    config = copy.deepcopy(model.config)
-    for key in (LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY, "auto_map"):
-        if hasattr(config, key):
-            delattr(config, key)
     with torch.device(device or "cpu"):
-        return plain_class(type(model))(config).eval()
+        return plain_class(type(model))(dense_config(model.config)).eval()
 
 
 # ------------------------------------------------------------------------------------------------------ the table

@@ -45,6 +45,7 @@ from .model import (
     prunable_layers,
     remove_block_pruning,
 )
+from .modeling_blockprune import as_block_pruned, base_model_type
 from .report import dead_heads, weight_mask
 
 logger = logging.getLogger(__name__)
@@ -274,7 +275,7 @@ def _compact_attention(attention: AttentionModules, kept: list[int], placeholder
 
 
 def _ffn_activation(model: nn.Module, layer_module: nn.Module, layer_name: str):
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = base_model_type(getattr(getattr(model, "config", None), "model_type", None))
     if model_type in FFN_ACTIVATIONS:
         paths = [FFN_ACTIVATIONS[model_type]]
     else:
@@ -342,6 +343,7 @@ def compact_model(model: nn.Module) -> nn.Module:
     for layer, plan in zip(prunable_layers(model, pruning_config), plans, strict=True):
         _compact_layer(model, layer, plan)
     setattr(model.config, LAYOUT_ATTRIBUTE, layout)
+    as_block_pruned(model)  # saves with its loader, under a model type plain transformers cannot mistake
     kept_heads = sum(len(heads) for plan in plans for heads in plan.heads)
     kept_neurons = sum(len(plan.neurons or ()) for plan in plans)
     logger.info("Compacted %d layers: %d heads and %d FFN neurons kept.", len(plans), kept_heads, kept_neurons)

@@ -143,7 +143,7 @@ def load_teacher(teacher: nn.Module | str | os.PathLike, student: nn.Module) -> 
     if not isinstance(teacher, nn.Module):
         import transformers
 
-        from .saving import auto_class_name
+        from .modeling_blockprune import auto_class_name
 
         auto = getattr(transformers, auto_class_name(type(student)))
         teacher = auto.from_pretrained(teacher)

@@ -19,9 +19,19 @@ def layer_rows(model: nn.Module) -> list[dict]:
     rows = []
     for path, entry in getattr(config, LAYOUT_ATTRIBUTE)["layers"].items():
         heads = [attention["heads"] for attention in entry.get("attention", [])]
+        placeholders = [bool(attention.get("placeholder", False)) for attention in entry.get("attention", [])]
         ffn_size = entry.get("ffn", {}).get("size")
-        rows.append({"layer": path, "heads": heads, "ffn_size": ffn_size})
+        rows.append({"layer": path, "heads": heads, "placeholders": placeholders, "ffn_size": ffn_size})
     return rows
+
+
+def heads_cell(row: dict) -> str:
+    """The card's "heads kept" cell of a `layer_rows` row: per attention block, the count and the original indices."""
+    cells = [
+        f"{len(heads)}: {heads}" + (" + zero placeholder" if placeholder else "")
+        for heads, placeholder in zip(row["heads"], row.get("placeholders", [False] * len(row["heads"])))
+    ]
+    return "; ".join(cells) or "-"
 
 
 def original_sizes(model: nn.Module) -> tuple[int, int | None]:
@@ -63,7 +73,8 @@ def write_figure(path: Path, rows: list[dict], num_heads: int, ffn_total: int | 
 def _card_text(model: nn.Module, rows: list[dict], num_heads: int, ffn_total: int | None) -> str:
     config = model.config
     layout = getattr(config, LAYOUT_ATTRIBUTE)
-    from .saving import CONFIG_KEY, auto_class_name, parameter_counts
+    from .modeling_blockprune import auto_class_name, base_model_type
+    from .saving import CONFIG_KEY, parameter_counts
 
     method = getattr(config, CONFIG_KEY, None)
     before = layout.get("dense_parameters", {})
@@ -78,7 +89,7 @@ def _card_text(model: nn.Module, rows: list[dict], num_heads: int, ffn_total: in
         f"# {type(model).__name__.removeprefix('BlockPruned')} pruned with hf_blockprune",
         "",
         f"- **Base model:** `{base_model}`",
-        f"- **Task:** `{auto_class_name(type(model))}` ({config.model_type})",
+        f"- **Task:** `{auto_class_name(type(model))}` ({base_model_type(config.model_type)})",
         "- **Method:** block movement pruning (Lagunas et al., 2021), pruned heads and FFN neurons removed.",
         "",
         "| parameters | before | after |",
@@ -92,8 +103,11 @@ def _card_text(model: nn.Module, rows: list[dict], num_heads: int, ffn_total: in
         "|---|---|---|",
     ]
     for row in rows:
-        heads = "; ".join(f"{len(h)}: {h}" for h in row["heads"]) or "-"
-        lines.append(f"| `{row['layer']}` | {heads} | {row['ffn_size'] if row['ffn_size'] is not None else '-'} |")
+        ffn = row["ffn_size"] if row["ffn_size"] is not None else "-"
+        lines.append(f"| `{row['layer']}` | {heads_cell(row)} | {ffn} |")
+    if any(any(row.get("placeholders", ())) for row in rows):
+        lines += ["", "A *zero placeholder* is one all-zero head slot that a decoder self-attention which lost every "
+                  "head keeps, so that generation's KV cache has a length; it adds nothing to the output."]
     lines += ["", f"![kept heads and FFN neurons per layer]({FIGURE_NAME})", "", "## Pruning hyperparameters", ""]
     lines += ["```json", json.dumps(method, indent=2) if method else "not recorded", "```", ""]
     lines += [

@@ -9,6 +9,12 @@ weights, with an `auto_map` in `config.json`, so that plain transformers loads t
 per layer, the kept heads of each attention block (and the head size) and the FFN size. The normal `from_pretrained`
 pipeline then loads the weights into layers of the right shapes; a checkpoint whose shapes differ fails to load.
 
+Its config class `BlockPruned<Config>` (e.g. `BlockPrunedBertConfig`) has the model type `blockpruned_<type>` (e.g.
+`blockpruned_bert`), which plain transformers does not know: without `trust_remote_code=True` it stops at once with
+an error that asks for it, instead of building a full-size model and failing (or, with `ignore_mismatched_sizes`,
+re-initialising the pruned layers). Folders saved before this (model type `bert`, no `AutoConfig` in `auto_map`) still
+load.
+
 Layout versions: 1, and 2, where an attention record may say `"placeholder": true`: besides its kept `"heads"`
 (none, then) it holds one head slot of zero weights, so that generation's KV cache has a real length.
 """
@@ -22,6 +28,7 @@ from torch import nn
 LAYOUT_ATTRIBUTE = "blockprune_layout"
 SUPPORTED_LAYOUT_VERSIONS = (1, 2)
 CLASS_PREFIX = "BlockPruned"
+MODEL_TYPE_PREFIX = "blockpruned_"
 _HEAD_COUNT_ATTRIBUTES = ("num_attention_heads", "num_heads", "n_heads")
 
 
@@ -108,12 +115,68 @@ def shrink_to_layout(model: nn.Module, layout: dict) -> nn.Module:
     return model
 
 
+# Class-name suffix -> the auto class that loads it (first match wins).
+_AUTO_CLASSES = (
+    ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+    ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
+    ("ForConditionalGeneration", "AutoModelForSeq2SeqLM"),
+    ("ForTokenClassification", "AutoModelForTokenClassification"),
+    ("ForMultipleChoice", "AutoModelForMultipleChoice"),
+    ("ForMaskedLM", "AutoModelForMaskedLM"),
+    ("ForCausalLM", "AutoModelForCausalLM"),
+)
+
+
+def base_class(cls: type) -> type:
+    """The transformers class behind a generated class (`BlockPruned<X>`, ... -> `X`); other classes unchanged."""
+    return getattr(cls, "_blockprune_base", cls)
+
+
+def auto_class_name(model_class: type) -> str:
+    """Name of the transformers auto class that loads `model_class` (e.g. `"AutoModelForSequenceClassification"`)."""
+    name = base_class(model_class).__name__
+    return next((auto for suffix, auto in _AUTO_CLASSES if name.endswith(suffix)), "AutoModel")
+
+
+def base_model_type(model_type: str | None) -> str | None:
+    """The transformers model type behind a compacted model's (`"blockpruned_bert"` -> `"bert"`); others unchanged."""
+    if isinstance(model_type, str) and model_type.startswith(MODEL_TYPE_PREFIX):
+        return model_type[len(MODEL_TYPE_PREFIX) :]
+    return model_type
+
+
 _CLASSES: dict[str, type] = {}
 
 
+def block_pruned_config_class(base: type) -> type:
+    """`BlockPruned<base>`: the config class `base` under the model type `blockpruned_<base.model_type>`.
+
+    Saved with an `AutoConfig` entry in `auto_map`, so that plain transformers asks for `trust_remote_code=True`.
+    """
+    base = base_class(base)
+    name = CLASS_PREFIX + base.__name__
+    if name not in _CLASSES:
+        _CLASSES[name] = type(
+            name,
+            (base,),
+            {
+                "model_type": MODEL_TYPE_PREFIX + base.model_type,
+                "__module__": __name__,
+                "__doc__": f"`{base.__name__}` of a model compacted by hf_blockprune (see `{LAYOUT_ATTRIBUTE}`).",
+                "_blockprune_base": base,
+                "_auto_class": "AutoConfig",
+            },
+        )
+    return _CLASSES[name]
+
+
 def block_pruned_class(base: type) -> type:
-    """`BlockPruned<base>`: `base` whose `__init__` resizes its layers to `config.blockprune_layout`."""
-    base = getattr(base, "_blockprune_base", base)
+    """`BlockPruned<base>`: `base` whose `__init__` resizes its layers to `config.blockprune_layout`.
+
+    Its `config_class` is `block_pruned_config_class(base.config_class)`, and it saves this file and an `auto_map`
+    (its auto class and `AutoConfig`) with its weights.
+    """
+    base = base_class(base)
     name = CLASS_PREFIX + base.__name__
     if name not in _CLASSES:
 
@@ -131,15 +194,26 @@ def block_pruned_class(base: type) -> type:
                 "__module__": __name__,
                 "__doc__": f"`{base.__name__}` with per-layer head counts and FFN sizes (see `{LAYOUT_ATTRIBUTE}`).",
                 "_blockprune_base": base,
+                "_auto_class": auto_class_name(base),
+                "config_class": block_pruned_config_class(base.config_class),
             },
         )
     return _CLASSES[name]
 
 
+def as_block_pruned(model: nn.Module) -> nn.Module:
+    """Give a compacted `model` (and its config) the `BlockPruned` classes, in place, so that it saves its loader."""
+    model.__class__ = block_pruned_class(type(model))
+    model.config.__class__ = block_pruned_config_class(type(model.config))
+    return model
+
+
 def __getattr__(name: str):
-    """Module-level classes `BlockPruned<Class>` for every model class of transformers, made on first use."""
+    """Module-level classes `BlockPruned<Class>` for model and config classes of transformers, made on first use."""
     if name.startswith(CLASS_PREFIX):
         base = getattr(transformers, name[len(CLASS_PREFIX) :], None)
         if isinstance(base, type) and issubclass(base, transformers.PreTrainedModel):
             return block_pruned_class(base)
+        if isinstance(base, type) and issubclass(base, transformers.PretrainedConfig):
+            return block_pruned_config_class(base)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,13 @@
-"""Save compacted models so they load anywhere, load them back, and export dense copies."""
+"""Save compacted models so they load anywhere, load them back, and export dense copies.
+
+Two kinds of folder come out of a pruning run, and plain transformers mistakes neither for a dense model:
+
+- a compacted model has the model type `blockpruned_<type>` and an `auto_map` to the loader saved beside it
+  (`modeling_blockprune.py`): plain transformers asks for `trust_remote_code=True`, `from_pretrained` here needs none;
+- a masked training checkpoint (weights and mask scores) has the model type `blockprune_masked_checkpoint` (the real
+  one is kept under `blockprune_checkpoint`), which plain transformers refuses; `hf-blockprune compact` and
+  `load_masked_checkpoint` read it, and the Trainer resumes from it as from any checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -17,33 +26,24 @@ from .atomic import atomic_directory, recover_interrupted_save
 from .compaction import compact_model
 from .config import BlockPruningConfig
 from .model import CONFIG_ATTRIBUTE, LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY, is_block_pruned, prunable_layers
-from .modeling_blockprune import block_pruned_class
+from .modeling_blockprune import (
+    as_block_pruned,
+    base_class,
+    base_model_type,
+    block_pruned_class,
+    block_pruned_config_class,
+)
 
 logger = logging.getLogger(__name__)
 
 CONFIG_KEY = PRUNING_CONFIG_KEY
-
-# Class-name suffix -> the auto class that loads it (first match wins).
-_AUTO_CLASSES = (
-    ("ForSequenceClassification", "AutoModelForSequenceClassification"),
-    ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
-    ("ForConditionalGeneration", "AutoModelForSeq2SeqLM"),
-    ("ForTokenClassification", "AutoModelForTokenClassification"),
-    ("ForMultipleChoice", "AutoModelForMultipleChoice"),
-    ("ForMaskedLM", "AutoModelForMaskedLM"),
-    ("ForCausalLM", "AutoModelForCausalLM"),
-)
+MASKED_MODEL_TYPE = "blockprune_masked_checkpoint"
+MASKED_RECORD_KEY = "blockprune_checkpoint"
 
 
 def plain_class(model_class: type) -> type:
-    """The transformers class behind an hf_blockprune class (`BlockPruned<X>` or `CompactOnSave<X>` -> `X`)."""
-    return getattr(model_class, "_blockprune_base", model_class)
-
-
-def auto_class_name(model_class: type) -> str:
-    """Name of the transformers auto class that loads `model_class` (e.g. `"AutoModelForSequenceClassification"`)."""
-    name = plain_class(model_class).__name__
-    return next((auto for suffix, auto in _AUTO_CLASSES if name.endswith(suffix)), "AutoModel")
+    """The transformers class behind an hf_blockprune class (`BlockPruned<X>`, or `X` in a save mode -> `X`)."""
+    return base_class(model_class)
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
@@ -87,8 +87,8 @@ def _compacted_copy(model: nn.Module) -> nn.Module:
     clone = copy.deepcopy(model)
     clone.__class__ = plain_class(type(clone))
     if not is_block_pruned(clone):
-        return clone
-    compacted = compact_model(clone)
+        return as_block_pruned(clone)
+    compacted = compact_model(clone)  # with the BlockPruned classes
     # a model compacted before keeps the size of the original dense model
     getattr(compacted.config, LAYOUT_ATTRIBUTE).setdefault("dense_parameters", dense_counts)
     return compacted
@@ -103,10 +103,11 @@ def save_compacted(
 ) -> nn.Module:
     """Compact `model` (a copy; the masked model is left as it is) and save it so that it loads anywhere.
 
-    Writes `model.safetensors`, `config.json` (with `blockprune_layout`, the pruning config and an `auto_map`),
-    `modeling_blockprune.py` (so plain transformers loads it with `trust_remote_code=True`), `README.md` (the model
-    card) and `pruning_layout.png`, plus `processing_class` if given. A save killed midway leaves the old model or the
-    new one, never a mix of their files (see `atomic_directory`); other entries of the folder are left alone.
+    Writes `model.safetensors`, `config.json` (model type `blockpruned_<type>`, with `blockprune_layout`, the pruning
+    config and an `auto_map`), `modeling_blockprune.py` (so plain transformers loads it with `trust_remote_code=True`
+    and refuses it without), `README.md` (the model card) and `pruning_layout.png`, plus `processing_class` if given.
+    A save killed midway leaves the old model or the new one, never a mix of their files (see `atomic_directory`);
+    other entries of the folder are left alone.
 
     Args:
         model (`nn.Module`): a masked model (or an already compacted one).
@@ -124,8 +125,6 @@ def save_compacted(
     """
     pruning_config = pruning_config or getattr(model, CONFIG_ATTRIBUTE, None)
     compacted = _compacted_copy(model)
-    compacted.__class__ = block_pruned_class(plain_class(type(compacted)))
-    compacted.register_for_auto_class(auto_class_name(type(compacted)))
     if pruning_config is not None:
         setattr(compacted.config, CONFIG_KEY, pruning_config.to_dict())
     _refuse_non_finite(compacted, save_directory)
@@ -167,14 +166,13 @@ def from_pretrained(path: str | os.PathLike, model_class: type | None = None, **
     if Path(path).is_dir():
         recover_interrupted_save(path)
         _refuse_masked_checkpoint(path)
-    config = transformers.AutoConfig.from_pretrained(path)
+    config = read_model_config(path)
     if getattr(config, LAYOUT_ATTRIBUTE, None) is None:
         raise ValueError(
             f"{path} has no `{LAYOUT_ATTRIBUTE}` in its config.json: it is not a model compacted by hf_blockprune. "
             "Load it with transformers' from_pretrained."
         )
-    cls = block_pruned_class(model_class or architecture_class(config))
-    cls.register_for_auto_class(auto_class_name(cls))  # so that save_pretrained writes the loading code again
+    cls = block_pruned_class(model_class or architecture_class(config))  # saves its loading code again
     try:
         return cls.from_pretrained(path, config=config, **kwargs)
     except RuntimeError as error:
@@ -251,12 +249,8 @@ def export_dense(model: nn.Module, save_directory: str | os.PathLike, processing
     """
     compacted = _compacted_copy(model)
     layout = getattr(compacted.config, LAYOUT_ATTRIBUTE)
-    config = copy.deepcopy(compacted.config)
-    for key in (LAYOUT_ATTRIBUTE, CONFIG_KEY, "auto_map"):
-        if hasattr(config, key):
-            delattr(config, key)
     base = plain_class(type(compacted))
-    dense = base(config).to(dtype=next(compacted.parameters()).dtype)
+    dense = base(dense_config(compacted.config)).to(dtype=next(compacted.parameters()).dtype)
     small_state = {k: v for k, v in compacted.state_dict().items()}
     dense_state = dense.state_dict()
     for key, value in small_state.items():
@@ -272,21 +266,127 @@ def export_dense(model: nn.Module, save_directory: str | os.PathLike, processing
     return dense
 
 
+def dense_config(config) -> transformers.PretrainedConfig:
+    """A copy of a compacted model's config that describes the original dense model (plain class, no layout)."""
+    config = copy.deepcopy(config)
+    config.__class__ = base_class(type(config))
+    for key in (LAYOUT_ATTRIBUTE, CONFIG_KEY, "auto_map"):
+        if hasattr(config, key):
+            delattr(config, key)
+    return config
+
+
 def read_config_json(path: str | os.PathLike) -> dict:
     """The saved `config.json` of a folder, as a dict."""
     return json.loads((Path(path) / "config.json").read_text())
 
 
-def _save_pretrained_compacted(self, save_directory, is_main_process: bool = True, state_dict=None, **kwargs):
-    """`save_pretrained` of a masked model after training: save the compacted model instead."""
-    if not is_main_process:
+def read_model_config(path: str | os.PathLike) -> transformers.PretrainedConfig:
+    """The model config of a local folder (or Hub id), with a clear error when there is none.
+
+    Reads what plain `AutoConfig` refuses without remote code: compacted models (`blockpruned_<type>`, given their
+    `BlockPruned` config class) and masked training checkpoints (their real model type restored).
+    """
+    if os.path.exists(path) and not (Path(path) / "config.json").is_file():
+        raise ValueError(f"{path} has no config.json: it is not a saved model folder.")
+    looks_local = Path(path).is_absolute() or str(path).startswith((".", "~")) or str(path).count("/") > 1
+    if looks_local and not os.path.exists(path):
+        raise ValueError(f"{path} does not exist.")
+    try:
+        config_dict, _ = transformers.PretrainedConfig.get_config_dict(path)
+        config_class = _config_class(config_dict)
+        if config_class is None:  # a model type transformers does not know (e.g. remote code): AutoConfig decides
+            return transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"Cannot read a model config from {path}: {error}") from None
+    return config_class.from_dict(config_dict, name_or_path=str(path))
+
+
+def _config_class(config_dict: dict) -> type | None:
+    """The config class for a saved config dict (unmarked in place if it is a masked checkpoint's), or `None`."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    record = config_dict.pop(MASKED_RECORD_KEY, None)
+    if config_dict.get("model_type") == MASKED_MODEL_TYPE and isinstance(record, dict):
+        config_dict["model_type"] = record.get("model_type")
+        if record.get("auto_map"):
+            config_dict["auto_map"] = record["auto_map"]
+    model_type = base_model_type(config_dict.get("model_type"))
+    if model_type not in CONFIG_MAPPING:
+        return None
+    config_dict.pop("model_type")
+    if config_dict.get(LAYOUT_ATTRIBUTE) is not None:
+        return block_pruned_config_class(CONFIG_MAPPING[model_type])
+    return CONFIG_MAPPING[model_type]
+
+
+def mark_masked_checkpoint(save_directory: str | os.PathLike) -> None:
+    """Give the `config.json` of a masked checkpoint a model type plain transformers refuses (the real one kept).
+
+    Plain `from_pretrained` would otherwise build the dense model and re-initialise every masked layer (their weights
+    are saved under other names, next to the scores). `read_model_config` undoes the mark.
+    """
+    path = Path(save_directory) / "config.json"
+    if not path.is_file():
         return
-    if state_dict is not None:
-        logger.info("Compacting from the live model; the state_dict passed to save_pretrained is not used.")
-    save_compacted(self, save_directory)
+    config = json.loads(path.read_text())
+    if config.get("model_type") == MASKED_MODEL_TYPE:
+        return
+    config[MASKED_RECORD_KEY] = {"model_type": config.get("model_type"), "auto_map": config.pop("auto_map", None)}
+    config["model_type"] = MASKED_MODEL_TYPE
+    temporary = path.with_name(f".{path.name}.blockprune-tmp")
+    temporary.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(temporary, path)
 
 
-_COMPACT_ON_SAVE_CLASSES: dict[type, type] = {}
+def _save_pretrained(self, save_directory, is_main_process: bool = True, state_dict=None, **kwargs):
+    """`save_pretrained` of a model in a save mode (see `checkpoint_on_save` and `compact_on_save`)."""
+    if getattr(self, "_blockprune_compact_on_save", False):
+        if not is_main_process:
+            return
+        if state_dict is not None:
+            logger.info("Compacting from the live model; the state_dict passed to save_pretrained is not used.")
+        save_compacted(self, save_directory)
+        return
+    type(self)._blockprune_saving_of.save_pretrained(
+        self, save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs
+    )
+    if is_main_process and is_block_pruned(self):
+        mark_masked_checkpoint(save_directory)
+
+
+_SAVING_CLASSES: dict[type, type] = {}
+
+
+def _set_save_mode(model: nn.Module, compact: bool) -> nn.Module:
+    current = getattr(type(model), "_blockprune_saving_of", type(model))
+    if current not in _SAVING_CLASSES:
+        # the same name (and module) as the class it extends: transformers reads class names (e.g. causal-LM checks)
+        _SAVING_CLASSES[current] = type(
+            current.__name__,
+            (current,),
+            {
+                "save_pretrained": _save_pretrained,
+                "_blockprune_saving_of": current,
+                "_blockprune_base": plain_class(current),
+                "__module__": current.__module__,
+                "__qualname__": current.__qualname__,
+                "__doc__": current.__doc__,
+            },
+        )
+    model.__class__ = _SAVING_CLASSES[current]
+    model._blockprune_compact_on_save = compact
+    return model
+
+
+def checkpoint_on_save(model: nn.Module) -> nn.Module:
+    """Make `model.save_pretrained` (hence the Trainer's checkpoints) write a marked masked checkpoint, in place.
+
+    The weights and scores are saved as usual, for resuming; `config.json` then gets the model type
+    `blockprune_masked_checkpoint` (see `mark_masked_checkpoint`). The trainer and the callback call this when training
+    starts.
+    """
+    return _set_save_mode(model, compact=False)
 
 
 def compact_on_save(model: nn.Module) -> nn.Module:
@@ -296,19 +396,13 @@ def compact_on_save(model: nn.Module) -> nn.Module:
     it. The trainer and the callback call this when training ends, so checkpoints written during training keep their
     scores (for resuming) and the final `trainer.save_model()` writes the small model.
     """
-    base = plain_class(type(model))
-    if base not in _COMPACT_ON_SAVE_CLASSES:
-        _COMPACT_ON_SAVE_CLASSES[base] = type(
-            f"CompactOnSave{base.__name__}",
-            (base,),
-            {"save_pretrained": _save_pretrained_compacted, "_blockprune_base": base, "__module__": __name__},
-        )
-    model.__class__ = _COMPACT_ON_SAVE_CLASSES[base]
-    return model
+    return _set_save_mode(model, compact=True)
 
 
 def restore_save(model: nn.Module) -> nn.Module:
-    """Undo `compact_on_save`: `save_pretrained` saves the masked model with its scores again."""
-    if type(model) in _COMPACT_ON_SAVE_CLASSES.values():
-        model.__class__ = plain_class(type(model))
+    """Undo `checkpoint_on_save` or `compact_on_save`: the model gets its own class and `save_pretrained` again."""
+    saving_of = getattr(type(model), "_blockprune_saving_of", None)
+    if saving_of is not None:
+        model.__class__ = saving_of
+        model.__dict__.pop("_blockprune_compact_on_save", None)
     return model

@@ -12,7 +12,7 @@ from .controller import PruningController, check_training_arguments, warn_if_sta
 from .distillation import Distiller, load_teacher
 from .model import apply_block_pruning, is_block_pruned, score_parameters
 from .model_card import CARD_MARKER
-from .saving import compact_on_save, is_compacted, restore_save
+from .saving import checkpoint_on_save, compact_on_save, is_compacted
 
 
 class _AfterOptimizerStep(TrainerCallback):
@@ -92,7 +92,7 @@ class BlockPruningTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         """Train with pruning; afterwards `save_model()` writes the compacted model."""
-        restore_save(self.model)
+        checkpoint_on_save(self.model)  # checkpoints keep the scores, under a marked config
         output = super().train(*args, **kwargs)
         if is_block_pruned(self.model):
             warn_if_stacks_emptied(self.model)

@@ -7,11 +7,18 @@ import textwrap
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForSequenceClassification, Trainer
 
 import hf_blockprune
 from hf_blockprune.model_card import CARD_MARKER, FIGURE_NAME
-from hf_blockprune.saving import export_dense, save_compacted
+from hf_blockprune.saving import (
+    MASKED_MODEL_TYPE,
+    checkpoint_on_save,
+    export_dense,
+    read_model_config,
+    save_compacted,
+)
 
 from conftest import ARCHS
 from helpers import biased_model, make_trainer, model_inputs, model_outputs, preset_config, random_masks
@@ -188,13 +195,15 @@ def test_saving_during_a_new_training_run_keeps_scores_again(tmp_path):
     config = preset_config("hybrid")
     trainer = make_trainer("callback", "bert", config, tmp_path, max_steps=4)
     trainer.train()
-    assert type(trainer.model).__name__.startswith("CompactOnSave")
+    assert trainer.model._blockprune_compact_on_save
+    assert type(trainer.model).__name__ == "BertForSequenceClassification"  # transformers reads class names
     assert isinstance(trainer, Trainer)
     trainer.args.max_steps = 8
     trainer.args.save_strategy = "steps"
     trainer.args.save_steps = 8
     trainer.train()
-    assert "blockprune_layout" not in json.loads((tmp_path / "checkpoint-8" / "config.json").read_text())
+    saved = json.loads((tmp_path / "checkpoint-8" / "config.json").read_text())
+    assert "blockprune_layout" not in saved and saved["model_type"] == MASKED_MODEL_TYPE
 
 
 def test_a_masked_checkpoint_points_to_compaction_and_loads_masked(tmp_path):
@@ -228,3 +237,121 @@ def test_dense_export_of_a_model_with_a_placeholder_head(tmp_path):
     dense = BartForConditionalGeneration.from_pretrained(tmp_path / "dense").eval()
     for a, b in zip(expected, model_outputs(dense, inputs)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    save_compacted(model, tmp_path / "small")  # the card says what the one slot left is
+    card = (tmp_path / "small" / "README.md").read_text()
+    assert f"| `{decoder_first.name}` | 0: [] + zero placeholder; " in card and "*zero placeholder*" in card
+
+
+# ---------------------------------------------------- what plain transformers does with the folders a run leaves
+
+
+def _plain_load(path, **kwargs):
+    return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"ignore_mismatched_sizes": True}, {"trust_remote_code": False}])
+def test_plain_transformers_refuses_a_compacted_folder_without_remote_code(kwargs, tmp_path):
+    """Before: a size-mismatch RuntimeError, or (following its hint) pruned layers silently re-initialised."""
+    save_compacted(_masked("bert"), tmp_path, model_card=False)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "blockpruned_bert"
+    assert saved["auto_map"]["AutoConfig"] == "modeling_blockprune.BlockPrunedBertConfig"
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        _plain_load(tmp_path, **kwargs)
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        transformers.AutoConfig.from_pretrained(tmp_path)
+
+
+def test_a_compacted_model_keeps_its_model_type_through_plain_save_pretrained(tmp_path):
+    """Loaded with remote code and saved again by plain transformers (e.g. a Trainer without hf_blockprune), the
+    folder still carries the loader and the model type that keeps plain loading from mistaking it."""
+    model = _masked("bert").eval()
+    inputs = model_inputs("bert")
+    expected = model_outputs(model, inputs)[0]
+    save_compacted(model, tmp_path / "a", model_card=False)
+    remote = _plain_load(tmp_path / "a", trust_remote_code=True)
+    remote.save_pretrained(tmp_path / "b")
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert saved["model_type"] == "blockpruned_bert" and "AutoConfig" in saved["auto_map"]
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        _plain_load(tmp_path / "b")
+    for loaded in (hf_blockprune.from_pretrained(tmp_path / "b"), _plain_load(tmp_path / "b", trust_remote_code=True)):
+        torch.testing.assert_close(model_outputs(loaded.eval(), inputs)[0], expected, atol=1e-5, rtol=1e-5)
+    compacted = hf_blockprune.compact_model(_masked("bert"))  # compact_model's result saves its loader too
+    compacted.save_pretrained(tmp_path / "c")
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["model_type"] == "blockpruned_bert"
+    assert (tmp_path / "c" / "modeling_blockprune.py").is_file()
+
+
+def test_folders_saved_before_the_compacted_model_type_still_load(tmp_path):
+    """Layout-v1 folders: model type `bert`, an `auto_map` without `AutoConfig`."""
+    model = _masked("bert").eval()
+    inputs = model_inputs("bert")
+    expected = model_outputs(model, inputs)[0]
+    save_compacted(model, tmp_path, model_card=False)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["model_type"] = "bert"
+    del saved["auto_map"]["AutoConfig"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    for loaded in (hf_blockprune.from_pretrained(tmp_path), _plain_load(tmp_path, trust_remote_code=True)):
+        torch.testing.assert_close(model_outputs(loaded.eval(), inputs)[0], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("route", ["trainer", "callback"])
+def test_plain_transformers_refuses_a_masked_checkpoint(route, tmp_path):
+    """Before: it loaded, with every masked layer freshly initialised (the weights are saved under other names)."""
+    config = preset_config("struct", target_density=0.5)
+    trainer = make_trainer(route, "bert", config, tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    trainer.train()
+    checkpoint = tmp_path / "checkpoint-4"
+    saved = json.loads((checkpoint / "config.json").read_text())
+    assert saved["model_type"] == MASKED_MODEL_TYPE and saved["blockprune_checkpoint"]["model_type"] == "bert"
+    with pytest.raises(ValueError, match=MASKED_MODEL_TYPE):
+        _plain_load(checkpoint)
+    # hf_blockprune reads it (the CLI's compact too), and the Trainer resumes from it
+    masked = hf_blockprune.load_masked_checkpoint(checkpoint)
+    inputs = model_inputs("bert")
+    with torch.no_grad():
+        torch.testing.assert_close(masked(**inputs).logits, trainer.model.eval()(**inputs).logits)
+    resumed = make_trainer(route, "bert", config, tmp_path, max_steps=6, save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.state.global_step == 6
+    assert json.loads((tmp_path / "checkpoint-6" / "config.json").read_text())["model_type"] == MASKED_MODEL_TYPE
+
+
+def test_a_re_pruned_compacted_model_checkpoint_keeps_its_loader_record(tmp_path):
+    """A compacted model pruned again: its checkpoint's real model type and auto_map come back when it is read."""
+    save_compacted(_masked("bert"), tmp_path / "first", model_card=False)
+    compacted = hf_blockprune.from_pretrained(tmp_path / "first")
+    hf_blockprune.apply_block_pruning(compacted, preset_config("hybrid"))
+    checkpoint_on_save(compacted).save_pretrained(tmp_path / "checkpoint")
+    saved = json.loads((tmp_path / "checkpoint" / "config.json").read_text())
+    assert saved["model_type"] == MASKED_MODEL_TYPE and "auto_map" not in saved
+    config = read_model_config(tmp_path / "checkpoint")
+    assert type(config).__name__ == "BlockPrunedBertConfig" and "AutoConfig" in config.auto_map
+    masked = hf_blockprune.load_masked_checkpoint(tmp_path / "checkpoint")
+    inputs = model_inputs("bert")
+    torch.testing.assert_close(model_outputs(masked, inputs)[0], model_outputs(compacted.eval(), inputs)[0])
+
+
+@pytest.mark.parametrize("route", ["trainer", "callback"])
+def test_a_compacted_model_loaded_with_remote_code_is_pruned_again(route, tmp_path):
+    """What a patched run_glue.py with `--trust_remote_code` does with a compacted folder: the remote classes are
+    pruned again, and the saved model composes the two layouts."""
+    save_compacted(_masked("bert"), tmp_path / "first", model_card=False)
+    first = json.loads((tmp_path / "first" / "config.json").read_text())["blockprune_layout"]
+    remote = _plain_load(tmp_path / "first", trust_remote_code=True)
+    assert type(remote.config).__name__ == "BlockPrunedBertConfig"
+    config = preset_config("struct", pruning_method="topk", final_threshold=0.5, final_warmup=0.2)
+    trainer = make_trainer(route, "bert", config, tmp_path / "second", model=remote, max_steps=6)
+    trainer.train()
+    trainer.save_model()
+    second = json.loads((tmp_path / "second" / "config.json").read_text())
+    assert second["model_type"] == "blockpruned_bert"
+    for name, entry in second["blockprune_layout"]["layers"].items():
+        assert set(entry["attention"][0]["heads"]) <= set(first["layers"][name]["attention"][0]["heads"])
+    inputs = model_inputs("bert")
+    expected = model_outputs(trainer.model.eval(), inputs)[0]
+    for loaded in (hf_blockprune.from_pretrained(tmp_path / "second"),
+                   _plain_load(tmp_path / "second", trust_remote_code=True)):
+        torch.testing.assert_close(model_outputs(loaded.eval(), inputs)[0], expected, atol=1e-5, rtol=1e-5)
