@@ -107,9 +107,10 @@ def prunable_layers(model: nn.Module, config: BlockPruningConfig | None = None) 
 
     Args:
         model (`nn.Module`): a transformers model, masked or not, compacted or not.
-        config (`BlockPruningConfig`, *optional*): defaults to the config the model was masked with.
+        config (`BlockPruningConfig`, *optional*): defaults to the config the model was masked with, else the one
+            recorded in `model.config` (a compacted model: its module patterns, for architectures without a map).
     """
-    config = config or getattr(model, CONFIG_ATTRIBUTE, None) or BlockPruningConfig()
+    config = config or getattr(model, CONFIG_ATTRIBUTE, None) or _recorded_config(model) or BlockPruningConfig()
     layers = []
     for spec in stack_specs(model, config):
         lists = find_layer_lists(model, spec.layers)
@@ -120,6 +121,12 @@ def prunable_layers(model: nn.Module, config: BlockPruningConfig | None = None) 
             for index, layer in enumerate(layer_list):
                 layers.append(_prunable_layer(model, f"{list_name}.{index}", layer, spec, num_heads))
     return layers
+
+
+def _recorded_config(model: nn.Module) -> BlockPruningConfig | None:
+    """The pruning config recorded in `model.config` (saved with every checkpoint and compacted model), if any."""
+    recorded = getattr(getattr(model, "config", None), PRUNING_CONFIG_KEY, None)
+    return BlockPruningConfig.from_dict(recorded) if isinstance(recorded, dict) else None
 
 
 def check_model(model: nn.Module) -> None:

@@ -355,3 +355,26 @@ def test_a_compacted_model_loaded_with_remote_code_is_pruned_again(route, tmp_pa
     for loaded in (hf_blockprune.from_pretrained(tmp_path / "second"),
                    _plain_load(tmp_path / "second", trust_remote_code=True)):
         torch.testing.assert_close(model_outputs(loaded.eval(), inputs)[0], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("route", ["trainer", "callback"])
+def test_an_architecture_without_a_map_saves_with_its_card_through_module_patterns(route, tmp_path):
+    """DeBERTa-v2 named by module patterns: `save_model()` used to crash in the model card (which counted parameters
+    through the built-in map) and leave the output folder empty."""
+    torch.manual_seed(0)
+    model = transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    config = preset_config(
+        "struct", pruning_method="topk", final_threshold=0.5, final_warmup=0.2, layers_pattern="encoder.layer",
+        attention_modules=["attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj",
+                           "attention.output.dense"],
+        ffn_modules=["intermediate.dense", "output.dense"])
+    trainer = make_trainer(route, "bert", config, tmp_path, model=model, max_steps=6)
+    trainer.train()
+    trainer.save_model()
+    assert "deberta-v2" in (tmp_path / "README.md").read_text()
+    inputs = model_inputs("bert")
+    expected = model_outputs(trainer.model.eval(), inputs)[0]
+    for loaded in (hf_blockprune.from_pretrained(tmp_path), _plain_load(tmp_path, trust_remote_code=True)):
+        torch.testing.assert_close(model_outputs(loaded.eval(), inputs)[0], expected, atol=1e-5, rtol=1e-5)
