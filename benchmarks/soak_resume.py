@@ -137,13 +137,15 @@ def run_with_kills(args: argparse.Namespace, output_dir: Path) -> list[dict]:
 
 def _kill_after_checkpoints(process, output_dir: Path, before: set, wanted: int, fraction: float, started: float):
     """SIGKILL `process` a `fraction` of an interval after its `wanted`-th new checkpoint (`None`: it ended first)."""
-    seen, last_time, interval = 0, started, None
+    appeared: set[str] = set()  # `save_total_limit` deletes old checkpoints: count every one that appeared
+    last_time = started
     while process.poll() is None:
-        new = set(_checkpoints(output_dir)) - before
-        if len(new) > seen:
+        new = set(_checkpoints(output_dir)) - before - appeared
+        if new:
             now = time.time()
-            interval, last_time, seen = now - last_time, now, len(new)
-            before |= new
+            interval, last_time = now - last_time, now
+            appeared |= new
+            seen = len(appeared)
             if seen >= wanted:
                 time.sleep(fraction * interval)
                 if process.poll() is not None:
