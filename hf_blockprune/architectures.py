@@ -1,7 +1,10 @@
-"""Where the prunable Linear layers live in each supported architecture.
+"""The one description of a transformer layer's structure that every part of hf_blockprune reads.
 
-Adding an architecture means adding an entry to `ARCHITECTURES` (and a test case), nothing else. Module names are
-relative to one layer of the `nn.ModuleList` named by `layers`, and are matched exactly.
+A layer holds attention blocks (query, key, value and output projections, query and key/value head counts) and a
+feed-forward block (one or several input projections combined element-wise, one output projection). Adding an
+architecture means adding an entry to `ARCHITECTURES` (and a test case), nothing else; a user's module patterns in
+`BlockPruningConfig` build the same description. Module names are relative to one layer of the `nn.ModuleList` named
+by `layers`, and are matched exactly.
 """
 
 from __future__ import annotations
@@ -15,10 +18,21 @@ from .modeling_blockprune import base_model_type
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    """Names of one attention block's projections, relative to its layer, and how generation caches it.
+    """One attention block of a layer: its projections (paths relative to the layer), head counts and cache role.
+
+    Query heads are rows of the query projection and columns of the output projection; key/value heads are rows of
+    the key and value projections. With grouped-query attention (`num_kv_heads` fewer than `num_heads`), key/value
+    head `g` serves the `num_heads / num_kv_heads` consecutive query heads `g * group ... (g + 1) * group - 1`: a query
+    head may be pruned alone, and a key/value head goes when its whole query group has gone.
 
     Args:
         query (`str`), key (`str`), value (`str`), output (`str`): the projections' module paths in the layer.
+        num_heads (`str`, *optional*, defaults to `"num_attention_heads"`):
+            The model-config attribute holding the number of query heads.
+        num_kv_heads (`str`, *optional*):
+            The model-config attribute holding the number of key/value heads (grouped-query attention, e.g.
+            `"num_key_value_heads"`); `None`: as many as query heads. The head size is the query projection's output
+            size divided by the number of query heads.
         sets_cache_length (`bool`, *optional*, defaults to `False`):
             Its keys and values are cached at generation and the cache reads the sequence length from them (a
             decoder's self-attention). With no head left its cached keys are empty, transformers' cache then reports
@@ -31,18 +45,45 @@ class AttentionSpec:
     value: str
     output: str
     sets_cache_length: bool = False
+    num_heads: str = "num_attention_heads"
+    num_kv_heads: str | None = None
 
     def paths(self) -> dict[str, str]:
         """`{"query": ..., "key": ..., "value": ..., "output": ...}`: the projections' paths by role."""
         return {"query": self.query, "key": self.key, "value": self.value, "output": self.output}
 
+    @property
+    def grouped(self) -> bool:
+        """Whether key/value heads are counted apart from query heads (grouped-query attention)."""
+        return self.num_kv_heads is not None
+
 
 @dataclass(frozen=True)
 class FFNSpec:
-    """Names of the FFN input (hidden -> intermediate) and output (intermediate -> hidden) projections."""
+    """The feed-forward block of a layer: input projections (hidden -> intermediate) and one output projection.
 
-    input: str
+    Neuron `i` is row `i` of every input projection and column `i` of the output projection. One input is the classic
+    FFN (`act(W_1 x) -> W_2`); several inputs are combined element-wise, as in a gated MLP (`act(gate x) * (up x) ->
+    down`, Llama).
+
+    Args:
+        input (`str` or `tuple[str, ...]`): the input projection path, or the paths of all input projections (the
+            gate first).
+        output (`str`): the output projection path.
+        activation (`str`, *optional*): path of the activation module applied to the (single) input projection's
+            output, relative to the layer. Compaction needs it only to fold the constant output of a neuron whose
+            input row was masked but whose output column was not (block granularity); `None`: try the paths of
+            every built-in entry.
+    """
+
+    input: str | tuple[str, ...]
     output: str
+    activation: str | None = None
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The input projections' paths (one, or several for a gated MLP)."""
+        return (self.input,) if isinstance(self.input, str) else tuple(self.input)
 
 
 @dataclass(frozen=True)
@@ -52,54 +93,72 @@ class LayerStackSpec:
     layers: str
     attentions: tuple[AttentionSpec, ...]
     ffn: FFNSpec | None
-    num_heads_attribute: str = "num_attention_heads"
 
 
-_BERT_LIKE = (
-    LayerStackSpec(
-        layers="encoder.layer",
-        attentions=(
-            AttentionSpec(
-                "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"
+def _bert_like(activation: str = "intermediate.intermediate_act_fn") -> tuple[LayerStackSpec, ...]:
+    attention = AttentionSpec(
+        "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"
+    )
+    return (LayerStackSpec("encoder.layer", (attention,), FFNSpec("intermediate.dense", "output.dense", activation)),)
+
+
+def _bart_like() -> tuple[LayerStackSpec, ...]:
+    def attention(prefix: str, heads: str, sets_cache_length: bool = False) -> AttentionSpec:
+        paths = (f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj", f"{prefix}.out_proj")
+        return AttentionSpec(*paths, sets_cache_length=sets_cache_length, num_heads=heads)
+
+    ffn = FFNSpec("fc1", "fc2", "activation_fn")
+    return (
+        LayerStackSpec("encoder.layers", (attention("self_attn", "encoder_attention_heads"),), ffn),
+        LayerStackSpec(
+            "decoder.layers",
+            (
+                attention("self_attn", "decoder_attention_heads", sets_cache_length=True),
+                attention("encoder_attn", "decoder_attention_heads"),
             ),
+            ffn,
         ),
-        ffn=FFNSpec("intermediate.dense", "output.dense"),
-    ),
-)
+    )
 
-_BART_SELF = AttentionSpec("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
-_BART_DECODER_SELF = AttentionSpec(*_BART_SELF.paths().values(), sets_cache_length=True)
-_BART_CROSS = AttentionSpec(
-    "encoder_attn.q_proj", "encoder_attn.k_proj", "encoder_attn.v_proj", "encoder_attn.out_proj"
-)
 
+def _llama_like() -> tuple[LayerStackSpec, ...]:
+    """Decoder layers with grouped-query attention (RoPE, which is per head) and a gated MLP (gate, up -> down)."""
+    attention = AttentionSpec(
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        sets_cache_length=True, num_kv_heads="num_key_value_heads",
+    )
+    return (LayerStackSpec("layers", (attention,), FFNSpec(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")),)
+
+
+# One entry per model type (`config.model_type`). Each family's knowledge lives here and nowhere else: everything
+# downstream (scores, FLOPs, compaction, the card, the saved loader) reads these descriptions.
 ARCHITECTURES: dict[str, tuple[LayerStackSpec, ...]] = {
-    "bert": _BERT_LIKE,
-    "roberta": _BERT_LIKE,
-    "electra": _BERT_LIKE,
+    "bert": _bert_like(),
+    "roberta": _bert_like(),
+    "xlm-roberta": _bert_like(),
+    "electra": _bert_like(),
     "distilbert": (
         LayerStackSpec(
             layers="transformer.layer",
-            attentions=(AttentionSpec("attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin"),),
-            ffn=FFNSpec("ffn.lin1", "ffn.lin2"),
-            num_heads_attribute="n_heads",
+            attentions=(
+                AttentionSpec(
+                    "attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin", num_heads="n_heads"
+                ),
+            ),
+            ffn=FFNSpec("ffn.lin1", "ffn.lin2", "ffn.activation"),
         ),
     ),
-    "bart": (
-        LayerStackSpec(
-            layers="encoder.layers",
-            attentions=(_BART_SELF,),
-            ffn=FFNSpec("fc1", "fc2"),
-            num_heads_attribute="encoder_attention_heads",
-        ),
-        LayerStackSpec(
-            layers="decoder.layers",
-            attentions=(_BART_DECODER_SELF, _BART_CROSS),
-            ffn=FFNSpec("fc1", "fc2"),
-            num_heads_attribute="decoder_attention_heads",
-        ),
-    ),
+    "bart": _bart_like(),
+    "llama": _llama_like(),
+    "mistral": _llama_like(),
+    "qwen2": _llama_like(),
 }
+
+
+def known_activation_paths() -> list[str]:
+    """The FFN activation paths of every built-in entry, for layers described by patterns (tried in order)."""
+    paths = [stack.ffn.activation for specs in ARCHITECTURES.values() for stack in specs if stack.ffn]
+    return list(dict.fromkeys(path for path in paths if path))
 
 
 def stack_specs(model: nn.Module, config) -> tuple[LayerStackSpec, ...]:
@@ -114,15 +173,26 @@ def stack_specs(model: nn.Module, config) -> tuple[LayerStackSpec, ...]:
     if config.layers_pattern is not None:
         attention = ()
         if config.attention_modules is not None:
-            attention = (AttentionSpec(*config.attention_modules, sets_cache_length=can_generate(model)),)
-        ffn = None if config.ffn_modules is None else FFNSpec(*config.ffn_modules)
-        return (LayerStackSpec(config.layers_pattern, attention, ffn, config.num_heads_attribute),)
+            attention = (
+                AttentionSpec(
+                    *config.attention_modules,
+                    sets_cache_length=can_generate(model),
+                    num_heads=config.num_heads_attribute,
+                    num_kv_heads=config.num_kv_heads_attribute,
+                ),
+            )
+        ffn = None
+        if config.ffn_modules is not None:
+            *inputs, output = config.ffn_modules
+            ffn = FFNSpec(inputs[0] if len(inputs) == 1 else tuple(inputs), output)
+        return (LayerStackSpec(config.layers_pattern, attention, ffn),)
     model_type = base_model_type(getattr(getattr(model, "config", None), "model_type", None))
     if model_type not in ARCHITECTURES:
         raise ValueError(
             f"hf_blockprune has no module map for model_type {model_type!r}; supported: {sorted(ARCHITECTURES)}. "
             "For another architecture, pass `layers_pattern` (e.g. 'encoder.layer'), `attention_modules` "
-            "(query key value output, relative to a layer) and `ffn_modules` (input output) in BlockPruningConfig."
+            "(query key value output, relative to a layer) and `ffn_modules` (input(s) then output) in "
+            "BlockPruningConfig (and `num_kv_heads_attribute` for grouped-query attention)."
         )
     return ARCHITECTURES[model_type]
 

@@ -10,6 +10,13 @@ bias of the output projection:
   `act(b_1[i]) * W_2[:, i]`;
 - a unit whose output columns are masked contributes zero.
 
+Where there is no bias to fold into (Qwen2's output projection, a biasless FFN output), such a unit is kept as it is
+(its masked weights are zero), which is exact too. With grouped-query attention, a query head goes alone, and a
+key/value head goes when every query head of its group has gone; the kept key/value heads must keep query groups of
+one size (the attention repeats each key/value head `num_key_value_groups` times), so a smaller group is padded with
+zero query slots (zero query rows, zero output columns: they add exactly 0). A neuron of a gated FFN (gate, up ->
+down) is one row of each input and one column of the output, and only neuron scores prune it.
+
 Heads that survive in part stay whole (their masked blocks stay zero in the weight) and keep their size, so the
 attention code, which reshapes with `-1` heads, runs unchanged. The kept heads and FFN sizes, which differ from layer
 to layer, are recorded in `model.config.blockprune_layout` (see `compaction_layout`); the config's head count and FFN
@@ -35,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .architectures import known_activation_paths
 from .model import (
     CONFIG_ATTRIBUTE,
     LAYOUT_ATTRIBUTE,
@@ -45,29 +53,15 @@ from .model import (
     prunable_layers,
     remove_block_pruning,
 )
-from .modeling_blockprune import as_block_pruned, base_model_type
-from .report import dead_heads, weight_mask
+from .modeling_blockprune import as_block_pruned, set_head_counts
+from .report import dead_heads, ffn_rows_alive, output_heads_alive, weight_mask
 
 logger = logging.getLogger(__name__)
 
-# 2: an attention record may hold a placeholder head (`"placeholder": true`); layouts without one are still
-# written as version 1, which older loaders read.
-LAYOUT_VERSION = 2
-
-# Where each architecture keeps the FFN activation, relative to one layer. Only needed to fold neurons whose input
-# row is masked but whose output column is not; for another architecture every path below is tried.
-FFN_ACTIVATIONS: dict[str, str] = {
-    "bert": "intermediate.intermediate_act_fn",
-    "roberta": "intermediate.intermediate_act_fn",
-    "electra": "intermediate.intermediate_act_fn",
-    "distilbert": "ffn.activation",
-    "bart": "activation_fn",
-}
-
-# Head-count attributes of attention modules (BERT-likes, BART, DistilBERT). The transformers 5 forward passes do not
-# read them (they reshape with -1 heads); they are updated so that the modules describe themselves truthfully.
-HEAD_COUNT_ATTRIBUTES = ("num_attention_heads", "num_heads", "n_heads")
-
+# 2: an attention record may hold a placeholder head (`"placeholder": true`). 3: a grouped-query attention record lists
+# its query and key/value slots (`"slots"`, `"kv_heads"`), an FFN record may have several inputs (`"inputs"`, a gated
+# MLP). Each layout is written with the lowest version that describes it, which older loaders read.
+LAYOUT_VERSION = 3
 
 @dataclass
 class LayerPlan:
@@ -82,6 +76,10 @@ class LayerPlan:
             they output `act(b_1[i])` whatever the input, and are folded into the FFN output bias.
         placeholders (`list[bool]`): for each attention block, whether it keeps one zero placeholder head (it keeps
             no real head and sets the KV-cache length, see `AttentionSpec.sets_cache_length`).
+        slots (`list[list[int | None]]`): for each attention block, the query slots of the compacted weights: the
+            current slot each comes from, or `None` for a zero slot (a placeholder, or padding that gives every kept
+            key/value head of a grouped-query attention the same number of query slots).
+        kv_slots (`list[list[int | None]]`): the same for the key/value slots.
     """
 
     name: str
@@ -89,6 +87,8 @@ class LayerPlan:
     neurons: list[int] | None
     constant_neurons: list[int]
     placeholders: list[bool]
+    slots: list[list[int | None]]
+    kv_slots: list[list[int | None]]
 
 
 def _indices(flags: torch.Tensor) -> list[int]:
@@ -96,15 +96,36 @@ def _indices(flags: torch.Tensor) -> list[int]:
 
 
 @torch.no_grad()
-def _ffn_neurons(ffn_input: nn.Module, ffn_output: nn.Module) -> tuple[list[int], list[int]]:
-    rows_alive = weight_mask(ffn_input).any(dim=1)  # (intermediate,)
-    cols_alive = weight_mask(ffn_output).any(dim=0)  # (intermediate,)
-    return _indices(rows_alive & cols_alive), _indices(~rows_alive & cols_alive)
+def _ffn_neurons(layer: PrunableLayer) -> tuple[list[int], list[int]]:
+    rows_alive = ffn_rows_alive(layer)  # (intermediate,)
+    cols_alive = weight_mask(layer.ffn_output).any(dim=0)  # (intermediate,)
+    constant = ~rows_alive & cols_alive
+    if len(layer.ffn_inputs) > 1 or layer.ffn_output.bias is None:
+        # no single activation to fold through (gated), or no bias to fold into: such neurons stay, exactly as they are
+        return _indices((rows_alive | constant) & cols_alive), []
+    return _indices(rows_alive & cols_alive), _indices(constant)
 
 
 def _kept_heads(attention: AttentionModules) -> list[int]:
+    """Real query slots compaction keeps: not dead, or dead with a constant it cannot fold (no output bias)."""
     dead = set(dead_heads(attention))
-    return [head for head in range(attention.real_heads) if head not in dead]  # a placeholder is never "kept"
+    if attention.output.bias is None and attention.value.bias is not None:
+        output_alive = output_heads_alive(attention)
+        dead = {slot for slot in dead if not output_alive[slot]}  # a value-bias constant has nowhere to go: keep it
+    return [slot for slot, head in enumerate(attention.slots) if head is not None and slot not in dead]
+
+
+def _slot_plan(attention: AttentionModules, kept: list[int]) -> tuple[list[int | None], list[int | None], bool]:
+    """`(query slots, key/value slots, placeholder)` of the compacted block (see `LayerPlan`)."""
+    if not kept:
+        placeholder = attention.spec.sets_cache_length
+        return ([None], [None], True) if placeholder else ([], [], False)
+    groups: dict[int, list[int]] = {}
+    for slot in kept:
+        groups.setdefault(slot // attention.group, []).append(slot)
+    width = max(len(members) for members in groups.values())
+    slots = [member for kv in sorted(groups) for member in groups[kv] + [None] * (width - len(groups[kv]))]
+    return slots, sorted(groups), False
 
 
 def compaction_plan(model: nn.Module) -> list[LayerPlan]:
@@ -121,27 +142,44 @@ def compaction_plan(model: nn.Module) -> list[LayerPlan]:
     plans = []
     for layer in prunable_layers(model):
         heads = [_kept_heads(attention) for attention in layer.attentions]
-        placeholders = [attn.spec.sets_cache_length and not kept for attn, kept in zip(layer.attentions, heads)]
+        slot_plans = [_slot_plan(attention, kept) for attention, kept in zip(layer.attentions, heads)]
         neurons, constant = None, []
-        if layer.ffn_input is not None and layer.ffn_output is not None:
-            neurons, constant = _ffn_neurons(layer.ffn_input, layer.ffn_output)
-        plans.append(LayerPlan(layer.name, heads, neurons, constant, placeholders))
+        if layer.has_ffn:
+            neurons, constant = _ffn_neurons(layer)
+        plans.append(
+            LayerPlan(
+                layer.name, heads, neurons, constant,
+                placeholders=[placeholder for _, _, placeholder in slot_plans],
+                slots=[slots for slots, _, _ in slot_plans],
+                kv_slots=[kv_slots for _, kv_slots, _ in slot_plans],
+            )
+        )
     return plans
 
 
-def _attention_record(attention: AttentionModules, kept: list[int], placeholder: bool) -> dict:
+def _original(indices: list[int | None], slots: list[int | None]) -> list[int | None]:
+    """Map slots (indices into `indices`, or `None`) to what `indices` holds there (original head or `None`)."""
+    return [None if slot is None else indices[slot] for slot in slots]
+
+
+def _attention_record(attention: AttentionModules, kept: list[int], slots, kv_slots, placeholder: bool) -> dict:
     """The layout record of one attention: its paths, head size and kept heads by original index."""
-    record = {**attention.spec.paths(), "head_dim": attention.head_dim, "heads": [attention.heads[h] for h in kept]}
+    record = {**attention.spec.paths(), "head_dim": attention.head_dim, "heads": _original(attention.slots, kept)}
+    if attention.spec.grouped:
+        record["slots"] = _original(attention.slots, slots)
+        record["kv_heads"] = _original(attention.kv_slots, kv_slots)
     if placeholder:
         record["placeholder"] = True
     return record
 
 
 def _layer_entry(layer: PrunableLayer, plan: LayerPlan) -> dict:
-    records = zip(layer.attentions, plan.heads, plan.placeholders, strict=True)
+    records = zip(layer.attentions, plan.heads, plan.slots, plan.kv_slots, plan.placeholders, strict=True)
     entry = {"attention": [_attention_record(*record) for record in records]}
     if plan.neurons is not None:
-        entry["ffn"] = {"input": layer.ffn_spec.input, "output": layer.ffn_spec.output, "size": len(plan.neurons)}
+        inputs = layer.ffn_spec.inputs
+        ffn = {"input": inputs[0]} if len(inputs) == 1 else {"inputs": list(inputs)}
+        entry["ffn"] = {**ffn, "output": layer.ffn_spec.output, "size": len(plan.neurons)}
     return entry
 
 
@@ -159,8 +197,10 @@ def _merge_entries(previous: dict | None, entry: dict) -> dict:
 
 
 def _layout_version(entries: dict) -> int:
-    records = (record for entry in entries.values() for record in entry.get("attention", []))
-    return LAYOUT_VERSION if any(record.get("placeholder") for record in records) else 1
+    records = [record for entry in entries.values() for record in entry.get("attention", [])]
+    if any("slots" in record for record in records) or any("inputs" in e.get("ffn", {}) for e in entries.values()):
+        return 3
+    return 2 if any(record.get("placeholder") for record in records) else 1
 
 
 def compaction_layout(layers: list[PrunableLayer], plans: list[LayerPlan], previous: dict | None = None) -> dict:
@@ -174,11 +214,13 @@ def compaction_layout(layers: list[PrunableLayer], plans: list[LayerPlan], previ
             its other keys (`dense_parameters`).
 
     Returns:
-        `dict`: `{"version": 1 or 2, "layers": {<layer path>: {"attention": [{"query": <path>, "key": <path>,
+        `dict`: `{"version": 1, 2 or 3, "layers": {<layer path>: {"attention": [{"query": <path>, "key": <path>,
         "value": <path>, "output": <path>, "head_dim": int, "heads": [kept original head indices]}, ...],
         "ffn": {"input": <path>, "output": <path>, "size": int}}}}`, module paths relative to the layer; `"ffn"` is
         left out for a layer without FFN. An attention that keeps a placeholder head has `"heads": []` and
-        `"placeholder": true` (version 2; version 1 has no placeholder).
+        `"placeholder": true` (version 2). Version 3: a grouped-query attention also lists `"slots"` (per query slot,
+        the original head or `null` for a zero slot) and `"kv_heads"` (per key/value slot, the same); a gated FFN
+        has `"inputs": [<path>, ...]` instead of `"input"`.
     """
     previous = copy.deepcopy(previous or {})
     entries = previous.pop("layers", {})
@@ -211,6 +253,23 @@ def _select_(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
 
 
 @torch.no_grad()
+def _select_slots_(linear: nn.Linear, slots: list[int | None], head_dim: int, dim: int) -> None:
+    """Rebuild rows (`dim=0`) or columns (`dim=1`) of `linear` head by head: slot `s` copies head `s`, `None` zeros."""
+    device = linear.weight.device
+    zero = linear.weight.shape[dim] // head_dim  # index of an appended zero head
+    index = _head_index([zero if slot is None else slot for slot in slots], head_dim, device)
+    if None in slots:
+        shape = list(linear.weight.shape)
+        shape[dim] = head_dim
+        weight = torch.cat([linear.weight, linear.weight.new_zeros(shape)], dim)
+        linear.weight = nn.Parameter(weight, linear.weight.requires_grad)
+        if dim == 0 and linear.bias is not None:
+            linear.bias = nn.Parameter(torch.cat([linear.bias, linear.bias.new_zeros(head_dim)]),
+                                       linear.bias.requires_grad)
+    _select_(linear, index, dim)
+
+
+@torch.no_grad()
 def _add_to_bias_(linear: nn.Linear, delta: torch.Tensor) -> None:
     if linear.bias is None:
         linear.bias = nn.Parameter(torch.zeros_like(delta, dtype=linear.weight.dtype))
@@ -224,92 +283,59 @@ def _parent(root: nn.Module, child: nn.Module) -> nn.Module:
     raise ValueError("Internal error: module not found under its layer.")
 
 
-def _set_head_count(module: nn.Module, num_heads: int, inner_size: int) -> None:
-    for name in HEAD_COUNT_ATTRIBUTES:
-        if isinstance(getattr(module, name, None), int):
-            setattr(module, name, num_heads)
-    if isinstance(getattr(module, "all_head_size", None), int):
-        module.all_head_size = inner_size
-
-
 @torch.no_grad()
-def _grow_with_zeros_(linear: nn.Linear, size: int, dim: int) -> None:
-    """Append `size` zero rows (`dim=0`, with zero biases) or zero columns (`dim=1`) to `linear`, in place."""
-    shape = list(linear.weight.shape)
-    shape[dim] = size
-    weight = torch.cat([linear.weight, linear.weight.new_zeros(shape)], dim)
-    linear.weight = nn.Parameter(weight, linear.weight.requires_grad)
-    if dim == 1:
-        linear.in_features += size
-        return
-    linear.out_features += size
-    if linear.bias is not None:
-        bias = torch.cat([linear.bias, linear.bias.new_zeros(size)])
-        linear.bias = nn.Parameter(bias, linear.bias.requires_grad)
-
-
-def _add_placeholder_head_(attention: AttentionModules) -> None:
-    """Give an attention without heads one head that adds exactly 0 (zero Q/K/V rows and biases, zero O columns)."""
-    for linear in (attention.query, attention.key, attention.value):
-        _grow_with_zeros_(linear, attention.head_dim, dim=0)
-    _grow_with_zeros_(attention.output, attention.head_dim, dim=1)
-
-
-@torch.no_grad()
-def _compact_attention(attention: AttentionModules, kept: list[int], placeholder: bool, layer_module) -> None:
+def _compact_attention(attention: AttentionModules, plan: LayerPlan, index: int, layer_module) -> None:
     device, head_dim = attention.query.weight.device, attention.head_dim
-    removed = sorted(set(range(attention.num_heads)) - set(kept))
+    slots, kv_slots = plan.slots[index], plan.kv_slots[index]
+    removed = sorted(set(range(attention.num_heads)) - {slot for slot in slots if slot is not None})
     value, output = attention.value, attention.output
-    if removed and value.bias is not None:
-        # Heads with masked value rows output b_v[h]; those with masked output columns have zero columns here.
-        index = _head_index(removed, head_dim, device)
-        _add_to_bias_(output, output.weight[:, index] @ value.bias[index])
-    if removed:
-        index = _head_index(kept, head_dim, device)
-        for linear in (attention.query, attention.key, value):
-            _select_(linear, index, dim=0)
-        _select_(output, index, dim=1)
-    if placeholder:
-        _add_placeholder_head_(attention)
-    _set_head_count(_parent(layer_module, attention.query), len(kept) + int(placeholder), attention.query.out_features)
+    if removed and value.bias is not None and output.bias is not None:
+        # Removed heads output b_v of their key/value head (masked value rows) or have zero output columns here.
+        values = _head_index([slot // attention.group for slot in removed], head_dim, device)
+        columns = _head_index(removed, head_dim, device)
+        _add_to_bias_(output, output.weight[:, columns] @ value.bias[values])
+    _select_slots_(attention.query, slots, head_dim, dim=0)
+    _select_slots_(attention.key, kv_slots, head_dim, dim=0)
+    _select_slots_(value, kv_slots, head_dim, dim=0)
+    _select_slots_(output, slots, head_dim, dim=1)
+    set_head_counts(_parent(layer_module, attention.query), len(slots), len(kv_slots), head_dim)
 
 
-def _ffn_activation(model: nn.Module, layer_module: nn.Module, layer_name: str):
-    model_type = base_model_type(getattr(getattr(model, "config", None), "model_type", None))
-    if model_type in FFN_ACTIVATIONS:
-        paths = [FFN_ACTIVATIONS[model_type]]
-    else:
-        paths = list(dict.fromkeys(FFN_ACTIVATIONS.values()))
+def _ffn_activation(layer: PrunableLayer, layer_module: nn.Module):
+    spec = layer.ffn_spec
+    paths = [spec.activation] if spec.activation else known_activation_paths()
     for path in paths:
         try:
             return operator.attrgetter(path)(layer_module)
         except AttributeError:
             continue
     raise ValueError(
-        f"Cannot find the FFN activation of layer {layer_name!r} (tried {paths}); add its path to "
-        "`hf_blockprune.compaction.FFN_ACTIVATIONS` for this model type."
+        f"Cannot find the FFN activation of layer {layer.name!r} (tried {paths}); give its path as `activation` in "
+        "the architecture's `FFNSpec`."
     )
 
 
 @torch.no_grad()
-def _compact_ffn(ffn_input: nn.Linear, ffn_output: nn.Linear, plan: LayerPlan, activation) -> None:
+def _compact_ffn(layer: PrunableLayer, plan: LayerPlan, activation) -> None:
+    ffn_input, ffn_output = layer.ffn_input, layer.ffn_output
     device = ffn_input.weight.device
     if plan.constant_neurons:
         index = torch.tensor(plan.constant_neurons, dtype=torch.long, device=device)
         bias = ffn_input.bias[index] if ffn_input.bias is not None else ffn_input.weight.new_zeros(len(index))
         _add_to_bias_(ffn_output, ffn_output.weight[:, index] @ activation(bias))  # (out, k) @ (k,)
     kept = torch.tensor(plan.neurons, dtype=torch.long, device=device)
-    _select_(ffn_input, kept, dim=0)
+    for linear in layer.ffn_inputs:
+        _select_(linear, kept, dim=0)
     _select_(ffn_output, kept, dim=1)
 
 
 def _compact_layer(model: nn.Module, layer, plan: LayerPlan) -> None:
     layer_module = model.get_submodule(layer.name)
-    for attention, kept, placeholder in zip(layer.attentions, plan.heads, plan.placeholders, strict=True):
-        _compact_attention(attention, kept, placeholder, layer_module)
+    for index, attention in enumerate(layer.attentions):
+        _compact_attention(attention, plan, index, layer_module)
     if plan.neurons is not None:
-        activation = _ffn_activation(model, layer_module, layer.name) if plan.constant_neurons else None
-        _compact_ffn(layer.ffn_input, layer.ffn_output, plan, activation)
+        activation = _ffn_activation(layer, layer_module) if plan.constant_neurons else None
+        _compact_ffn(layer, plan, activation)
 
 
 def compact_model(model: nn.Module) -> nn.Module:

@@ -151,9 +151,13 @@ class BlockPruningConfig:
         attention_modules (`list[str]`, *optional*):
             With `layers_pattern`: the Q, K, V and output projection names, relative to a layer.
         ffn_modules (`list[str]`, *optional*):
-            With `layers_pattern`: the FFN input and output projection names, relative to a layer.
+            With `layers_pattern`: the FFN input projection name(s) then the output projection name, relative to a
+            layer: two names for a classic FFN (`fc1 fc2`), three for a gated MLP (`gate_proj up_proj down_proj`).
         num_heads_attribute (`str`, *optional*, defaults to `"num_attention_heads"`):
-            With `layers_pattern`: the model-config attribute holding the number of heads.
+            With `layers_pattern`: the model-config attribute holding the number of (query) heads.
+        num_kv_heads_attribute (`str`, *optional*):
+            With `layers_pattern`: the model-config attribute holding the number of key/value heads, for grouped-query
+            attention (e.g. `"num_key_value_heads"`); `None`: as many as query heads.
     """
 
     pruning_preset: str | None = field(
@@ -229,6 +233,10 @@ class BlockPruningConfig:
     )
     num_heads_attribute: str = field(
         default="num_attention_heads", metadata={"help": "Custom architectures: config attribute with the head count."}
+    )
+    num_kv_heads_attribute: str | None = field(
+        default=None,
+        metadata={"help": "Custom architectures, grouped-query attention: config attribute with the KV head count."},
     )
 
     def __post_init__(self):
@@ -398,8 +406,11 @@ class BlockPruningConfig:
             raise ValueError(
                 f"`attention_modules` must name 4 modules (query key value output), got {self.attention_modules!r}."
             )
-        if self.ffn_modules is not None and len(self.ffn_modules) != 2:
-            raise ValueError(f"`ffn_modules` must name 2 modules (input output), got {self.ffn_modules!r}.")
+        if self.ffn_modules is not None and len(self.ffn_modules) < 2:
+            raise ValueError(
+                "`ffn_modules` must name the input projection(s) then the output projection (2 names, or 3 for a "
+                f"gated MLP: gate up down), got {self.ffn_modules!r}."
+            )
         if not any(given):
             raise ValueError("`layers_pattern` needs `attention_modules` and/or `ffn_modules`.")
 

@@ -29,6 +29,8 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
     per_position = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)  # (...)
     if mask is not None:
         per_position = per_position[mask]
+        if per_position.numel() == 0:  # no labelled position in the batch: nothing to distil
+            return log_p_student.sum() * 0.0
     return per_position.mean() * temperature**2
 
 
@@ -78,10 +80,13 @@ def output_kind(outputs, problem_type: str | None = None) -> str:
 
 
 def distillation_term(student_outputs, teacher_outputs, labels: torch.Tensor | None, temperature: float,
-                      problem_type: str | None = None):
+                      problem_type: str | None = None, shifted_labels: bool = False):
     """The KD loss for the output kind of `student_outputs` (QA: mean of the start and end losses; per-token logits:
     positions whose label is -100, i.e. padding, are left out; regression heads: mean squared error to the teacher;
-    multi-label heads: per-label binary KL). `problem_type` is the student's `config.problem_type`."""
+    multi-label heads: per-label binary KL). `problem_type` is the student's `config.problem_type`.
+
+    With `shifted_labels` (a causal LM, whose logits at position `t` predict the label at `t + 1`), the logits at `t`
+    count when the label at `t + 1` is not -100, and the last position never does."""
     kind = output_kind(student_outputs, problem_type)
     if kind == "regression":
         return regression_kd_loss(student_outputs["logits"], teacher_outputs["logits"])
@@ -94,6 +99,8 @@ def distillation_term(student_outputs, teacher_outputs, labels: torch.Tensor | N
     mask = None
     if kind == "token" and labels is not None and labels.shape == student_outputs["logits"].shape[:2]:
         mask = labels != IGNORE_INDEX
+        if shifted_labels:
+            mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
     return kd_loss(student_outputs["logits"], teacher_outputs["logits"], temperature, mask)
 
 
@@ -163,6 +170,8 @@ class Distiller:
         temperature (`float`): softmax temperature.
         student_config (*optional*): the student's config, whose `problem_type` (set by transformers on the first
             forward with labels) selects the regression or multi-label losses.
+
+    A causal-LM teacher (and so student) is distilled per token, on the positions whose next token is a label.
     """
 
     def __init__(self, teacher: nn.Module, alpha: float, temperature: float, student_config=None):
@@ -170,6 +179,7 @@ class Distiller:
         self.alpha = alpha
         self.temperature = temperature
         self.student_config = student_config
+        self.shifted_labels = _head_kind(teacher) == "ForCausalLM"
 
     def loss(self, task_loss: torch.Tensor, student_outputs, inputs: dict) -> torch.Tensor:
         """Run the teacher on `inputs` (no gradients) and return the mixed loss."""
@@ -178,5 +188,5 @@ class Distiller:
             teacher_outputs = self.teacher(**inputs)
         problem_type = getattr(self.student_config, "problem_type", None)
         term = distillation_term(student_outputs, teacher_outputs, inputs.get("labels"), self.temperature,
-                                 problem_type)
+                                 problem_type, self.shifted_labels)
         return self.alpha * term + (1.0 - self.alpha) * task_loss

@@ -22,9 +22,12 @@ def _fill_attention(attention) -> None:
     if attention.real_heads == 0:  # compacted to no head before (or only a zero placeholder): nothing to refill
         return
     dead = set(dead_heads(attention))
-    alive = [h for h in range(attention.num_heads) if h not in dead]
-    for linear in (attention.query, attention.key, attention.value):
-        rows = _head_rows(attention.num_heads, linear.out_features, alive, linear.weight)
+    alive = [slot for slot, head in enumerate(attention.slots) if head is not None and slot not in dead]
+    alive_kv = sorted({slot // attention.group for slot in alive})
+    for linear, slots, count in ((attention.query, alive, attention.num_heads),
+                                 (attention.key, alive_kv, attention.num_kv_heads),
+                                 (attention.value, alive_kv, attention.num_kv_heads)):
+        rows = _head_rows(count, linear.out_features, slots, linear.weight)
         _freeze(linear, rows[:, None].expand_as(linear.weight))
     output = attention.output
     cols = _head_rows(attention.num_heads, output.in_features, alive, output.weight)
@@ -53,7 +56,7 @@ def fill_surviving_heads(model: nn.Module) -> None:
     for layer in prunable_layers(model):
         for attention in layer.attentions:
             _fill_attention(attention)
-        for linear in (layer.ffn_input, layer.ffn_output):
+        for linear in (*layer.ffn_inputs, layer.ffn_output):
             if isinstance(linear, MaskedLinear):
                 _freeze(linear, weight_mask(linear))
     for module in model.modules():

@@ -3,11 +3,12 @@
 One multiply-add is 2 FLOPs. What is counted, per prunable layer (`prunable_layers(model)`), from the actual Linear
 shapes (a `MaskedLinear` counts its whole `base_layer` unless `kept_only=True`):
 
-- attention projections: `2 * T * in * out` for each of the query, key, value and output projections;
+- attention projections: `2 * T * in * out` for each of the query, key, value and output projections (with
+  grouped-query attention the key and value projections have the key/value heads' width);
 - attention scores: `2 * 2 * T * T_kv * w` for `Q @ K^T` and for `probs @ V`, with `w = heads * head_dim` the query
   projection's output size. `T_kv = T` for self-attention, and for BART's cross-attention too: the decoder sequence
   is taken as long as the encoder sequence (both are `T`);
-- FFN: `2 * T * in * out` for the input and for the output projection.
+- FFN: `2 * T * in * out` for each input projection (two in a gated MLP) and for the output projection.
 
 Fixed cost, which pruning does not shrink: the matmuls of every other `nn.Linear` in the model (pooler,
 classification or LM head, ELECTRA's embedding projection). The pooler and the heads of sequence-level tasks see one
@@ -64,42 +65,48 @@ def linear_flops(tokens: int, in_features: int, out_features: int) -> int:
     return 2 * tokens * in_features * out_features
 
 
-def attention_flops(attention: AttentionModules, seq_len: int, kept_heads: int | None = None) -> tuple[int, int]:
+def attention_flops(
+    attention: AttentionModules, seq_len: int, kept_heads: int | None = None, kept_kv_heads: int | None = None
+) -> tuple[int, int]:
     """FLOPs of one attention block: `(projections, scores)`.
 
     Args:
         attention (`AttentionModules`): the block, as listed by `prunable_layers`.
         seq_len (`int`): `T`, also used as the key/value length `T_kv`.
-        kept_heads (`int`, *optional*): count only this many heads (of `attention.num_heads`) at full head size;
-            defaults to the projections' actual sizes (a placeholder head, which compaction keeps in an attention
-            that sets the KV-cache length, is computed like a head and counted).
+        kept_heads (`int`, *optional*): count only this many query slots at full head size; defaults to the
+            projections' actual sizes (placeholder and padding slots, which compaction may keep, are computed like
+            heads and counted).
+        kept_kv_heads (`int`, *optional*): the same for key/value slots (defaults to `kept_heads`, or to the actual
+            sizes).
     """
+    if kept_kv_heads is None:
+        kept_kv_heads = kept_heads
 
-    def width(size: int) -> int:  # the heads' share of a projection side of `size` = num_heads * head_dim
-        return size if kept_heads is None else attention.head_dim * kept_heads
+    def width(size: int, kept: int | None) -> int:  # the heads' share of a projection side
+        return size if kept is None else attention.head_dim * kept
 
-    projections = sum(
-        linear_flops(seq_len, linear.in_features, width(linear.out_features))
-        for linear in (attention.query, attention.key, attention.value)
+    projections = linear_flops(seq_len, attention.query.in_features, width(attention.query.out_features, kept_heads))
+    projections += sum(
+        linear_flops(seq_len, linear.in_features, width(linear.out_features, kept_kv_heads))
+        for linear in (attention.key, attention.value)
     )
-    projections += linear_flops(seq_len, width(attention.output.in_features), attention.output.out_features)
-    scores = 2 * 2 * seq_len * seq_len * width(attention.query.out_features)
+    projections += linear_flops(
+        seq_len, width(attention.output.in_features, kept_heads), attention.output.out_features
+    )
+    scores = 2 * 2 * seq_len * seq_len * width(attention.query.out_features, kept_heads)
     return projections, scores
 
 
-def ffn_flops(ffn_input: nn.Module, ffn_output: nn.Module, seq_len: int, kept_neurons: int | None = None) -> int:
-    """FLOPs of one FFN (both projections), with all its neurons or only `kept_neurons` of them."""
-    neurons = ffn_input.out_features if kept_neurons is None else kept_neurons
-    expand = linear_flops(seq_len, ffn_input.in_features, neurons)
-    return expand + linear_flops(seq_len, neurons, ffn_output.out_features)
+def ffn_flops(layer: PrunableLayer, seq_len: int, kept_neurons: int | None = None) -> int:
+    """FLOPs of one FFN (every input projection and the output projection), all neurons or `kept_neurons`."""
+    neurons = layer.ffn_input.out_features if kept_neurons is None else kept_neurons
+    expand = sum(linear_flops(seq_len, linear.in_features, neurons) for linear in layer.ffn_inputs)
+    return expand + linear_flops(seq_len, neurons, layer.ffn_output.out_features)
 
 
 def _prunable_modules(layers: list[PrunableLayer]) -> set[int]:
     """Ids of the prunable projections and of the Linear each `MaskedLinear` wraps."""
-    modules = [
-        m for layer in layers for attn in layer.attentions for m in (attn.query, attn.key, attn.value, attn.output)
-    ]
-    modules += [m for layer in layers for m in (layer.ffn_input, layer.ffn_output) if m is not None]
+    modules = [m for layer in layers for m in layer.linears()]
     modules += [m.base_layer for m in modules if hasattr(m, "base_layer")]
     return {id(module) for module in modules}
 
@@ -125,13 +132,15 @@ def fixed_flops(model: nn.Module, layers: list[PrunableLayer], seq_len: int) -> 
 def _layer_flops(layer: PrunableLayer, plan: LayerPlan | None, seq_len: int) -> FlopsBreakdown:
     flops = FlopsBreakdown()
     for index, attention in enumerate(layer.attentions):
-        kept = None if plan is None else len(plan.heads[index]) + int(plan.placeholders[index])
-        projections, scores = attention_flops(attention, seq_len, kept)
+        kept = kept_kv = None
+        if plan is not None:
+            kept, kept_kv = len(plan.slots[index]), len(plan.kv_slots[index])
+        projections, scores = attention_flops(attention, seq_len, kept, kept_kv)
         flops.attention_projections += projections
         flops.attention_scores += scores
-    if layer.ffn_input is not None and layer.ffn_output is not None:
+    if layer.has_ffn:
         kept = None if plan is None else len(plan.neurons)
-        flops.ffn = ffn_flops(layer.ffn_input, layer.ffn_output, seq_len, kept)
+        flops.ffn = ffn_flops(layer, seq_len, kept)
     return flops
 
 

@@ -109,19 +109,27 @@ class MaskedLinear(nn.Module):
     """An `nn.Linear` whose weight is multiplied, block by block, by the mask of a `BlockScores`.
 
     The mask grid `(R, C)` splits the `(out, in)` weight into `R x C` blocks of `(out / R, in / C)`; `grid_view`
-    reads a 1-D score vector as rows (`"rows"`: `(n, 1)`) or columns (`"cols"`: `(1, n)`).
+    reads a 1-D score vector as rows (`"rows"`: `(n, 1)`) or columns (`"cols"`: `(1, n)`). With `row_groups = g > 1`
+    (`"rows"` only), row block `j` is kept while any of the mask entries `j * g ... (j + 1) * g - 1` is: the key and
+    value projections of grouped-query attention, whose heads each serve `g` query heads.
 
     Args:
         base_layer (`nn.Linear`): the layer to mask; kept as the child `base_layer`.
         block_scores (`BlockScores`): the scores to use.
         grid_view (`str`): `"grid"`, `"rows"` or `"cols"`.
         owns_scores (`bool`): register `block_scores` as a child (saved with this layer) or only refer to it.
+        row_groups (`int`, *optional*, defaults to 1): mask entries per row block, see above.
     """
 
-    def __init__(self, base_layer: nn.Linear, block_scores: BlockScores, grid_view: str, owns_scores: bool):
+    def __init__(
+        self, base_layer: nn.Linear, block_scores: BlockScores, grid_view: str, owns_scores: bool, row_groups: int = 1
+    ):
         super().__init__()
         self.base_layer = base_layer
         self.grid_view = grid_view
+        self.row_groups = int(row_groups)
+        if self.row_groups > 1 and (grid_view != "rows" or block_scores.scores.shape[0] % self.row_groups):
+            raise ValueError(f"row_groups={row_groups} needs a 'rows' view over a multiple of {row_groups} scores.")
         if owns_scores:
             self.block_scores = block_scores
         else:
@@ -133,13 +141,14 @@ class MaskedLinear(nn.Module):
                 f"A block grid of {rows}x{cols} does not divide a {out_features}x{in_features} weight; choose a block "
                 "size that divides the matrix (e.g. a divisor of the head size)."
             )
-        block_scores.weights_per_block += (out_features // rows) * (in_features // cols)
+        # per score entry: a row block shared by `row_groups` entries counts for each in proportion
+        block_scores.weights_per_block += (out_features // rows) * (in_features // cols) / self.row_groups
         # Set by `fix_mask` for the filled stage; not saved: it is recomputed from the scores on resume.
         self.register_buffer("fixed_mask", None, persistent=False)
 
     def _grid_shape(self, shape) -> tuple[int, int]:
         if self.grid_view == "rows":
-            return shape[0], 1
+            return shape[0] // self.row_groups, 1
         if self.grid_view == "cols":
             return 1, shape[0]
         return shape[0], shape[1]
@@ -172,6 +181,8 @@ class MaskedLinear(nn.Module):
     def weight_mask(self, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The mask as a `(R, C)` grid (from the scores unless `mask`, a score-shaped tensor, is given)."""
         mask = self.scores_module.mask() if mask is None else mask
+        if self.row_groups > 1:
+            return mask.reshape(-1, self.row_groups).amax(dim=1, keepdim=True)
         return mask.reshape(self._grid_shape(mask.shape))
 
     def full_mask(self) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -22,42 +22,96 @@ TARGETS_ATTRIBUTE = "block_pruning_targets"  # the density controller's state (h
 class AttentionModules:
     """The four projections of one attention block, its head slots and their names relative to the layer.
 
+    A *slot* is a head's place in the projections' weights: query slot `s` is rows `s * head_dim ...` of the query
+    projection and the same columns of the output projection; key/value slot `g` is rows `g * head_dim ...` of the
+    key and value projections, and serves the query slots `g * group ... (g + 1) * group - 1` (`group =
+    num_heads // num_kv_heads`, 1 without grouped-query attention).
+
     Args:
         query (`nn.Module`), key (`nn.Module`), value (`nn.Module`), output (`nn.Module`): the projections.
-        num_heads (`int`): head slots in the projections' weights (a placeholder included).
-        spec (`AttentionSpec`): the projections' paths and whether the attention sets the KV-cache length.
+        spec (`AttentionSpec`): the projections' paths, head-count attributes and cache role.
         head_dim (`int`): the size of one head (from the layout for a compacted model, which may have no head left).
-        heads (`list[int]`, *optional*): the original index of each real head slot, in order: all heads of a model
-            never compacted, the kept heads recorded in `config.blockprune_layout` for a compacted one.
-        placeholder (`bool`, *optional*, defaults to `False`): the one slot is a zero placeholder head, kept so
-            that generation's KV cache has a length (see `AttentionSpec.sets_cache_length`), not a real head.
+        slots (`list[int | None]`): per query slot, the original index of the head it holds (all heads of a model
+            never compacted, the kept heads recorded in `config.blockprune_layout` for a compacted one), or `None`
+            for a zero placeholder slot (zero query rows and output columns: it adds exactly 0).
+        kv_slots (`list[int | None]`): the same for key/value slots (equal to `slots` without grouped-query
+            attention); `None` is a zero placeholder key/value head, kept so that generation's KV cache has a length
+            (see `AttentionSpec.sets_cache_length`).
     """
 
     query: nn.Module
     key: nn.Module
     value: nn.Module
     output: nn.Module
-    num_heads: int
     spec: AttentionSpec
     head_dim: int
-    heads: list[int] = field(default_factory=list)
-    placeholder: bool = False
+    slots: list[int | None]
+    kv_slots: list[int | None]
+
+    @property
+    def num_heads(self) -> int:
+        """Query head slots in the projections' weights (placeholders included)."""
+        return len(self.slots)
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Key/value head slots in the key and value projections (placeholders included)."""
+        return len(self.kv_slots)
+
+    @property
+    def group(self) -> int:
+        """Query slots per key/value slot (1 without grouped-query attention)."""
+        return self.num_heads // max(self.num_kv_heads, 1)
+
+    @property
+    def heads(self) -> list[int]:
+        """The original indices of the real heads, in slot order."""
+        return [head for head in self.slots if head is not None]
 
     @property
     def real_heads(self) -> int:
-        """Head slots that hold real heads (all but a placeholder)."""
-        return self.num_heads - int(self.placeholder)
+        """Query slots that hold real heads (all but placeholders)."""
+        return len(self.heads)
+
+    @property
+    def placeholder(self) -> bool:
+        """Whether the block holds a zero placeholder slot and no real head (a decoder self-attention emptied)."""
+        return self.num_heads > 0 and self.real_heads == 0
 
 
 @dataclass
 class PrunableLayer:
-    """One transformer layer: its name, its attention blocks and its FFN projections (`None` if absent)."""
+    """One transformer layer: its name, its attention blocks and its FFN projections (`ffn_inputs` empty if absent).
+
+    `ffn_inputs` holds one input projection (classic FFN) or several combined element-wise (a gated MLP: gate, up).
+    """
 
     name: str
     attentions: list[AttentionModules]
-    ffn_input: nn.Module | None
+    ffn_inputs: list[nn.Module]
     ffn_output: nn.Module | None
     ffn_spec: FFNSpec | None = None
+
+    @property
+    def ffn_input(self) -> nn.Module | None:
+        """The first FFN input projection (the only one of a classic FFN), or `None` without FFN."""
+        return self.ffn_inputs[0] if self.ffn_inputs else None
+
+    @property
+    def has_ffn(self) -> bool:
+        """Whether the layer has an FFN to prune."""
+        return bool(self.ffn_inputs) and self.ffn_output is not None
+
+    def ffn_paths(self) -> dict[str, str]:
+        """The FFN projections' full module paths by role (`input`, `input.1`, ..., `output`)."""
+        inputs = self.ffn_spec.inputs
+        paths = {("input" if i == 0 else f"input.{i}"): f"{self.name}.{path}" for i, path in enumerate(inputs)}
+        return {**paths, "output": f"{self.name}.{self.ffn_spec.output}"}
+
+    def linears(self) -> list[nn.Module]:
+        """Every prunable projection of the layer: each attention's query, key, value, output, then the FFN's."""
+        modules = [m for attn in self.attentions for m in (attn.query, attn.key, attn.value, attn.output)]
+        return modules + list(self.ffn_inputs) + ([self.ffn_output] if self.ffn_output is not None else [])
 
 
 def _submodule(layer: nn.Module, layer_name: str, path: str) -> nn.Module:
@@ -67,13 +121,22 @@ def _submodule(layer: nn.Module, layer_name: str, path: str) -> nn.Module:
         raise ValueError(f"Layer {layer_name!r} has no module {path!r}; check the module names.") from None
 
 
-def _num_heads(model: nn.Module, spec: LayerStackSpec) -> int:
-    num_heads = getattr(getattr(model, "config", None), spec.num_heads_attribute, None)
-    if not isinstance(num_heads, int) or num_heads <= 0:
+def _config_count(model: nn.Module, attribute: str, field_name: str) -> int:
+    value = getattr(getattr(model, "config", None), attribute, None)
+    if not isinstance(value, int) or value <= 0:
         raise ValueError(
-            f"Cannot read the head count from model.config.{spec.num_heads_attribute}; set `num_heads_attribute`."
+            f"Cannot read a head count from model.config.{attribute}; set `{field_name}` to the model-config field "
+            "that holds it."
         )
-    return num_heads
+    return value
+
+
+def _head_counts(model: nn.Module, spec: AttentionSpec) -> tuple[int, int]:
+    """`(query heads, key/value heads)` of a dense attention block, from the model config."""
+    heads = _config_count(model, spec.num_heads, "num_heads_attribute")
+    if spec.num_kv_heads is None:
+        return heads, heads
+    return heads, _config_count(model, spec.num_kv_heads, "num_kv_heads_attribute")
 
 
 def _layout_record(model: nn.Module, layer_name: str, spec: AttentionSpec) -> dict | None:
@@ -83,21 +146,34 @@ def _layout_record(model: nn.Module, layer_name: str, spec: AttentionSpec) -> di
     return next((record for record in entry.get("attention", []) if record["query"] == spec.query), None)
 
 
-def _attention(layer: nn.Module, layer_name: str, spec: AttentionSpec, num_heads: int, record) -> AttentionModules:
+def record_slots(record: dict) -> tuple[list[int | None], list[int | None]]:
+    """`(query slots, key/value slots)` of a layout record (see `AttentionModules`; `None` is a zero placeholder).
+
+    Version 3 records of grouped-query attention list them (`"slots"`, `"kv_heads"`); earlier records hold the kept
+    heads, then one placeholder slot if `"placeholder"` is true, with as many key/value heads as query heads.
+    """
+    if "slots" in record:
+        return list(record["slots"]), list(record["kv_heads"])
+    slots = list(record["heads"]) + ([None] if record.get("placeholder") else [])
+    return slots, list(slots)
+
+
+def _attention(model: nn.Module, layer: nn.Module, layer_name: str, spec: AttentionSpec) -> AttentionModules:
     modules = [_submodule(layer, layer_name, path) for path in spec.paths().values()]
-    if record is None:
-        head_dim = getattr(modules[0], "out_features", 0) // num_heads  # not a Linear: refused by check_prunable
-        return AttentionModules(*modules, num_heads, spec, head_dim, heads=list(range(num_heads)))
-    placeholder = bool(record.get("placeholder", False))
-    slots = len(record["heads"]) + int(placeholder)
-    return AttentionModules(*modules, slots, spec, record["head_dim"], list(record["heads"]), placeholder)
+    record = _layout_record(model, layer_name, spec)
+    if record is not None:
+        slots, kv_slots = record_slots(record)
+        return AttentionModules(*modules, spec, record["head_dim"], slots, kv_slots)
+    heads, kv_heads = _head_counts(model, spec)
+    head_dim = getattr(modules[0], "out_features", 0) // heads  # not a Linear: refused by check_prunable
+    return AttentionModules(*modules, spec, head_dim, list(range(heads)), list(range(kv_heads)))
 
 
-def _prunable_layer(model: nn.Module, name: str, layer: nn.Module, spec: LayerStackSpec, heads: int) -> PrunableLayer:
-    attentions = [_attention(layer, name, attn, heads, _layout_record(model, name, attn)) for attn in spec.attentions]
-    ffn_in = _submodule(layer, name, spec.ffn.input) if spec.ffn else None
-    ffn_out = _submodule(layer, name, spec.ffn.output) if spec.ffn else None
-    return PrunableLayer(name, attentions, ffn_in, ffn_out, spec.ffn)
+def _prunable_layer(model: nn.Module, name: str, layer: nn.Module, spec: LayerStackSpec) -> PrunableLayer:
+    attentions = [_attention(model, layer, name, attention) for attention in spec.attentions]
+    ffn_inputs = [_submodule(layer, name, path) for path in spec.ffn.inputs] if spec.ffn else []
+    ffn_output = _submodule(layer, name, spec.ffn.output) if spec.ffn else None
+    return PrunableLayer(name, attentions, ffn_inputs, ffn_output, spec.ffn)
 
 
 def prunable_layers(model: nn.Module, config: BlockPruningConfig | None = None) -> list[PrunableLayer]:
@@ -116,10 +192,9 @@ def prunable_layers(model: nn.Module, config: BlockPruningConfig | None = None) 
         lists = find_layer_lists(model, spec.layers)
         if not lists:
             raise ValueError(f"No nn.ModuleList named like {spec.layers!r} in {type(model).__name__}.")
-        num_heads = _num_heads(model, spec) if spec.attentions else 0
         for list_name, layer_list in lists:
             for index, layer in enumerate(layer_list):
-                layers.append(_prunable_layer(model, f"{list_name}.{index}", layer, spec, num_heads))
+                layers.append(_prunable_layer(model, f"{list_name}.{index}", layer, spec))
     return layers
 
 
@@ -189,25 +264,36 @@ def _check_linear(path: str, module: nn.Module) -> None:
 
 
 def _check_head_widths(paths: dict[str, str], attention: AttentionModules) -> None:
-    """Refuse projections that do not split into `num_heads` equal heads (grouped-query attention, wrong count)."""
+    """Refuse projections that do not split into the configured query and key/value heads of one size."""
+    heads, kv_heads = attention.num_heads, attention.num_kv_heads
     width = attention.query.out_features
+    if width != heads * attention.head_dim or attention.head_dim == 0:
+        raise ValueError(
+            f"{paths['query']} has {width} output features, which {heads} heads do not divide: check "
+            "`num_heads_attribute` (the model-config field holding the head count)."
+        )
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(
+            f"{paths['query']}: {heads} query heads do not split into groups over {kv_heads} key/value heads; check "
+            "`num_kv_heads_attribute`."
+        )
+    kv_width = kv_heads * attention.head_dim
     for role in ("key", "value"):
         size = getattr(attention, role).out_features
-        if size != width:
+        if size != kv_width:
+            hint = (
+                "it looks like grouped-query attention: set `num_kv_heads_attribute` (e.g. 'num_key_value_heads')."
+                if not attention.spec.grouped and size < width and width % size == 0
+                else "check `attention_modules` and the head-count attributes."
+            )
             raise ValueError(
-                f"{paths[role]} has {size} output features but the query projection {paths['query']} has {width}: "
-                "grouped-query or multi-query attention (fewer key/value heads than query heads) is not supported "
-                "yet. Prune only the FFN (`attention_modules=None`)."
+                f"{paths[role]} has {size} output features but {kv_heads} key/value heads of {attention.head_dim} "
+                f"need {kv_width}: {hint}"
             )
     if attention.output.in_features != width:
         raise ValueError(
             f"{paths['output']} reads {attention.output.in_features} features but {paths['query']} makes {width}: "
             "the output projection must read the concatenated heads; check `attention_modules`."
-        )
-    if width != attention.num_heads * attention.head_dim:
-        raise ValueError(
-            f"{paths['query']} has {width} output features, which {attention.num_heads} heads do not divide: check "
-            "`num_heads_attribute` (the model-config field holding the head count)."
         )
 
 
@@ -224,16 +310,23 @@ def _check_attention(layer_name: str, attention: AttentionModules, config: Block
 
 
 def _check_ffn(layer: PrunableLayer, config: BlockPruningConfig) -> None:
-    paths = {"input": f"{layer.name}.{layer.ffn_spec.input}", "output": f"{layer.name}.{layer.ffn_spec.output}"}
-    _check_linear(paths["input"], layer.ffn_input)
-    _check_linear(paths["output"], layer.ffn_output)
-    if layer.ffn_input.out_features != layer.ffn_output.in_features:
-        raise ValueError(
-            f"{paths['input']} makes {layer.ffn_input.out_features} features but {paths['output']} reads "
-            f"{layer.ffn_output.in_features}: they are not the two sides of one FFN; check `ffn_modules`."
-        )
+    paths = layer.ffn_paths()
+    for linear, path in zip([*layer.ffn_inputs, layer.ffn_output], paths.values()):
+        _check_linear(path, linear)
+    for linear, path in zip(layer.ffn_inputs, paths.values()):
+        if linear.out_features != layer.ffn_output.in_features:
+            raise ValueError(
+                f"{path} makes {linear.out_features} features but {paths['output']} reads "
+                f"{layer.ffn_output.in_features}: they are not the two sides of one FFN; check `ffn_modules`."
+            )
     if config.ffn_granularity == "block" and layer.ffn_input.out_features:
-        for linear, path in ((layer.ffn_input, paths["input"]), (layer.ffn_output, paths["output"])):
+        if len(layer.ffn_inputs) > 1:
+            raise ValueError(
+                f"{layer.name} has a gated FFN ({', '.join(paths.values())}): blocks of one input projection do not "
+                "remove neurons there (a neuron is a row of every input), so `ffn_granularity='block'` cannot be "
+                "compacted exactly. Use `ffn_granularity='neuron'` (the `hybrid` and `struct` presets do)."
+            )
+        for linear, path in zip([*layer.ffn_inputs, layer.ffn_output], paths.values()):
             _block_grid(linear, config.ffn_block_size, "ffn_block_size", path)
 
 
@@ -247,16 +340,21 @@ def check_prunable(layers: list[PrunableLayer], config: BlockPruningConfig) -> N
     for layer in layers:
         for attention in layer.attentions:
             _check_attention(layer.name, attention, config)
-        if layer.ffn_input is not None and layer.ffn_output is not None:
+        if layer.has_ffn:
             _check_ffn(layer, config)
 
 
 def _masked_attention(attn: AttentionModules, config, score_scale, layer_name) -> list[MaskedLinear]:
     linears = [attn.query, attn.key, attn.value, attn.output]
     if config.attention_granularity == "head":
+        # One score per query slot; a key/value head is kept while any query head of its group is.
         shared = _new_scores((attn.num_heads,), config, "attention", score_scale, attn.query)
         views = ["rows", "rows", "rows", "cols"]
-        return [_wrap(lin, shared, view, owns=i == 0) for i, (lin, view) in enumerate(zip(linears, views))]
+        groups = [1, attn.group, attn.group, 1]
+        return [
+            MaskedLinear(lin, shared, view, owns_scores=i == 0, row_groups=group)
+            for i, (lin, view, group) in enumerate(zip(linears, views, groups))
+        ]
     paths = [f"{layer_name}.{path}" for path in attn.spec.paths().values()]
     grids = [_block_grid(lin, config.attention_block_size, "attention_block_size", path)
              for lin, path in zip(linears, paths)]
@@ -265,12 +363,12 @@ def _masked_attention(attn: AttentionModules, config, score_scale, layer_name) -
 
 
 def _masked_ffn(layer: PrunableLayer, config, score_scale) -> list[MaskedLinear]:
-    ffn_in, ffn_out = layer.ffn_input, layer.ffn_output
+    linears = [*layer.ffn_inputs, layer.ffn_output]
     if config.ffn_granularity == "neuron":
-        shared = _new_scores((ffn_in.out_features,), config, "ffn", score_scale, ffn_in)
-        return [_wrap(ffn_in, shared, "rows", owns=True), _wrap(ffn_out, shared, "cols", owns=False)]
-    linears = (ffn_in, ffn_out)
-    paths = (f"{layer.name}.{layer.ffn_spec.input}", f"{layer.name}.{layer.ffn_spec.output}")
+        shared = _new_scores((layer.ffn_input.out_features,), config, "ffn", score_scale, layer.ffn_input)
+        views = ["rows"] * len(layer.ffn_inputs) + ["cols"]
+        return [_wrap(lin, shared, view, owns=i == 0) for i, (lin, view) in enumerate(zip(linears, views))]
+    paths = layer.ffn_paths().values()
     grids = [_block_grid(lin, config.ffn_block_size, "ffn_block_size", path) for lin, path in zip(linears, paths)]
     return [_wrap(lin, _new_scores(grid, config, "ffn", score_scale, lin), "grid", True)
             for lin, grid in zip(linears, grids)]
@@ -278,7 +376,7 @@ def _masked_ffn(layer: PrunableLayer, config, score_scale) -> list[MaskedLinear]
 
 def _has_units(layer: PrunableLayer) -> bool:
     """Whether a layer still has a head or an FFN neuron (something to score)."""
-    ffn = layer.ffn_input is not None and layer.ffn_output is not None and layer.ffn_input.out_features > 0
+    ffn = layer.has_ffn and layer.ffn_input.out_features > 0
     return ffn or any(attention.real_heads for attention in layer.attentions)
 
 
@@ -290,8 +388,8 @@ def _mask_layer(model: nn.Module, layer: PrunableLayer, config: BlockPruningConf
         if attn.real_heads:
             originals = (attn.query, attn.key, attn.value, attn.output)
             pairs += zip(originals, _masked_attention(attn, config, score_scale, layer.name))
-    if layer.ffn_input is not None and layer.ffn_output is not None and layer.ffn_input.out_features:
-        pairs += zip((layer.ffn_input, layer.ffn_output), _masked_ffn(layer, config, score_scale))
+    if layer.has_ffn and layer.ffn_input.out_features:
+        pairs += zip((*layer.ffn_inputs, layer.ffn_output), _masked_ffn(layer, config, score_scale))
     # paths first: once a module is wrapped, the original sits one level deeper
     paths = [_relative_path(owner, original) for original, _ in pairs]
     for path, (_, masked) in zip(paths, pairs):

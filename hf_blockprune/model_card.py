@@ -14,23 +14,47 @@ FIGURE_NAME = "pruning_layout.png"
 
 
 def layer_rows(model: nn.Module) -> list[dict]:
-    """Per layer of the layout: kept heads per attention block (of how many) and the FFN size (of how many)."""
+    """Per layer of the layout: kept heads per attention block (of how many) and the FFN size (of how many).
+
+    Each row has `layer`, `heads` (kept original query heads per attention block), `placeholders` (whether the block
+    keeps only a zero placeholder head), `kv_heads` (kept original key/value heads of a grouped-query attention, else
+    `None`), `zero_slots` (zero query slots that pad the query groups, or the placeholder) and `ffn_size`.
+    """
     config = model.config
     rows = []
     for path, entry in getattr(config, LAYOUT_ATTRIBUTE)["layers"].items():
-        heads = [attention["heads"] for attention in entry.get("attention", [])]
-        placeholders = [bool(attention.get("placeholder", False)) for attention in entry.get("attention", [])]
-        ffn_size = entry.get("ffn", {}).get("size")
-        rows.append({"layer": path, "heads": heads, "placeholders": placeholders, "ffn_size": ffn_size})
+        records = entry.get("attention", [])
+        rows.append({
+            "layer": path,
+            "heads": [record["heads"] for record in records],
+            "placeholders": [bool(record.get("placeholder", False)) for record in records],
+            "kv_heads": [
+                [h for h in record["kv_heads"] if h is not None] if "kv_heads" in record else None
+                for record in records
+            ],
+            "zero_slots": [
+                sum(slot is None for slot in record["slots"]) if "slots" in record else int("placeholder" in record)
+                for record in records
+            ],
+            "ffn_size": entry.get("ffn", {}).get("size"),
+        })
     return rows
 
 
 def heads_cell(row: dict) -> str:
-    """The card's "heads kept" cell of a `layer_rows` row: per attention block, the count and the original indices."""
-    cells = [
-        f"{len(heads)}: {heads}" + (" + zero placeholder" if placeholder else "")
-        for heads, placeholder in zip(row["heads"], row.get("placeholders", [False] * len(row["heads"])))
-    ]
+    """The card's "heads kept" cell of a `layer_rows` row: per attention block, the count and the original indices
+    (and the key/value heads of a grouped-query attention)."""
+    cells = []
+    for index, heads in enumerate(row["heads"]):
+        cell = f"{len(heads)}: {heads}"
+        kv_heads = (row.get("kv_heads") or [None] * len(row["heads"]))[index]
+        if kv_heads is not None:
+            cell += f", KV {len(kv_heads)}: {kv_heads}"
+        if row.get("placeholders", [False] * len(row["heads"]))[index]:
+            cell += " + zero placeholder"
+        elif (row.get("zero_slots") or [0] * len(row["heads"]))[index]:
+            cell += f" + {row['zero_slots'][index]} zero query slot(s)"
+        cells.append(cell)
     return "; ".join(cells) or "-"
 
 
@@ -108,6 +132,9 @@ def _card_text(model: nn.Module, rows: list[dict], num_heads: int, ffn_total: in
     if any(any(row.get("placeholders", ())) for row in rows):
         lines += ["", "A *zero placeholder* is one all-zero head slot that a decoder self-attention which lost every "
                   "head keeps, so that generation's KV cache has a length; it adds nothing to the output."]
+    if any(any(row.get("zero_slots", ())) and not any(row.get("placeholders", ())) for row in rows):
+        lines += ["", "*Zero query slots* pad the query groups of a grouped-query attention to one size (each kept "
+                  "key/value head serves as many query slots); they add nothing to the output."]
     lines += ["", f"![kept heads and FFN neurons per layer]({FIGURE_NAME})", "", "## Pruning hyperparameters", ""]
     lines += ["```json", json.dumps(method, indent=2) if method else "not recorded", "```", ""]
     lines += [

@@ -15,8 +15,10 @@ an error that asks for it, instead of building a full-size model and failing (or
 re-initialising the pruned layers). Folders saved before this (model type `bert`, no `AutoConfig` in `auto_map`) still
 load.
 
-Layout versions: 1, and 2, where an attention record may say `"placeholder": true`: besides its kept `"heads"`
-(none, then) it holds one head slot of zero weights, so that generation's KV cache has a real length.
+Layout versions: 1; 2, where an attention record may say `"placeholder": true`: besides its kept `"heads"` (none,
+then) it holds one head slot of zero weights, so that generation's KV cache has a real length; 3, where a
+grouped-query attention record lists its query `"slots"` and `"kv_heads"` (`null`: a zero slot), and a gated FFN its
+`"inputs"`.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ import transformers
 from torch import nn
 
 LAYOUT_ATTRIBUTE = "blockprune_layout"
-SUPPORTED_LAYOUT_VERSIONS = (1, 2)
+SUPPORTED_LAYOUT_VERSIONS = (1, 2, 3)
 CLASS_PREFIX = "BlockPruned"
 MODEL_TYPE_PREFIX = "blockpruned_"
 _HEAD_COUNT_ATTRIBUTES = ("num_attention_heads", "num_heads", "n_heads")
+_KV_HEAD_COUNT_ATTRIBUTES = ("num_key_value_heads", "num_kv_heads")
+_GROUP_ATTRIBUTE = "num_key_value_groups"
 
 
 def _resized(linear: nn.Linear, out_features: int, in_features: int) -> nn.Linear:
@@ -57,30 +61,48 @@ def _linear(layer: nn.Module, layer_path: str, path: str) -> nn.Linear:
     return module
 
 
-def _head_slots(attention: dict) -> int:
-    """Head slots in the weights of a layout record: the kept heads, plus a placeholder head (version 2)."""
-    return len(attention["heads"]) + int(bool(attention.get("placeholder", False)))
+def _head_slots(attention: dict) -> tuple[int, int]:
+    """`(query slots, key/value slots)` in the weights of a layout record (placeholder and padding slots included)."""
+    if "slots" in attention:
+        return len(attention["slots"]), len(attention["kv_heads"])
+    slots = len(attention["heads"]) + int(bool(attention.get("placeholder", False)))
+    return slots, slots
+
+
+def set_head_counts(module: nn.Module, heads: int, kv_heads: int, head_dim: int) -> None:
+    """Make an attention module's head-count attributes describe its resized projections, where it has them.
+
+    `num_attention_heads` / `num_heads` / `n_heads`, the key/value head count, `num_key_value_groups` (query heads
+    per key/value head, read by transformers' attention functions) and `all_head_size`.
+    """
+    for name in _HEAD_COUNT_ATTRIBUTES:
+        if isinstance(getattr(module, name, None), int):
+            setattr(module, name, heads)
+    for name in _KV_HEAD_COUNT_ATTRIBUTES:
+        if isinstance(getattr(module, name, None), int):
+            setattr(module, name, kv_heads)
+    if isinstance(getattr(module, _GROUP_ATTRIBUTE, None), int):
+        setattr(module, _GROUP_ATTRIBUTE, max(heads // max(kv_heads, 1), 1))
+    if isinstance(getattr(module, "all_head_size", None), int):
+        module.all_head_size = heads * head_dim
 
 
 def _shrink_attention(layer: nn.Module, layer_path: str, attention: dict) -> None:
-    width = _head_slots(attention) * attention["head_dim"]
-    for role in ("query", "key", "value"):
+    heads, kv_heads = _head_slots(attention)
+    head_dim = attention["head_dim"]
+    for role, slots in (("query", heads), ("key", kv_heads), ("value", kv_heads)):
         linear = _linear(layer, layer_path, attention[role])
-        _replace(layer, attention[role], _resized(linear, width, linear.in_features))
+        _replace(layer, attention[role], _resized(linear, slots * head_dim, linear.in_features))
     output = _linear(layer, layer_path, attention["output"])
-    _replace(layer, attention["output"], _resized(output, output.out_features, width))
+    _replace(layer, attention["output"], _resized(output, output.out_features, heads * head_dim))
     parent_path = attention["query"].rpartition(".")[0]
-    parent = layer.get_submodule(parent_path) if parent_path else layer
-    for name in _HEAD_COUNT_ATTRIBUTES:
-        if isinstance(getattr(parent, name, None), int):
-            setattr(parent, name, _head_slots(attention))
-    if isinstance(getattr(parent, "all_head_size", None), int):
-        parent.all_head_size = width
+    set_head_counts(layer.get_submodule(parent_path) if parent_path else layer, heads, kv_heads, head_dim)
 
 
 def _shrink_ffn(layer: nn.Module, layer_path: str, ffn: dict) -> None:
-    ffn_input = _linear(layer, layer_path, ffn["input"])
-    _replace(layer, ffn["input"], _resized(ffn_input, ffn["size"], ffn_input.in_features))
+    for path in ffn.get("inputs", [ffn.get("input")]):
+        ffn_input = _linear(layer, layer_path, path)
+        _replace(layer, path, _resized(ffn_input, ffn["size"], ffn_input.in_features))
     ffn_output = _linear(layer, layer_path, ffn["output"])
     _replace(layer, ffn["output"], _resized(ffn_output, ffn_output.out_features, ffn["size"]))
 
@@ -186,11 +208,17 @@ def block_pruned_class(base: type) -> type:
             if layout:
                 shrink_to_layout(self, layout)
 
+        def _get_name(self):
+            # transformers' Trainer decides by this name whether a model is a causal LM (label smoothing shifts the
+            # labels then): answer as the transformers class does
+            return base.__name__
+
         _CLASSES[name] = type(
             name,
             (base,),
             {
                 "__init__": __init__,
+                "_get_name": _get_name,
                 "__module__": __name__,
                 "__doc__": f"`{base.__name__}` with per-layer head counts and FFN sizes (see `{LAYOUT_ATTRIBUTE}`).",
                 "_blockprune_base": base,

@@ -18,19 +18,47 @@ def weight_mask(linear: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dead_heads(attention: AttentionModules) -> list[int]:
-    """Head slots whose value rows or output-projection columns are all masked: their contribution is constant.
+def value_heads_alive(attention: AttentionModules) -> torch.Tensor:
+    """`(num_kv_heads,)` bool: the key/value slots with a value row that survives the mask."""
+    return weight_mask(attention.value).view(attention.num_kv_heads, -1).any(dim=1)
 
-    A placeholder slot (see `AttentionModules.placeholder`) is not a head: it is never listed.
+
+@torch.no_grad()
+def output_heads_alive(attention: AttentionModules) -> torch.Tensor:
+    """`(num_heads,)` bool: the query slots with an output-projection column that survives the mask."""
+    output = weight_mask(attention.output)  # (out, H * d)
+    return output.view(output.shape[0], attention.num_heads, -1).any(dim=0).any(dim=1)
+
+
+@torch.no_grad()
+def dead_heads(attention: AttentionModules) -> list[int]:
+    """Query slots whose output-projection columns, or the value rows of their key/value head, are all masked.
+
+    Such a head's contribution is constant (its value bias through its output columns, or zero). Placeholder slots
+    (see `AttentionModules.slots`) are not heads: they are never listed.
     """
     if attention.real_heads == 0:
         return []
-    value = weight_mask(attention.value)  # (H * d, in)
-    output = weight_mask(attention.output)  # (out, H * d)
-    heads = attention.num_heads
-    value_alive = value.view(heads, -1).any(dim=1)
-    output_alive = output.view(output.shape[0], heads, -1).any(dim=0).any(dim=1)
-    return [h for h in range(heads) if not (value_alive[h] and output_alive[h])]
+    value_alive = value_heads_alive(attention)
+    output_alive = output_heads_alive(attention)
+    return [
+        slot
+        for slot, head in enumerate(attention.slots)
+        if head is not None and not (value_alive[slot // attention.group] and output_alive[slot])
+    ]
+
+
+@torch.no_grad()
+def ffn_rows_alive(layer) -> torch.Tensor:
+    """`(intermediate,)` bool: FFN neurons with a surviving row in some input projection."""
+    rows = torch.stack([weight_mask(linear).any(dim=1) for linear in layer.ffn_inputs])
+    return rows.any(dim=0)
+
+
+@torch.no_grad()
+def ffn_neurons_alive(layer) -> torch.Tensor:
+    """`(intermediate,)` bool: FFN neurons kept by compaction (a surviving input row and output column)."""
+    return ffn_rows_alive(layer) & weight_mask(layer.ffn_output).any(dim=0)
 
 
 @torch.no_grad()
@@ -56,11 +84,10 @@ def sparsity_report(model: nn.Module) -> list[dict]:
         real = [attn for attn in layer.attentions if attn.real_heads]  # a placeholder holds no real weight
         linears = [m for attn in real for m in (attn.query, attn.key, attn.value, attn.output)]
         kept_neurons = total_neurons = 0
-        if layer.ffn_input is not None:
-            rows_alive = weight_mask(layer.ffn_input).any(dim=1)
-            cols_alive = weight_mask(layer.ffn_output).any(dim=0)
-            kept_neurons = int((rows_alive & cols_alive).sum().item())
-            total_neurons = rows_alive.numel()
+        if layer.has_ffn:
+            alive = ffn_neurons_alive(layer)
+            kept_neurons = int(alive.sum().item())
+            total_neurons = alive.numel()
         report.append(
             {
                 "layer": layer.name,

@@ -25,7 +25,14 @@ from torch import nn
 from .atomic import atomic_directory, recover_interrupted_save
 from .compaction import compact_model
 from .config import BlockPruningConfig
-from .model import CONFIG_ATTRIBUTE, LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY, is_block_pruned, prunable_layers
+from .model import (
+    CONFIG_ATTRIBUTE,
+    LAYOUT_ATTRIBUTE,
+    PRUNING_CONFIG_KEY,
+    is_block_pruned,
+    prunable_layers,
+    record_slots,
+)
 from .modeling_blockprune import (
     as_block_pruned,
     base_class,
@@ -48,15 +55,10 @@ def plain_class(model_class: type) -> type:
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
     """`{"prunable_linear": n, "total": m}`: weights of the prunable Linear layers, and all parameters but scores."""
-    linears = {id(m): m for layer in prunable_layers(model) for m in _layer_linears(layer)}
+    linears = {id(m): m for layer in prunable_layers(model) for m in layer.linears()}
     prunable = sum(m.weight.numel() for m in linears.values())
     total = sum(p.numel() for name, p in model.named_parameters() if not name.endswith("block_scores.scores"))
     return {"prunable_linear": prunable, "total": total}
-
-
-def _layer_linears(layer) -> list[nn.Module]:
-    linears = [m for attn in layer.attentions for m in (attn.query, attn.key, attn.value, attn.output)]
-    return linears + [m for m in (layer.ffn_input, layer.ffn_output) if m is not None]
 
 
 def _refuse_non_finite(model: nn.Module, save_directory: str | os.PathLike) -> None:
@@ -195,36 +197,46 @@ def _refuse_masked_checkpoint(path: str | os.PathLike) -> None:
         )
 
 
+def _slot_rows(slots: list[int | None], head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(small rows, dense rows)`: where each real slot of a compacted projection goes in the dense one."""
+    pairs = [(slot, head) for slot, head in enumerate(slots) if head is not None]  # zero slots are left out
+    small = [slot * head_dim + i for slot, _ in pairs for i in range(head_dim)]
+    dense = [head * head_dim + i for _, head in pairs for i in range(head_dim)]
+    return torch.tensor(small, dtype=torch.long), torch.tensor(dense, dtype=torch.long)
+
+
 @torch.no_grad()
 def _scatter_layer(dense_layer: nn.Module, small_layer: nn.Module, entry: dict) -> None:
     for attention in entry.get("attention", []):
-        d = attention["head_dim"]
-        rows = torch.tensor([h * d + i for h in attention["heads"] for i in range(d)], dtype=torch.long)
-        for role in ("query", "key", "value"):
-            _copy_rows(*_pair(dense_layer, small_layer, attention[role]), rows)
-        _copy_cols(*_pair(dense_layer, small_layer, attention["output"]), rows)
+        slots, kv_slots = record_slots(attention)
+        query_rows = _slot_rows(slots, attention["head_dim"])
+        kv_rows = _slot_rows(kv_slots, attention["head_dim"])
+        for role, rows in (("query", query_rows), ("key", kv_rows), ("value", kv_rows)):
+            _copy_rows(*_pair(dense_layer, small_layer, attention[role]), *rows)
+        _copy_cols(*_pair(dense_layer, small_layer, attention["output"]), *query_rows)
     if "ffn" in entry:
-        kept = torch.arange(entry["ffn"]["size"])  # neurons are interchangeable: pack them first
-        _copy_rows(*_pair(dense_layer, small_layer, entry["ffn"]["input"]), kept)
-        _copy_cols(*_pair(dense_layer, small_layer, entry["ffn"]["output"]), kept)
+        ffn = entry["ffn"]
+        kept = torch.arange(ffn["size"])  # neurons are interchangeable: pack them first
+        for path in ffn.get("inputs", [ffn.get("input")]):
+            _copy_rows(*_pair(dense_layer, small_layer, path), kept, kept)
+        _copy_cols(*_pair(dense_layer, small_layer, ffn["output"]), kept, kept)
 
 
 def _pair(dense_layer: nn.Module, small_layer: nn.Module, path: str) -> tuple[nn.Module, nn.Module]:
     return dense_layer.get_submodule(path), small_layer.get_submodule(path)
 
 
-def _copy_rows(dense: nn.Linear, small: nn.Linear, rows: torch.Tensor) -> None:
-    # a zero placeholder head (kept for the KV cache) sits after the real heads and is left out
+def _copy_rows(dense: nn.Linear, small: nn.Linear, small_rows: torch.Tensor, dense_rows: torch.Tensor) -> None:
     dense.weight.zero_()
-    dense.weight[rows] = small.weight[: len(rows)]
+    dense.weight[dense_rows] = small.weight[small_rows]
     if dense.bias is not None:
         dense.bias.zero_()
-        dense.bias[rows] = small.bias[: len(rows)]
+        dense.bias[dense_rows] = small.bias[small_rows]
 
 
-def _copy_cols(dense: nn.Linear, small: nn.Linear, cols: torch.Tensor) -> None:
+def _copy_cols(dense: nn.Linear, small: nn.Linear, small_cols: torch.Tensor, dense_cols: torch.Tensor) -> None:
     dense.weight.zero_()
-    dense.weight[:, cols] = small.weight[:, : len(cols)]
+    dense.weight[:, dense_cols] = small.weight[:, small_cols]
     if dense.bias is not None:
         dense.bias.copy_(small.bias)
 

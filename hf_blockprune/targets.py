@@ -60,8 +60,7 @@ def stack_partition(model: nn.Module, modules: list[BlockScores]) -> list[list[B
     stack_of = {}
     for layer in prunable_layers(model):
         stack = layer.name.rpartition(".")[0]
-        linears = [m for attn in layer.attentions for m in (attn.query, attn.key, attn.value, attn.output)]
-        for linear in linears + [layer.ffn_input, layer.ffn_output]:
+        for linear in layer.linears():
             if isinstance(linear, MaskedLinear):
                 stack_of.setdefault(id(linear.scores_module), stack)
     parts: dict[str, list[BlockScores]] = {}

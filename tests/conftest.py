@@ -5,20 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
     BartConfig,
-    BartForConditionalGeneration,
     BertConfig,
-    BertForSequenceClassification,
     DistilBertConfig,
-    DistilBertForSequenceClassification,
     ElectraConfig,
-    ElectraForSequenceClassification,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
     RobertaConfig,
-    RobertaForSequenceClassification,
     TrainingArguments,
+    XLMRobertaConfig,
 )
 
-ARCHS = ["bert", "roberta", "distilbert", "electra", "bart"]
+ARCHS = ["bert", "roberta", "xlm-roberta", "distilbert", "electra", "bart", "llama", "qwen2", "mistral"]
+ENCODER_DECODERS = ("bart",)
+DECODERS = ("llama", "qwen2", "mistral")  # causal LMs: grouped-query attention, gated MLP
+GENERATIVE = ENCODER_DECODERS + DECODERS
+GATED_FFN = DECODERS  # gate, up -> down: neuron scores only
 VOCAB = 99
 SEQ_LEN = 12
 
@@ -33,6 +39,8 @@ def tiny_config(arch: str):
         return BertConfig(**_COMMON)
     if arch == "roberta":
         return RobertaConfig(**{**_COMMON, "max_position_embeddings": 70}, pad_token_id=1)
+    if arch == "xlm-roberta":
+        return XLMRobertaConfig(**{**_COMMON, "max_position_embeddings": 70}, pad_token_id=1)
     if arch == "electra":
         return ElectraConfig(**_COMMON, embedding_size=16)
     if arch == "distilbert":
@@ -45,32 +53,44 @@ def tiny_config(arch: str):
             dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
             eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None,
         )
+    if arch in DECODERS:
+        # 4 query heads of 8 over 2 key/value heads (Mistral: 1, multi-query); Llama without biases, Qwen2 with
+        # biased q/k/v and a biasless output projection
+        decoder = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=64, attention_dropout=0.0, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+        if arch == "llama":
+            return LlamaConfig(**decoder, num_key_value_heads=2)
+        if arch == "qwen2":
+            return Qwen2Config(**decoder, num_key_value_heads=2)
+        return MistralConfig(**decoder, num_key_value_heads=1, sliding_window=None)
     raise ValueError(arch)
 
 
-_MODEL_CLASSES = {
-    "bert": BertForSequenceClassification,
-    "roberta": RobertaForSequenceClassification,
-    "electra": ElectraForSequenceClassification,
-    "distilbert": DistilBertForSequenceClassification,
-    "bart": BartForConditionalGeneration,
-}
+def auto_class(arch: str):
+    """The auto class of the tiny test models of `arch`: sequence classification, seq2seq LM or causal LM."""
+    if arch in ENCODER_DECODERS:
+        return AutoModelForSeq2SeqLM
+    return AutoModelForCausalLM if arch in DECODERS else AutoModelForSequenceClassification
 
 
 def tiny_model(arch: str, seed: int = 0):
-    """A tiny random-init model: sequence classification, or conditional generation for BART."""
+    """A tiny random-init model: sequence classification, conditional generation (BART) or causal LM (decoders)."""
     torch.manual_seed(seed)
-    return _MODEL_CLASSES[arch](tiny_config(arch))
+    return auto_class(arch).from_config(tiny_config(arch))
 
 
 def tiny_dataset(arch: str, size: int = 64, seed: int = 0) -> list[dict]:
-    """Random token sequences; the label is whether token 7 appears (learnable), or a copy task for BART."""
+    """Random token sequences; the label is whether token 7 appears (learnable), a copy task for BART, the sequence
+    itself for causal LMs."""
     gen = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(size):
         ids = torch.randint(3, VOCAB, (SEQ_LEN,), generator=gen)
-        if arch == "bart":
+        if arch in ENCODER_DECODERS:
             rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids[:6].clone()})
+        elif arch in DECODERS:  # language modelling of the sequence itself
+            rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
         else:
             rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": int((ids == 7).any())})
     return rows
@@ -87,7 +107,13 @@ def training_args(output_dir, **overrides) -> TrainingArguments:
     return TrainingArguments(**defaults)
 
 
-@pytest.fixture(params=ARCHS)
+# The long Trainer-loop tests (densities, targets) run one grouped-query decoder: Qwen2 and Mistral differ from Llama
+# in biases and key/value head count only, which the compaction, generation and save tests cover, and
+# tests/test_decoders.py trains each of them through both routes.
+TRAINING_ARCHS = [arch for arch in ARCHS if arch not in ("qwen2", "mistral")]
+
+
+@pytest.fixture(params=TRAINING_ARCHS)
 def arch(request):
-    """Each supported architecture in turn."""
+    """Each supported architecture in turn (one grouped-query decoder, see `TRAINING_ARCHS`)."""
     return request.param

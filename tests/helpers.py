@@ -9,7 +9,7 @@ from hf_blockprune import BlockPruningCallback, BlockPruningConfig, BlockPruning
 from hf_blockprune.layer import BlockScores
 from hf_blockprune.model import block_scores, prunable_layers, set_threshold
 
-from conftest import VOCAB, tiny_dataset, tiny_model, training_args
+from conftest import DECODERS, ENCODER_DECODERS, GATED_FFN, VOCAB, tiny_dataset, tiny_model, training_args
 
 # Block sizes that divide the tiny models (hidden 32 = 4 heads x 8, FFN 37).
 TINY_PRESETS = {
@@ -50,9 +50,12 @@ def topk_density(model, fraction: float) -> float:
     return kept / total
 
 
-def preset_config(preset, **overrides) -> BlockPruningConfig:
-    """A preset sized for the tiny models."""
-    return BlockPruningConfig.from_preset(preset, **{**TINY_PRESETS[preset], **overrides})
+def preset_config(preset, arch=None, **overrides) -> BlockPruningConfig:
+    """A preset sized for the tiny models (of `arch`: a gated FFN is pruned by neurons, even with `block`)."""
+    values = {**TINY_PRESETS[preset], **overrides}
+    if arch in GATED_FFN and preset == "block":
+        values["ffn_granularity"] = "neuron"
+    return BlockPruningConfig.from_preset(preset, **values)
 
 
 DEAD, ALIVE = -1e4, 1e4
@@ -63,8 +66,11 @@ def model_inputs(arch, labels=False):
     attention_mask = torch.ones_like(ids)
     attention_mask[1, 6:] = 0
     inputs = {"input_ids": ids, "attention_mask": attention_mask}
-    if arch == "bart":
+    if arch in ENCODER_DECODERS:
         inputs["decoder_input_ids" if not labels else "labels"] = ids[:, :5].clone()
+    elif arch in DECODERS:
+        if labels:
+            inputs["labels"] = ids.masked_fill(attention_mask == 0, -100)
     elif labels:
         inputs["labels"] = torch.tensor([0, 1])
     return inputs
@@ -106,7 +112,8 @@ def kill_scores(scores: BlockScores) -> None:
 
 def random_masks(model, preset, method, seed, force_empty):
     """Random scores; with `force_empty`, the first layer loses every head and the last every FFN neuron."""
-    apply_block_pruning(model, preset_config(preset, pruning_method=method))
+    arch = model.config.model_type
+    apply_block_pruning(model, preset_config(preset, arch, pruning_method=method))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for scores in block_scores(model):
@@ -114,7 +121,8 @@ def random_masks(model, preset, method, seed, force_empty):
     set_threshold(model, 0.5)
     if force_empty:
         layers = prunable_layers(model)
-        for attention in layers[0].attentions:
+        for attention in layers[0].attentions:  # value rows and output columns: no constant is left to fold
             kill_scores(attention.value.scores_module)
+            kill_scores(attention.output.scores_module)
         kill_scores(layers[-1].ffn_input.scores_module)
     return model

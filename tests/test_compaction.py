@@ -4,7 +4,6 @@ import pytest
 import torch
 from test_model import LLAMA_ATTENTION, tiny_llama
 from torch import nn
-from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
 import hf_blockprune
 from hf_blockprune import BlockPruningConfig, apply_block_pruning, is_block_pruned, save_compacted
@@ -13,7 +12,7 @@ from hf_blockprune.layer import MaskedLinear
 from hf_blockprune.model import block_scores, prunable_layers, set_threshold
 from hf_blockprune.modeling_blockprune import shrink_to_layout
 
-from conftest import ARCHS, VOCAB, tiny_model
+from conftest import ARCHS, DECODERS, GENERATIVE, VOCAB, auto_class, tiny_model
 from helpers import (
     ALIVE,
     DEAD,
@@ -25,6 +24,8 @@ from helpers import (
     preset_config,
     random_masks,
 )
+
+HEAD_DIM = 8
 
 # (preset, pruning method, seed, force empty layers, attention implementation)
 CASES = [
@@ -58,7 +59,8 @@ def test_compacted_model_computes_the_masked_function_with_fewer_parameters(arch
 def test_backward_runs_on_a_compacted_model_with_empty_layers(arch):
     model = compact_model(random_masks(biased_model(arch), "hybrid", "sigmoid_threshold", 0, force_empty=True))
     layers = prunable_layers(model)
-    assert layers[0].attentions[0].query.out_features == 0 and layers[-1].ffn_input.out_features == 0
+    placeholder = HEAD_DIM if arch in DECODERS else 0  # a decoder self-attention keeps a zero slot for the cache
+    assert layers[0].attentions[0].query.out_features == placeholder and layers[-1].ffn_input.out_features == 0
     model.train()
     model(**model_inputs(arch, labels=True)).loss.backward()
     grads = [p.grad for p in model.parameters() if p.numel()]
@@ -257,8 +259,8 @@ def test_the_loader_reads_layouts_of_version_1_and_2(version, record, slots):
     attention = model.model.decoder.layers[0].self_attn
     assert attention.num_heads == slots and attention.q_proj.weight.shape == (8 * slots, 32)
     assert attention.out_proj.weight.shape == (32, 8 * slots)
-    with pytest.raises(ValueError, match="version 3.*Upgrade hf_blockprune"):
-        shrink_to_layout(tiny_model("bart"), {"version": 3, "layers": {}})
+    with pytest.raises(ValueError, match="version 4.*Upgrade hf_blockprune"):
+        shrink_to_layout(tiny_model("bart"), {"version": 4, "layers": {}})
 
 
 # Compacting again: a compacted model, masked anew, compacts to the composed layout.
@@ -317,7 +319,7 @@ def remask(model, seed):
     return model
 
 
-AUTO_CLASSES = {arch: AutoModelForSequenceClassification for arch in ARCHS} | {"bart": AutoModelForSeq2SeqLM}
+AUTO_CLASSES = {arch: auto_class(arch) for arch in ARCHS}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -333,7 +335,7 @@ def test_a_reloaded_compacted_model_pruned_again_saves_and_reloads_the_masked_fu
     inputs = model_inputs(arch)
     reference = model_outputs(model, inputs)
     generation = dict(GENERATE, num_beams=3, use_cache=True)
-    if arch == "bart":
+    if arch in GENERATIVE:
         expected_tokens = model.generate(**{k: v for k, v in inputs.items() if k != "decoder_input_ids"}, **generation)
 
     save_compacted(model, tmp_path / "twice", model_card=False)
@@ -342,8 +344,8 @@ def test_a_reloaded_compacted_model_pruned_again_saves_and_reloads_the_masked_fu
     for name, entry in twice["layers"].items():
         for record, before in zip(entry["attention"], once["layers"][name]["attention"], strict=True):
             assert set(record["heads"]) <= set(before["heads"])
-            assert record.get("placeholder", False) == (record["query"] == "self_attn.q_proj" and "decoder" in name
-                                                        and not record["heads"])
+            self_attention = record["query"] == "self_attn.q_proj" and ("decoder" in name or arch in DECODERS)
+            assert record.get("placeholder", False) == (self_attention and not record["heads"])
     if arch == "bart":
         assert twice["layers"]["model.decoder.layers.0"]["attention"][0]["placeholder"]
         assert twice["layers"]["model.decoder.layers.1"]["attention"][0] == {
@@ -355,6 +357,6 @@ def test_a_reloaded_compacted_model_pruned_again_saves_and_reloads_the_masked_fu
     for candidate in (model, reloaded, remote):
         for actual, expected in zip(model_outputs(candidate, inputs), reference, strict=True):
             torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
-        if arch == "bart":
+        if arch in GENERATIVE:
             prompt = {k: v for k, v in inputs.items() if k != "decoder_input_ids"}
             assert_same_generation(candidate.generate(**prompt, **generation), expected_tokens)

@@ -20,7 +20,6 @@ import torch
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
-from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
 import hf_blockprune
 from hf_blockprune import BlockPruningConfig, apply_block_pruning, compact_model, save_compacted
@@ -28,7 +27,7 @@ from hf_blockprune.flops import model_flops
 from hf_blockprune.layer import MaskedLinear
 from hf_blockprune.model import LAYOUT_ATTRIBUTE, block_scores, prunable_layers, set_threshold
 
-from conftest import ARCHS, tiny_config
+from conftest import ARCHS, DECODERS, GATED_FFN, GENERATIVE, auto_class, tiny_config
 from helpers import kill_scores, model_inputs, model_outputs
 
 # Hypothesis keeps a cache in `.hypothesis/` under the working directory: keep the repository clean.
@@ -53,10 +52,7 @@ GENERATE_EXAMPLES = settings(FUZZ, max_examples=FUZZ_EXAMPLES or 40)
 
 HIDDEN, HEAD_DIM = 32, 8  # 4 heads of 8 in every tiny config
 SEQ_LEN = 12  # of the FLOPs model
-FFN_SIZE_FIELDS = {
-    "bert": ("intermediate_size",),
-    "roberta": ("intermediate_size",),
-    "electra": ("intermediate_size",),
+FFN_SIZE_FIELDS = {arch: ("intermediate_size",) for arch in ARCHS} | {
     "distilbert": ("hidden_dim",),
     "bart": ("encoder_ffn_dim", "decoder_ffn_dim"),
 }
@@ -135,7 +131,9 @@ def rounds(draw, arch: str, attention_sides: list[int], ffn_sides: list[int]) ->
     """A random `Round` whose block sides are drawn from `attention_sides` and `ffn_sides` (or whole units), and which
     empties any part of every (first or last) layer of the encoder and decoder."""
     attention_block = draw(st.none() | st.tuples(st.sampled_from(attention_sides), st.sampled_from(attention_sides)))
-    ffn_block = draw(st.none() | st.tuples(st.sampled_from(ffn_sides), st.sampled_from(ffn_sides)))
+    ffn_block = None  # a gated FFN is pruned by neurons only
+    if arch not in GATED_FFN:
+        ffn_block = draw(st.none() | st.tuples(st.sampled_from(ffn_sides), st.sampled_from(ffn_sides)))
     method = draw(st.sampled_from(["topk", "sigmoid_threshold"]))
     threshold = draw(st.sampled_from([0.2, 0.5, 0.8]))
     attentions_per_layer = [1, 1, 2, 2] if arch == "bart" else [1, 1]
@@ -148,7 +146,9 @@ def cases(draw, archs=tuple(ARCHS)) -> Case:
     """A random `Case`: block shapes that divide the tiny weights (FFN of 37: only 1x1 blocks; of 40: up to 8x8)."""
     arch = draw(st.sampled_from(archs))
     ffn_size = draw(st.sampled_from([37, 40]))
-    first = draw(rounds(arch, divisors(HIDDEN), divisors(math.gcd(ffn_size, HIDDEN))))
+    # blocks divide every projection: grouped-query key/value projections are 8 (Mistral) or 16 rows
+    attention_sides = divisors(HEAD_DIM if arch in DECODERS else HIDDEN)
+    first = draw(rounds(arch, attention_sides, divisors(math.gcd(ffn_size, HIDDEN))))
     return Case(arch, ffn_size, draw(st.sampled_from(["eager", "sdpa"])), first)
 
 
@@ -164,8 +164,7 @@ def build_model(case: Case):
     for name in FFN_SIZE_FIELDS[case.arch]:
         setattr(config, name, case.ffn_size)
     torch.manual_seed(case.first.seed)
-    auto_class = AutoModelForSeq2SeqLM if case.arch == "bart" else AutoModelForSequenceClassification
-    model = auto_class.from_config(config, attn_implementation=case.attn_implementation)
+    model = auto_class(case.arch).from_config(config, attn_implementation=case.attn_implementation)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias"):
@@ -280,18 +279,33 @@ def test_a_compacted_model_pruned_again_compacts_to_the_masked_function(case_and
 GENERATE_SETTINGS = [(1, True), (1, False), (2, True), (3, True), (3, False)]  # (num_beams, use_cache)
 
 
+EMPTY_FIRST_LLAMA_LAYER = Case(
+    "llama", 37, "sdpa", Round(None, None, "sigmoid_threshold", 0.5, 11, (LayerKill((0,), "output", True), NO_KILL))
+)
+
+
+def generation_inputs(arch: str) -> dict:
+    """Prompts for `generate()`: BART's encoder inputs (the second padded), or left-padded decoder prompts."""
+    inputs = padded_inputs(arch)
+    if arch not in DECODERS:
+        del inputs["decoder_input_ids"], inputs["decoder_attention_mask"]
+        return inputs
+    mask = inputs["attention_mask"].flip(1)  # left padding, as generation with a decoder-only model wants
+    return {"input_ids": inputs["input_ids"].masked_fill(mask == 0, 0), "attention_mask": mask}
+
+
 @GENERATE_EXAMPLES
-@given(case=cases(archs=("bart",)))
+@given(case=cases(archs=GENERATIVE))
 @example(case=EMPTY_FIRST_DECODER_LAYER)
 @example(case=EVERYTHING_EMPTY)
-def test_bart_generates_the_same_tokens_after_compaction(case):
+@example(case=EMPTY_FIRST_LLAMA_LAYER)
+def test_generative_models_generate_the_same_tokens_after_compaction(case):
     model = mask(build_model(case), case.first)
-    inputs = padded_inputs("bart")
-    del inputs["decoder_input_ids"], inputs["decoder_attention_mask"]
+    inputs = generation_inputs(case.arch)
     compacted = compact_model(copy.deepcopy(model))
     for num_beams, use_cache in GENERATE_SETTINGS:
         settings_ = dict(max_new_tokens=6, num_beams=num_beams, do_sample=False, use_cache=use_cache,
-                         return_dict_in_generate=True, output_scores=True)
+                         return_dict_in_generate=True, output_scores=True, pad_token_id=0)
         expected = model.generate(**inputs, **settings_)
         actual = compacted.generate(**inputs, **settings_)
         assert torch.equal(actual.sequences, expected.sequences), (num_beams, use_cache)

@@ -6,7 +6,7 @@ from hf_blockprune import apply_block_pruning, compact_model
 from hf_blockprune.flops import FlopsBreakdown, model_flops, predicted_speedup
 from hf_blockprune.model import prunable_layers, set_threshold
 
-from conftest import ARCHS, tiny_model
+from conftest import ARCHS, DECODERS, tiny_model
 from helpers import biased_model, kill_scores, preset_config, random_masks
 
 HIDDEN, FFN, VOCAB = 32, 37, 99
@@ -16,18 +16,27 @@ HIDDEN, FFN, VOCAB = 32, 37, 99
 SHAPES = {
     "bert": (2, 2, [(1, HIDDEN, HIDDEN), (1, HIDDEN, 2)]),  # pooler, classifier
     "roberta": (2, 2, [(1, HIDDEN, HIDDEN), (1, HIDDEN, 2)]),  # classifier.dense, classifier.out_proj
+    "xlm-roberta": (2, 2, [(1, HIDDEN, HIDDEN), (1, HIDDEN, 2)]),
     "distilbert": (2, 2, [(1, HIDDEN, HIDDEN), (1, HIDDEN, 2)]),  # pre_classifier, classifier
     "electra": (2, 2, [("T", 16, HIDDEN), (1, HIDDEN, HIDDEN), (1, HIDDEN, 2)]),  # embeddings_project, head
     "bart": (6, 4, [("T", HIDDEN, VOCAB)]),  # lm_head on every decoder token
+    "llama": (2, 2, [("T", HIDDEN, VOCAB)]),
+    "qwen2": (2, 2, [("T", HIDDEN, VOCAB)]),
+    "mistral": (2, 2, [("T", HIDDEN, VOCAB)]),
 }
+# Key/value width (grouped-query attention: 2 key/value heads of 8, Mistral's tiny config 1) and FFN input matrices
+# (a gated MLP has two: gate and up).
+KV_WIDTH = {"llama": 16, "qwen2": 16, "mistral": 8}
+FFN_INPUTS = {"llama": 2, "qwen2": 2, "mistral": 2}
 
 
 def hand_flops(arch: str, seq_len: int) -> FlopsBreakdown:
     blocks, ffns, fixed = SHAPES[arch]
+    kv_width, ffn_inputs = KV_WIDTH.get(arch, HIDDEN), FFN_INPUTS.get(arch, 1)
     return FlopsBreakdown(
-        attention_projections=blocks * 4 * 2 * seq_len * HIDDEN * HIDDEN,
+        attention_projections=blocks * 2 * seq_len * HIDDEN * (2 * HIDDEN + 2 * kv_width),
         attention_scores=blocks * 2 * 2 * seq_len * seq_len * HIDDEN,
-        ffn=ffns * 2 * 2 * seq_len * HIDDEN * FFN,
+        ffn=ffns * (ffn_inputs + 1) * 2 * seq_len * HIDDEN * FFN,
         fixed=sum(2 * (seq_len if tokens == "T" else tokens) * i * o for tokens, i, o in fixed),
     )
 
@@ -86,8 +95,10 @@ def test_each_dead_head_and_pruned_neuron_removes_its_share(arch):
     set_threshold(model, 0.75, kind="ffn")  # round(0.75 * 37) = 28 neurons per FFN
     dense, kept = hand_flops(arch, 12), model_flops(model, 12, kept_only=True)
     blocks = SHAPES[arch][0]
-    assert kept.attention_projections == dense.attention_projections * (blocks - 1) // blocks
-    assert kept.attention_scores == dense.attention_scores * (blocks - 1) // blocks
+    # a decoder's self-attention keeps one zero slot of 8 for the KV cache: its query, key, value and output
+    placeholder = (2 * 12 * HIDDEN * 8 * 4, 2 * 2 * 12 * 12 * 8) if arch in DECODERS else (0, 0)
+    assert kept.attention_projections == dense.attention_projections * (blocks - 1) // blocks + placeholder[0]
+    assert kept.attention_scores == dense.attention_scores * (blocks - 1) // blocks + placeholder[1]
     assert kept.ffn == dense.ffn * 28 // 37
 
 

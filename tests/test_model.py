@@ -19,27 +19,21 @@ from hf_blockprune.compaction import compaction_plan
 from hf_blockprune.layer import MaskedLinear
 from hf_blockprune.model import block_scores, prunable_layers, set_threshold
 
-from conftest import VOCAB, tiny_config, tiny_model
-from helpers import biased_model, kill_scores, random_masks
-
-PRESETS = {
-    "hybrid": dict(attention_block_size=[8, 8]),
-    "struct": {},
-    "block": dict(attention_block_size=[8, 8], ffn_block_size=[1, 1]),
-}
+from conftest import ENCODER_DECODERS, GATED_FFN, VOCAB, tiny_config, tiny_model
+from helpers import TINY_PRESETS, biased_model, kill_scores, preset_config, random_masks
 
 
 def _inputs(arch):
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
-    return {"input_ids": ids, "decoder_input_ids": ids[:, :5]} if arch == "bart" else {"input_ids": ids}
+    return {"input_ids": ids, "decoder_input_ids": ids[:, :5]} if arch in ENCODER_DECODERS else {"input_ids": ids}
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("preset", sorted(TINY_PRESETS))
 def test_fully_kept_masks_change_nothing_and_remove_restores_plain_linears(arch, preset):
     model = tiny_model(arch).eval()
     inputs = _inputs(arch)
     reference = model(**inputs).logits
-    apply_block_pruning(model, BlockPruningConfig.from_preset(preset, **PRESETS[preset]))
+    apply_block_pruning(model, preset_config(preset, arch))
     assert is_block_pruned(model)
     torch.testing.assert_close(model(**inputs).logits, reference)
     remove_block_pruning(model)
@@ -53,7 +47,8 @@ def test_every_prunable_linear_is_wrapped(arch):
     expected_attention = {"bart": 3}.get(arch, 1)
     assert sum(len(layer.attentions) for layer in layers) == 2 * expected_attention
     wrapped = sum(isinstance(m, MaskedLinear) for m in model.modules())
-    assert wrapped == 4 * 2 * expected_attention + 2 * len(layers)
+    ffn_linears = 3 if arch in GATED_FFN else 2  # gate, up -> down
+    assert wrapped == 4 * 2 * expected_attention + ffn_linears * len(layers)
 
 
 def test_masked_weight_zeroes_exactly_the_masked_blocks():
@@ -127,13 +122,16 @@ def tiny_llama(num_key_value_heads: int) -> LlamaForCausalLM:
 LLAMA_ATTENTION = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
 
 
-def test_grouped_query_attention_is_refused_naming_the_module():
+def test_grouped_query_attention_patterns_without_the_kv_head_count_are_refused_naming_the_field():
     model = tiny_llama(num_key_value_heads=2)
     config = BlockPruningConfig.from_preset("struct", layers_pattern="layers", attention_modules=LLAMA_ATTENTION)
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj has 16 .* grouped-query .* not "
-                                         r"supported yet"):
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj has 16 .*grouped-query.*"
+                                         r"num_kv_heads_attribute"):
         apply_block_pruning(model, config)
     assert not is_block_pruned(model)
+    config = BlockPruningConfig.from_preset("struct", layers_pattern="layers", attention_modules=LLAMA_ATTENTION,
+                                            num_kv_heads_attribute="num_key_value_heads")
+    assert is_block_pruned(apply_block_pruning(model, config))
 
 
 def test_a_head_count_that_does_not_divide_the_projections_is_refused():
@@ -209,7 +207,7 @@ def test_a_compacted_model_is_masked_by_its_remaining_heads_and_neurons(preset):
     plans = compaction_plan(model)
     compact_model(model)
 
-    apply_block_pruning(model, BlockPruningConfig.from_preset(preset, **PRESETS[preset]))
+    apply_block_pruning(model, preset_config(preset))
     for layer, plan in zip(prunable_layers(model), plans, strict=True):
         for attention, kept in zip(layer.attentions, plan.heads, strict=True):
             assert attention.real_heads == len(kept) and attention.heads == kept

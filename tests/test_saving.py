@@ -20,10 +20,10 @@ from hf_blockprune.saving import (
     save_compacted,
 )
 
-from conftest import ARCHS
+from conftest import ARCHS, auto_class
 from helpers import biased_model, make_trainer, model_inputs, model_outputs, preset_config, random_masks
 
-AUTO_CLASS = {"bart": "AutoModelForSeq2SeqLM"}
+AUTO_CLASS = {arch: auto_class(arch).__name__ for arch in ARCHS}
 
 
 def _masked(arch, preset="struct", method="topk", seed=0):
@@ -37,7 +37,7 @@ def _load_with_plain_transformers(path, arch, inputs_file, tmp_path):
         sys.modules["hf_blockprune"] = None  # importing it now fails
         import torch, transformers
         inputs = torch.load({str(inputs_file)!r})
-        cls = getattr(transformers, {AUTO_CLASS.get(arch, "AutoModelForSequenceClassification")!r})
+        cls = getattr(transformers, {AUTO_CLASS[arch]!r})
         model = cls.from_pretrained({str(path)!r}, trust_remote_code=True).eval()
         with torch.no_grad():
             out = model(**inputs, output_hidden_states=True)
@@ -83,7 +83,7 @@ def test_reloaded_model_saves_again_with_its_loading_code(tmp_path):
     torch.testing.assert_close(remote[0], expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["bert", "distilbert", "bart"])
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "bart", "qwen2", "mistral"])
 def test_dense_export_loads_with_plain_from_pretrained(arch, tmp_path):
     model = _masked(arch, preset="hybrid", method="sigmoid_threshold")
     inputs = model_inputs(arch)
