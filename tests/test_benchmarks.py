@@ -43,3 +43,21 @@ def test_accuracy_speed_benchmark_quick(tmp_path):
 def test_speed_benchmark_quick():
     stdout = run("speed.py", "--quick")
     assert "measured / predicted" in stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shared_data_dir() is None, reason="needs ../shared/data")
+def test_decoder_pruning_benchmark_quick(tmp_path):
+    stdout = run("decoder_pruning.py", "--quick", "--work_dir", str(tmp_path / "work"),
+                 "--output", str(tmp_path / "out" / "result"))
+    results = json.loads((tmp_path / "out" / "result.json").read_text())
+    dense, *pruned = results["records"]
+    assert dense["kind"] == "dense" and [r["kind"] for r in pruned] == ["struct", "struct"]
+    assert [r["target_speedup"] for r in pruned] == results["settings"]["speedups"] == [1.5, 2.0]
+    for record in results["records"]:
+        assert 1.0 < record["perplexity"] < float("inf")  # false for NaN too
+        assert record["ms_per_token"] > 0 and record["measured_token_speedup"] > 0
+    for record in pruned:
+        assert record["parameters"] < dense["parameters"] and record["flops_speedup"] > 1.0
+    table = (tmp_path / "out" / "result.md").read_text()
+    assert "| dense |" in table and table in stdout
