@@ -1,7 +1,7 @@
 """Perplexity and measured CPU decoding speed of a pruned decoder-only LM (Llama-style: grouped-query attention,
 gated MLP), trained from scratch on real text.
 
-    python benchmarks/decoder_pruning.py            # the full run, ~80 min on 2 busy CPU cores (time printed)
+    python benchmarks/decoder_pruning.py            # the full run, ~100 min on 2 busy CPU cores (time printed)
     python benchmarks/decoder_pruning.py --quick    # a smoke run of about half a minute (numbers not meaningful)
 
 No pretrained causal LM can be installed offline, so the script trains its own on real text, XSum articles from
@@ -19,6 +19,12 @@ document ends with the end-of-text token and the token stream is cut into blocks
    at the block length, distilling from the dense model (alpha `--distillation_alpha` 0.5, T 2), for
    `--prune_steps` (1000) steps of 16 blocks at learning rate `--prune_lr` (5e-4; mask scores 1e-2). The saved model
    is the compacted one, reloaded with `hf_blockprune.from_pretrained`.
+4. **dense-continued**: the fair perplexity reference for the pruned models, which get `--prune_steps` more training
+   than the dense one: a copy of the dense model trained on with the plain `Trainer` for the same `--prune_steps`
+   steps, with the same batch, learning rate `--prune_lr`, schedule (5% warmup, linear decay) and seed as the pruning
+   runs, but plain cross-entropy (no distillation, no pruning). The table gives each model's perplexity change
+   relative to it; the speedups stay relative to **dense** (dense-continued has the same architecture, so its
+   measured speedups, about 1x, show the timing noise).
 
 For every model: perplexity on the first `--eval_blocks` (200) held-out blocks, parameters, FLOPs of one block
 (`hf_blockprune.flops.model_flops`) and two CPU latencies, measured with every model in one process, round-robin with
@@ -28,7 +34,8 @@ new tokens: the call's time divided by them, so the prompt's prefill is included
 8 blocks). The speedups are dense time / model time; nothing is asserted on time.
 
 Outputs: `<output>.json` (settings, every record, elapsed minutes) and `<output>.md` (the table, also printed).
-Every stage is kept in `--work_dir`, so an interrupted run resumes where it stopped and a second run only measures
+Every stage is kept in `--work_dir` (`dense/`, `struct-<s>/`, `dense-continued/`), so an interrupted run resumes where
+it stopped, a work dir from before dense-continued existed only trains that stage, and a second run only measures
 (delete the folder to start over; a folder trained with other settings is refused).
 """
 
@@ -191,7 +198,7 @@ class Benchmark:
         return record
 
     def dense(self) -> dict:
-        """Stage 1: the dense LM trained from scratch, which is the teacher and the reference."""
+        """Stage 1: the dense LM trained from scratch, which is the teacher and the speed reference."""
         record = self._cached("dense")
         if record is not None:
             return record
@@ -224,19 +231,40 @@ class Benchmark:
         trainer.train()
         return self._finish(name, trainer, {"kind": "struct", "target_speedup": speedup}, started)
 
+    def dense_continued(self) -> dict:
+        """Stage 3: the dense LM trained on with the plain `Trainer` (cross-entropy only) for the pruning runs' steps,
+        learning rate, schedule, batch and seed: the reference that isolates the effect of their extra training."""
+        name = "dense-continued"
+        record = self._cached(name)
+        if record is not None:
+            return record
+        torch.manual_seed(self.args.seed)
+        started = time.perf_counter()
+        trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(str(self.work / "dense")),
+                          train_dataset=lm_dataset(self.train_blocks),
+                          args=training_args(self.work / "trainer" / name, self.args.prune_steps,
+                                             self.args.prune_lr, self.args.seed))
+        trainer.train()
+        return self._finish(name, trainer, {"kind": name, "target_speedup": None}, started)
+
     def load(self, record: dict) -> nn.Module:
-        """The saved model of a record: the dense one with transformers, a compacted one with hf_blockprune."""
+        """The saved model of a record: a dense one with transformers, a compacted one with hf_blockprune."""
         folder = str(self.work / record["name"])
-        model = AutoModelForCausalLM.from_pretrained(folder) if record["kind"] == "dense" else \
-            hf_blockprune.from_pretrained(folder)
+        model = hf_blockprune.from_pretrained(folder) if record["kind"] == "struct" else \
+            AutoModelForCausalLM.from_pretrained(folder)
         return model.eval()
 
     def run(self) -> dict:
         """Every stage, then the evaluation and the timing; returns the results."""
-        records = [self.dense()] + [self.pruned(speedup) for speedup in self.args.speedups]
+        dense = self.dense()
+        pruned = [self.pruned(speedup) for speedup in self.args.speedups]
+        records = [dense, self.dense_continued(), *pruned]
         models = {record["name"]: self.load(record) for record in records}
         for record in records:
             record["perplexity"] = perplexity(models[record["name"]], self.eval_blocks)
+        reference = records[1]["perplexity"]
+        for record in records:  # relative change, e.g. 0.05 = 5% higher perplexity than dense-continued
+            record["perplexity_vs_continued"] = record["perplexity"] / reference - 1
         latency = measure(models, self.eval_blocks[0][:PROMPT_TOKENS], self.prefill_inputs(), self.args)
         describe(records, models, latency, self.args.block_size)
         return {"settings": vars(self.args), "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -330,7 +358,11 @@ def render(results: dict) -> str:
         f"byte-level BPE of {s['vocab_size']} tokens, {s['dense_steps']} steps of {BATCH} blocks of "
         f"{s['block_size']} tokens. Pruned: preset `struct`, `target_speedup` on the FLOPs model at "
         f"{s['block_size']} tokens, {s['prune_steps']} steps with distillation (alpha {s['distillation_alpha']}, "
-        f"T 2) from the dense model. Perplexity: {s['eval_blocks']} held-out blocks of `xsum/test_1000_b.jsonl`. "
+        f"T 2) from the dense model. Dense-continued: the dense model trained on with the plain `Trainer` for the "
+        f"same {s['prune_steps']} steps (same batch, learning rate {s['prune_lr']:g}, schedule and seed as the "
+        f"pruning runs) with plain cross-entropy, no distillation: the fair perplexity reference, since the pruned "
+        f"models get those extra steps too (last column); speedups are relative to dense. Perplexity: "
+        f"{s['eval_blocks']} held-out blocks of `xsum/test_1000_b.jsonl`. "
         f"Speed: CPU, {results['threads']} torch thread(s), torch {results['torch']}, median of {s['rounds']} "
         f"interleaved rounds; per token: greedy generation with the KV cache, batch 1, {PROMPT_TOKENS}-token prompt, "
         f"{s['new_tokens']} new tokens (prompt prefill included); prefill: one forward of {PREFILL_BATCH} x "
@@ -338,13 +370,14 @@ def render(results: dict) -> str:
         f"{results['elapsed_minutes']} min." + (" **Quick smoke run: numbers not meaningful.**" if s["quick"] else ""),
         "",
         "| model | params | FLOPs speedup | measured prefill speedup | measured per-token speedup | ms/token "
-        "| perplexity |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| perplexity | perplexity vs dense-continued |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["records"]:
+        change = "reference" if r["name"] == "dense-continued" else f"{100 * r['perplexity_vs_continued']:+.1f}%"
         lines.append(f"| {r['name']} | {r['parameters'] / 1e6:.2f}M | {r['flops_speedup']:.2f}x "
                      f"| {r['measured_prefill_speedup']:.2f}x | {r['measured_token_speedup']:.2f}x "
-                     f"| {r['ms_per_token']:.2f} | {r['perplexity']:.2f} |")
+                     f"| {r['ms_per_token']:.2f} | {r['perplexity']:.2f} | {change} |")
     lines += ["", "Kept per layer (query heads / key-value heads / FFN neurons):"]
     lines += [f"- {r['name']}: {'/'.join(map(str, r['heads']))} / {'/'.join(map(str, r['kv_heads']))} / "
               f"{'/'.join(map(str, r['ffn']))}" for r in results["records"]]

@@ -51,13 +51,18 @@ def test_decoder_pruning_benchmark_quick(tmp_path):
     stdout = run("decoder_pruning.py", "--quick", "--work_dir", str(tmp_path / "work"),
                  "--output", str(tmp_path / "out" / "result"))
     results = json.loads((tmp_path / "out" / "result.json").read_text())
-    dense, *pruned = results["records"]
-    assert dense["kind"] == "dense" and [r["kind"] for r in pruned] == ["struct", "struct"]
+    dense, continued, *pruned = results["records"]
+    assert [r["kind"] for r in results["records"]] == ["dense", "dense-continued", "struct", "struct"]
     assert [r["target_speedup"] for r in pruned] == results["settings"]["speedups"] == [1.5, 2.0]
     for record in results["records"]:
         assert 1.0 < record["perplexity"] < float("inf")  # false for NaN too
         assert record["ms_per_token"] > 0 and record["measured_token_speedup"] > 0
+        assert record["perplexity_vs_continued"] == pytest.approx(record["perplexity"] / continued["perplexity"] - 1)
+    # the continued dense model: same architecture, trained for the pruning runs' steps
+    assert continued["parameters"] == dense["parameters"] and continued["flops_speedup"] == pytest.approx(1.0)
+    assert continued["perplexity"] != dense["perplexity"]
     for record in pruned:
         assert record["parameters"] < dense["parameters"] and record["flops_speedup"] > 1.0
     table = (tmp_path / "out" / "result.md").read_text()
-    assert "| dense |" in table and table in stdout
+    assert "| dense |" in table and "| dense-continued |" in table and "perplexity vs dense-continued" in table
+    assert table in stdout
