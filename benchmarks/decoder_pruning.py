@@ -27,11 +27,11 @@ document ends with the end-of-text token and the token stream is cut into blocks
    measured speedups, about 1x, show the timing noise).
 
 For every model: perplexity on the first `--eval_blocks` (200) held-out blocks, parameters, FLOPs of one block
-(`hf_blockprune.flops.model_flops`) and two CPU latencies, measured with every model in one process, round-robin with
-a rotating start after one warm-up call each, `--threads` (1) torch threads, median over `--rounds` (5):
-per generated token (greedy `generate()` with the KV cache, batch 1, a 32-token prompt, exactly `--new_tokens` (64)
-new tokens: the call's time divided by them, so the prompt's prefill is included) and prefill (one forward pass of
-8 blocks). The speedups are dense time / model time; nothing is asserted on time.
+(`hf_blockprune.compact.flops.model_flops`) and two CPU latencies, measured with every model in one process,
+round-robin with a rotating start after one warm-up call each, `--threads` (1) torch threads, median over
+`--rounds` (5): per generated token (greedy `generate()` with the KV cache, batch 1, a 32-token prompt, exactly
+`--new_tokens` (64) new tokens: the call's time divided by them, so the prompt's prefill is included) and prefill (one
+forward pass of 8 blocks). The speedups are dense time / model time; nothing is asserted on time.
 
 Outputs: `<output>.json` (settings, every record, elapsed minutes) and `<output>.md` (the table, also printed).
 Every stage is kept in `--work_dir` (`dense/`, `struct-<s>/`, `dense-continued/`), so an interrupted run resumes where
@@ -65,7 +65,7 @@ from transformers import (
 
 import hf_blockprune
 from hf_blockprune import BlockPruningConfig, BlockPruningTrainer
-from hf_blockprune.flops import model_flops
+from hf_blockprune.compact.flops import model_flops
 
 REPO = Path(__file__).resolve().parents[1]
 EOS, PAD = "<|endoftext|>", "<|pad|>"

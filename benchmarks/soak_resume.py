@@ -56,8 +56,8 @@ def train(args: argparse.Namespace, output_dir: Path) -> None:
     from transformers.trainer_utils import get_last_checkpoint
 
     from hf_blockprune import BlockPruningCallback, BlockPruningConfig, BlockPruningTrainer
-    from hf_blockprune.data import load_glue, tokenize_classification
-    from hf_blockprune.defaults import offline_minilm_path
+    from hf_blockprune.tasks.data import load_glue, tokenize_classification
+    from hf_blockprune.tasks.defaults import offline_minilm_path
 
     torch.set_num_threads(2)
     tokenizer = AutoTokenizer.from_pretrained(offline_minilm_path())
@@ -192,8 +192,8 @@ def dev_accuracy(folder: Path) -> float:
     from transformers import AutoTokenizer
 
     import hf_blockprune
-    from hf_blockprune.data import load_glue
-    from hf_blockprune.defaults import offline_minilm_path
+    from hf_blockprune.tasks.data import load_glue
+    from hf_blockprune.tasks.defaults import offline_minilm_path
 
     tokenizer = AutoTokenizer.from_pretrained(offline_minilm_path())
     model = hf_blockprune.from_pretrained(str(folder)).eval()

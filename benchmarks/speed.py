@@ -9,7 +9,8 @@ from a seeded generator and a threshold equal to the fraction, so every layer ke
 of its FFN neurons; then it is compacted. The dense model and the compacted ones run round-robin in one process
 (`eval()`, `torch.inference_mode()`, random token ids, full attention mask), the starting model rotating each round,
 after one warm-up call each; the latency of a model is the median over the rounds. The measured speedup is compared
-with `hf_blockprune.flops.predicted_speedup` at the same sequence length; the target is measured / predicted >= 0.9.
+with `hf_blockprune.compact.flops.predicted_speedup` at the same sequence length; the target is measured /
+predicted >= 0.9.
 To reproduce, run on an idle machine with the same `--threads` (printed, with the torch version, above the table).
 """
 
@@ -26,9 +27,9 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
 from hf_blockprune import BlockPruningConfig, apply_block_pruning, compact_model
-from hf_blockprune.defaults import offline_minilm_path
-from hf_blockprune.flops import model_flops, predicted_speedup
-from hf_blockprune.model import block_scores, set_threshold
+from hf_blockprune.compact.flops import model_flops, predicted_speedup
+from hf_blockprune.pruning.model import block_scores, set_threshold
+from hf_blockprune.tasks.defaults import offline_minilm_path
 
 KEPT_FRACTIONS = (0.75, 0.5, 0.25)
 TARGET_RATIO = 0.9

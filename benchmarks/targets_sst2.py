@@ -32,8 +32,9 @@ from transformers import (
 
 import hf_blockprune
 from hf_blockprune import BlockPruningConfig, BlockPruningTrainer
-from hf_blockprune.defaults import load_sst2, offline_minilm_path
-from hf_blockprune.losses import mask_density
+from hf_blockprune.pruning.losses import mask_density
+from hf_blockprune.tasks.data import load_sst2
+from hf_blockprune.tasks.defaults import offline_minilm_path
 
 RUNS = [
     ("dense", None),

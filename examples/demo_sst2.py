@@ -26,7 +26,8 @@ from transformers import (
 
 import hf_blockprune
 from hf_blockprune import BlockPruningConfig, BlockPruningTrainer
-from hf_blockprune.defaults import load_sst2, offline_minilm_path
+from hf_blockprune.tasks.data import load_sst2
+from hf_blockprune.tasks.defaults import offline_minilm_path
 
 
 def accuracy(prediction) -> dict[str, float]:

@@ -43,8 +43,8 @@ from transformers import (
 
 import hf_blockprune
 from hf_blockprune import BlockPruningConfig, BlockPruningTrainer
-from hf_blockprune.data import load_classification_files, load_glue, tokenize_classification
-from hf_blockprune.defaults import offline_minilm_path
+from hf_blockprune.tasks.data import load_classification_files, load_glue, tokenize_classification
+from hf_blockprune.tasks.defaults import offline_minilm_path
 
 logger = logging.getLogger(__name__)
 

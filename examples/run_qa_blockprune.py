@@ -35,9 +35,9 @@ from transformers import (
 
 import hf_blockprune
 from hf_blockprune import BlockPruningCallback, BlockPruningConfig
-from hf_blockprune.data import load_squad
-from hf_blockprune.defaults import offline_minilm_path
-from hf_blockprune.qa import (
+from hf_blockprune.tasks.data import load_squad
+from hf_blockprune.tasks.defaults import offline_minilm_path
+from hf_blockprune.tasks.qa import (
     postprocess_predictions,
     prepare_train_features,
     prepare_validation_features,

@@ -40,7 +40,7 @@ from transformers import (
 
 import hf_blockprune
 from hf_blockprune import BlockPruningCallback, BlockPruningConfig
-from hf_blockprune.data import load_summarization
+from hf_blockprune.tasks.data import load_summarization
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from transformers import Trainer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hf_blockprune import BlockPruningCallback, BlockPruningConfig, BlockPruningTrainer  # noqa: E402
-from hf_blockprune.model import block_scores  # noqa: E402
+from hf_blockprune.pruning.model import block_scores  # noqa: E402
 
 from conftest import tiny_dataset, tiny_model, training_args  # noqa: E402
 from helpers import TINY_PRESETS  # noqa: E402

@@ -6,8 +6,8 @@ import torch
 from transformers import Trainer
 
 from hf_blockprune import BlockPruningCallback, BlockPruningConfig, BlockPruningTrainer, apply_block_pruning
-from hf_blockprune.layer import BlockScores
-from hf_blockprune.model import block_scores, prunable_layers, set_threshold
+from hf_blockprune.pruning.layer import BlockScores
+from hf_blockprune.pruning.model import block_scores, prunable_layers, set_threshold
 
 from conftest import DECODERS, ENCODER_DECODERS, GATED_FFN, VOCAB, tiny_dataset, tiny_model, training_args
 

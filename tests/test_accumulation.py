@@ -6,8 +6,8 @@ import itertools
 import pytest
 import torch
 
-from hf_blockprune.accumulation import labelled_items, micro_batch_weight
-from hf_blockprune.losses import mask_density
+from hf_blockprune.pruning.losses import mask_density
+from hf_blockprune.training.accumulation import labelled_items, micro_batch_weight
 
 from helpers import effective_scores, make_trainer, masks, preset_config
 

@@ -13,9 +13,9 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 import hf_blockprune
-from hf_blockprune.atomic import MARKER_NAME, STAGING_PREFIX, recover_interrupted_save
-from hf_blockprune.model_card import heads_cell, layer_rows
-from hf_blockprune.saving import export_dense, save_compacted
+from hf_blockprune.compact.atomic import MARKER_NAME, STAGING_PREFIX, recover_interrupted_save
+from hf_blockprune.compact.model_card import heads_cell, layer_rows
+from hf_blockprune.compact.saving import export_dense, save_compacted
 
 from helpers import biased_model, model_inputs, random_masks
 
@@ -125,8 +125,8 @@ _WORKER = textwrap.dedent("""
     sys.path.insert(0, spec["tests_dir"])
     import torch
     torch.set_num_threads(1)  # no worker threads in this process: its forked children stay safe
-    from hf_blockprune.atomic import MARKER_NAME, recover_interrupted_save
-    from hf_blockprune.saving import save_compacted
+    from hf_blockprune.compact.atomic import MARKER_NAME, recover_interrupted_save
+    from hf_blockprune.compact.saving import save_compacted
     from test_atomic_save import BOUNDARIES, FAILED, KILLED, model_b
 
     model = model_b()
@@ -287,12 +287,12 @@ def test_a_committed_save_is_rolled_forward_by_from_pretrained(references, tmp_p
     def killed(*args, **kwargs):
         raise OSError("killed after the commit")
 
-    monkeypatch.setattr("hf_blockprune.atomic._move_into_place", killed)
+    monkeypatch.setattr("hf_blockprune.compact.atomic._move_into_place", killed)
     with pytest.raises(OSError, match="killed after the commit"):
         save_compacted(model_b(), target)
     monkeypatch.undo()
     assert (target / MARKER_NAME).is_file() and [p for p in target.iterdir() if p.name.startswith(STAGING_PREFIX)]
-    with caplog.at_level(logging.WARNING, logger="hf_blockprune.atomic"):
+    with caplog.at_level(logging.WARNING, logger="hf_blockprune.compact.atomic"):
         model = hf_blockprune.from_pretrained(target)
     assert "Completed an interrupted save" in caplog.text
     assert _which(model, references) == "B"

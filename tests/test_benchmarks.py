@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_blockprune.defaults import shared_data_dir
+from hf_blockprune.tasks.defaults import shared_data_dir
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hf_blockprune.binarizers import binarize
+from hf_blockprune.pruning.binarizers import binarize
 
 
 @pytest.mark.parametrize("fraction, kept", [(1.0, 10), (0.5, 5), (0.26, 3), (0.0, 0)])

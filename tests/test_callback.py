@@ -5,7 +5,7 @@ import torch
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer
 
 from hf_blockprune import BlockPruningCallback, BlockPruningTrainer
-from hf_blockprune.losses import expected_density, mask_density
+from hf_blockprune.pruning.losses import expected_density, mask_density
 
 from conftest import tiny_dataset, tiny_model
 from helpers import make_trainer, preset_config, topk_density

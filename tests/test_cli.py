@@ -15,8 +15,8 @@ import torch
 from transformers import BertTokenizer
 
 import hf_blockprune
-from hf_blockprune.cli import main
-from hf_blockprune.model import LAYOUT_ATTRIBUTE
+from hf_blockprune.pruning.model import LAYOUT_ATTRIBUTE
+from hf_blockprune.tasks.cli import main
 
 from conftest import tiny_model
 
@@ -149,7 +149,7 @@ def test_bad_input_exits_non_zero_with_a_message(workspace, tmp_path, capsys, co
 
 
 def test_module_help_runs_in_a_subprocess():
-    result = subprocess.run([sys.executable, "-m", "hf_blockprune.cli", "prune", "--help"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "hf_blockprune.tasks.cli", "prune", "--help"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0
     assert "--pruning_preset" in result.stdout and "--target_density" in result.stdout

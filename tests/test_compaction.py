@@ -7,10 +7,10 @@ from torch import nn
 
 import hf_blockprune
 from hf_blockprune import BlockPruningConfig, apply_block_pruning, is_block_pruned, save_compacted
-from hf_blockprune.compaction import LAYOUT_ATTRIBUTE, compact_model, compaction_plan
-from hf_blockprune.layer import MaskedLinear
-from hf_blockprune.model import block_scores, prunable_layers, set_threshold
-from hf_blockprune.modeling_blockprune import shrink_to_layout
+from hf_blockprune.compact.compaction import LAYOUT_ATTRIBUTE, compact_model, compaction_plan
+from hf_blockprune.pruning.layer import MaskedLinear
+from hf_blockprune.pruning.model import block_scores, prunable_layers, set_threshold
+from hf_blockprune.structure.modeling_blockprune import shrink_to_layout
 
 from conftest import ARCHS, DECODERS, GENERATIVE, VOCAB, auto_class, tiny_model
 from helpers import (

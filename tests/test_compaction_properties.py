@@ -23,9 +23,9 @@ from hypothesis.configuration import set_hypothesis_home_dir
 
 import hf_blockprune
 from hf_blockprune import BlockPruningConfig, apply_block_pruning, compact_model, save_compacted
-from hf_blockprune.flops import model_flops
-from hf_blockprune.layer import MaskedLinear
-from hf_blockprune.model import LAYOUT_ATTRIBUTE, block_scores, prunable_layers, set_threshold
+from hf_blockprune.compact.flops import model_flops
+from hf_blockprune.pruning.layer import MaskedLinear
+from hf_blockprune.pruning.model import LAYOUT_ATTRIBUTE, block_scores, prunable_layers, set_threshold
 
 from conftest import ARCHS, DECODERS, GATED_FFN, GENERATIVE, auto_class, tiny_config
 from helpers import kill_scores, model_inputs, model_outputs

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from hf_blockprune.model import block_scores
+from hf_blockprune.pruning.model import block_scores
 
 from helpers import make_trainer, preset_config
 

@@ -7,7 +7,7 @@ import torch
 from transformers import BartForConditionalGeneration, BertForQuestionAnswering, BertForSequenceClassification
 
 from hf_blockprune import BlockPruningCallback, BlockPruningTrainer
-from hf_blockprune.distillation import Distiller, check_teacher, distillation_term, kd_loss, load_teacher
+from hf_blockprune.training.distillation import Distiller, check_teacher, distillation_term, kd_loss, load_teacher
 
 from conftest import tiny_config, tiny_dataset, tiny_model
 from helpers import make_trainer, preset_config

@@ -12,7 +12,7 @@ import torch
 
 import hf_blockprune
 from hf_blockprune import BlockPruningConfig
-from hf_blockprune.controller import check_training_arguments
+from hf_blockprune.pruning.controller import check_training_arguments
 
 from conftest import tiny_dataset
 

@@ -20,8 +20,8 @@ from transformers import (
 )
 
 import hf_blockprune
-from hf_blockprune.defaults import offline_minilm_path, shared_data_dir
-from hf_blockprune.model import LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY
+from hf_blockprune.pruning.model import LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY
+from hf_blockprune.tasks.defaults import offline_minilm_path, shared_data_dir
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 COMMON = ["--do_train", "--do_eval", "--use_cpu", "--report_to", "none", "--disable_tqdm", "true", "--seed", "0",

@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback
 
 import hf_blockprune
-from hf_blockprune.layer import MaskedLinear
-from hf_blockprune.model import prunable_layers
+from hf_blockprune.pruning.layer import MaskedLinear
+from hf_blockprune.pruning.model import prunable_layers
 
 from conftest import tiny_dataset, training_args
 from helpers import effective_scores, make_trainer, model_inputs, model_outputs, preset_config, random_masks

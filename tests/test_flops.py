@@ -3,8 +3,8 @@ import copy
 import pytest
 
 from hf_blockprune import apply_block_pruning, compact_model
-from hf_blockprune.flops import FlopsBreakdown, model_flops, predicted_speedup
-from hf_blockprune.model import prunable_layers, set_threshold
+from hf_blockprune.compact.flops import FlopsBreakdown, model_flops, predicted_speedup
+from hf_blockprune.pruning.model import prunable_layers, set_threshold
 
 from conftest import ARCHS, DECODERS, tiny_model
 from helpers import biased_model, kill_scores, preset_config, random_masks

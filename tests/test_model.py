@@ -15,9 +15,9 @@ from hf_blockprune import (
     remove_block_pruning,
     sparsity_report,
 )
-from hf_blockprune.compaction import compaction_plan
-from hf_blockprune.layer import MaskedLinear
-from hf_blockprune.model import block_scores, prunable_layers, set_threshold
+from hf_blockprune.compact.compaction import compaction_plan
+from hf_blockprune.pruning.layer import MaskedLinear
+from hf_blockprune.pruning.model import block_scores, prunable_layers, set_threshold
 
 from conftest import ENCODER_DECODERS, GATED_FFN, VOCAB, tiny_config, tiny_model
 from helpers import TINY_PRESETS, biased_model, kill_scores, preset_config, random_masks

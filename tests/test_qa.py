@@ -7,8 +7,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from hf_blockprune import qa
-from hf_blockprune.data import load_squad
-from hf_blockprune.defaults import offline_minilm_path, shared_data_dir
+from hf_blockprune.tasks.data import load_squad
+from hf_blockprune.tasks.defaults import offline_minilm_path, shared_data_dir
 
 needs_data = pytest.mark.skipif(shared_data_dir() is None, reason="needs ../shared/data")
 

@@ -1,7 +1,7 @@
 import torch
 
 from hf_blockprune import BlockPruningConfig, apply_block_pruning, sparsity_report
-from hf_blockprune.model import set_threshold
+from hf_blockprune.pruning.model import set_threshold
 
 from conftest import tiny_model
 

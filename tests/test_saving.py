@@ -11,8 +11,8 @@ import transformers
 from transformers import AutoModelForSequenceClassification, Trainer
 
 import hf_blockprune
-from hf_blockprune.model_card import CARD_MARKER, FIGURE_NAME
-from hf_blockprune.saving import (
+from hf_blockprune.compact.model_card import CARD_MARKER, FIGURE_NAME
+from hf_blockprune.compact.saving import (
     MASKED_MODEL_TYPE,
     checkpoint_on_save,
     export_dense,
@@ -123,7 +123,7 @@ def test_a_failed_save_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("hf_blockprune.model_card.write_model_card", broken)
+    monkeypatch.setattr("hf_blockprune.compact.saving.write_model_card", broken)
     with pytest.raises(OSError, match="disk full"):
         save_compacted(_masked("bert", seed=2), target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
@@ -224,7 +224,7 @@ def test_dense_export_of_a_model_with_a_placeholder_head(tmp_path):
     export leaves it out and computes the same function."""
     from transformers import BartForConditionalGeneration
 
-    from hf_blockprune.model import prunable_layers
+    from hf_blockprune.pruning.model import prunable_layers
 
     from helpers import kill_scores
 

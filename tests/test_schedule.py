@@ -1,7 +1,7 @@
 import pytest
 
 from hf_blockprune import BlockPruningConfig
-from hf_blockprune.schedule import schedule_progress, schedule_values
+from hf_blockprune.pruning.schedule import schedule_progress, schedule_values
 
 
 @pytest.mark.parametrize(

@@ -6,9 +6,9 @@ from transformers import Trainer
 
 import hf_blockprune
 from hf_blockprune import BlockPruningCallback, BlockPruningTrainer
-from hf_blockprune.layer import BlockScores
-from hf_blockprune.losses import mask_density
-from hf_blockprune.targets import weighted_score_cut
+from hf_blockprune.pruning.layer import BlockScores
+from hf_blockprune.pruning.losses import mask_density
+from hf_blockprune.pruning.targets import weighted_score_cut
 
 from conftest import tiny_dataset, tiny_model, training_args
 from helpers import effective_scores, make_trainer, masks, preset_config
@@ -81,7 +81,7 @@ def test_targets_are_removed_with_the_masks(tmp_path):
 
 
 def test_target_speedup_sets_the_densities_from_the_cost_model(tmp_path):
-    from hf_blockprune.flops import model_flops
+    from hf_blockprune.compact.flops import model_flops
 
     config = preset_config("struct", pruning_method="topk", target_speedup=2.0, speedup_sequence_length=12)
     trainer = make_trainer("trainer", "bert", config, tmp_path, max_steps=60)
@@ -92,7 +92,7 @@ def test_target_speedup_sets_the_densities_from_the_cost_model(tmp_path):
 
 
 def test_unreachable_target_speedup_says_why(tmp_path):
-    from hf_blockprune.flops import densities_for_speedup
+    from hf_blockprune.compact.flops import densities_for_speedup
 
     model = make_trainer("trainer", "bert", preset_config("hybrid"), tmp_path).model
     with pytest.raises(ValueError, match="out of reach"):
@@ -148,7 +148,7 @@ def _emptied_bart_run(tmp_path, per_stack):
 
 
 def test_a_target_cannot_empty_a_stack(tmp_path, caplog):
-    from hf_blockprune.controller import emptied_stacks
+    from hf_blockprune.pruning.controller import emptied_stacks
 
     trainer = _emptied_bart_run(tmp_path, per_stack=True)
     assert emptied_stacks(trainer.model) == []
@@ -160,9 +160,9 @@ def test_a_target_cannot_empty_a_stack(tmp_path, caplog):
 
 
 def test_a_shared_cut_that_empties_a_stack_is_reported_loudly(tmp_path, caplog):
-    from hf_blockprune.controller import emptied_stacks
+    from hf_blockprune.pruning.controller import emptied_stacks
 
-    with caplog.at_level("WARNING", logger="hf_blockprune.controller"):
+    with caplog.at_level("WARNING", logger="hf_blockprune.pruning.controller"):
         trainer = _emptied_bart_run(tmp_path, per_stack=False)
     assert any("model.encoder.layers" in entry for entry in emptied_stacks(trainer.model))
     assert "Pruning removed ALL of model.encoder.layers" in caplog.text

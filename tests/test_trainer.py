@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from hf_blockprune.layer import BlockScores
-from hf_blockprune.losses import mask_density
-from hf_blockprune.schedule import schedule_values
+from hf_blockprune.pruning.layer import BlockScores
+from hf_blockprune.pruning.losses import mask_density
+from hf_blockprune.pruning.schedule import schedule_values
 
 from conftest import DECODERS
 from helpers import effective_scores, make_trainer, masks, preset_config, topk_density

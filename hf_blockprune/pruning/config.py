@@ -117,13 +117,13 @@ class BlockPruningConfig:
         target_density (`float`, *optional*):
             Fraction of prunable weights to keep at the end, instead of a fixed `final_lambda`. Top-k keeps exactly
             that fraction of each matrix; soft movement pruning steers a Lagrange multiplier on the expected density
-            (see `hf_blockprune.targets`). The target follows the cubic schedule from 1.
+            (see `hf_blockprune.pruning.targets`). The target follows the cubic schedule from 1.
         target_density_attention (`float`, *optional*):
             Target for the attention blocks alone (with or without `target_density_ffn`; not with `target_density`).
         target_density_ffn (`float`, *optional*):
             Target for the FFN blocks alone.
         target_speedup (`float`, *optional*):
-            Wished speedup on the FLOPs cost model (`hf_blockprune.flops`), turned into one target density for
+            Wished speedup on the FLOPs cost model (`hf_blockprune.compact.flops`), turned into one target density for
             attention and FFN at the start of training; not with the target densities.
         speedup_sequence_length (`int`, *optional*, defaults to 128):
             Sequence length at which `target_speedup` is computed (attention scores grow with its square).

@@ -28,21 +28,8 @@ def shared_data_dir() -> Path | None:
     """The local task-data folder: `$HF_BLOCKPRUNE_DATA`, else `../shared/data` seen from the working directory or
     from this checkout; `None` when there is none (then load datasets from the Hub)."""
     candidates = [os.environ.get(DATA_ENV), Path.cwd().parent / "shared" / "data",
-                  Path(__file__).resolve().parents[2] / "shared" / "data"]
+                  Path(__file__).resolve().parents[3] / "shared" / "data"]
     for candidate in candidates:
         if candidate and Path(candidate).is_dir():
             return Path(candidate)
     return None
-
-
-def load_sst2(train_size: int | None = None, seed: int = 0):
-    """GLUE SST-2 as a `DatasetDict` with `train` (shuffled, first `train_size`) and `validation` (all 872).
-
-    Reads `<shared data>/sst2/{train,dev}.tsv` when present (see `shared_data_dir`), else `nyu-mll/glue` from the Hub.
-    """
-    from .data import load_glue
-
-    raw, _, _ = load_glue("sst2")
-    if train_size is not None:
-        raw["train"] = raw["train"].shuffle(seed=seed).select(range(min(train_size, len(raw["train"]))))
-    return raw

@@ -171,3 +171,14 @@ def load_summarization(dataset_name: str | None = None, dataset_config_name: str
         raise ValueError(f"Summarization data lacks the columns {missing} (columns: {raw['train'].column_names}); "
                          "set `text_column` / `summary_column`.")
     return raw
+
+
+def load_sst2(train_size: int | None = None, seed: int = 0):
+    """GLUE SST-2 as a `DatasetDict` with `train` (shuffled, first `train_size`) and `validation` (all 872).
+
+    Reads `<shared data>/sst2/{train,dev}.tsv` when present (see `shared_data_dir`), else `nyu-mll/glue` from the Hub.
+    """
+    raw, _, _ = load_glue("sst2")
+    if train_size is not None:
+        raw["train"] = raw["train"].shuffle(seed=seed).select(range(min(train_size, len(raw["train"]))))
+    return raw

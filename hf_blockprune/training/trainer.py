@@ -6,13 +6,13 @@ import os
 
 from transformers import Trainer, TrainerCallback
 
+from ..compact.model_card import CARD_MARKER
+from ..compact.saving import checkpoint_on_save, compact_on_save, is_compacted
+from ..pruning.config import BlockPruningConfig
+from ..pruning.controller import PruningController, check_training_arguments, warn_if_stacks_emptied
+from ..pruning.model import apply_block_pruning, is_block_pruned, score_parameters
 from .accumulation import micro_batch_weight
-from .config import BlockPruningConfig
-from .controller import PruningController, check_training_arguments, warn_if_stacks_emptied
 from .distillation import Distiller, load_teacher
-from .model import apply_block_pruning, is_block_pruned, score_parameters
-from .model_card import CARD_MARKER
-from .saving import checkpoint_on_save, compact_on_save, is_compacted
 
 
 class _AfterOptimizerStep(TrainerCallback):
@@ -34,7 +34,7 @@ class BlockPruningTrainer(Trainer):
     learning-rate scheduler). The regularization is added to the training loss only. The training loss of each
     micro-batch is weighted by its share of the step's labelled items (or divided by the number of accumulation
     steps when the Trainer does not count them), so a run with gradient accumulation matches one with the larger
-    batch (see `hf_blockprune.accumulation`).
+    batch (see `hf_blockprune.training.accumulation`).
 
     Checkpoints written during training keep the masks and scores (so `resume_from_checkpoint` works); once
     training ends, `save_model()` and `push_to_hub()` write the compacted model (pruned heads and FFN neurons

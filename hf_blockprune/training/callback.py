@@ -7,12 +7,12 @@ import logging
 import torch
 from transformers import TrainerCallback
 
+from ..compact.saving import checkpoint_on_save, compact_on_save, is_compacted
+from ..pruning.config import BlockPruningConfig
+from ..pruning.controller import PruningController, check_training_arguments, warn_if_stacks_emptied
+from ..pruning.model import apply_block_pruning, block_scores, is_block_pruned, score_parameters
 from .accumulation import loss_shifts_labels, micro_batch_weight
-from .config import BlockPruningConfig
-from .controller import PruningController, check_training_arguments, warn_if_stacks_emptied
 from .distillation import Distiller, load_teacher
-from .model import apply_block_pruning, block_scores, is_block_pruned, score_parameters
-from .saving import checkpoint_on_save, compact_on_save, is_compacted
 
 logger = logging.getLogger(__name__)
 

@@ -42,8 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .architectures import known_activation_paths
-from .model import (
+from ..pruning.model import (
     CONFIG_ATTRIBUTE,
     LAYOUT_ATTRIBUTE,
     AttentionModules,
@@ -53,8 +52,9 @@ from .model import (
     prunable_layers,
     remove_block_pruning,
 )
-from .modeling_blockprune import as_block_pruned, set_head_counts
-from .report import dead_heads, ffn_rows_alive, output_heads_alive, weight_mask
+from ..pruning.report import dead_heads, ffn_rows_alive, output_heads_alive, weight_mask
+from ..structure.architectures import known_activation_paths
+from ..structure.modeling_blockprune import as_block_pruned, set_head_counts
 
 logger = logging.getLogger(__name__)
 

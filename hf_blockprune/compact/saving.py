@@ -22,24 +22,25 @@ import torch
 import transformers
 from torch import nn
 
-from .atomic import atomic_directory, recover_interrupted_save
-from .compaction import compact_model
-from .config import BlockPruningConfig
-from .model import (
+from ..pruning.config import BlockPruningConfig
+from ..pruning.model import (
     CONFIG_ATTRIBUTE,
     LAYOUT_ATTRIBUTE,
     PRUNING_CONFIG_KEY,
     is_block_pruned,
-    prunable_layers,
     record_slots,
 )
-from .modeling_blockprune import (
+from ..pruning.report import parameter_counts
+from ..structure.modeling_blockprune import (
     as_block_pruned,
     base_class,
     base_model_type,
     block_pruned_class,
     block_pruned_config_class,
 )
+from .atomic import atomic_directory, recover_interrupted_save
+from .compaction import compact_model
+from .model_card import write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +54,28 @@ def plain_class(model_class: type) -> type:
     return base_class(model_class)
 
 
-def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """`{"prunable_linear": n, "total": m}`: weights of the prunable Linear layers, and all parameters but scores."""
-    linears = {id(m): m for layer in prunable_layers(model) for m in layer.linears()}
-    prunable = sum(m.weight.numel() for m in linears.values())
-    total = sum(p.numel() for name, p in model.named_parameters() if not name.endswith("block_scores.scores"))
-    return {"prunable_linear": prunable, "total": total}
+SCORE_SUFFIX = "block_scores.scores"
+
+
+def is_masked_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether the local folder `path` holds mask scores (a training checkpoint, not a compacted model)."""
+    try:
+        return any(key.endswith(SCORE_SUFFIX) for key in _weight_names(Path(path)))
+    except (OSError, ValueError):
+        return False
+
+
+def _weight_names(path: Path) -> list[str]:
+    """The tensor names of a local checkpoint folder (`model.safetensors`, possibly sharded), without loading them."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return list(json.loads(index.read_text())["weight_map"])
+    if not (path / "model.safetensors").is_file():
+        return []
+    with safe_open(str(path / "model.safetensors"), framework="pt") as weights:
+        return list(weights.keys())
 
 
 def _refuse_non_finite(model: nn.Module, save_directory: str | os.PathLike) -> None:
@@ -135,8 +152,6 @@ def save_compacted(
         if processing_class is not None:
             processing_class.save_pretrained(staging)
         if model_card:
-            from .model_card import write_model_card
-
             write_model_card(staging, compacted)
     logger.info("Saved the compacted model to %s", save_directory)
     return compacted
@@ -187,7 +202,6 @@ def from_pretrained(path: str | os.PathLike, model_class: type | None = None, **
 
 
 def _refuse_masked_checkpoint(path: str | os.PathLike) -> None:
-    from .checkpoints import is_masked_checkpoint
 
     if is_masked_checkpoint(path):
         raise ValueError(

@@ -48,7 +48,7 @@ class PruningController:
         if existing is not None:
             return existing
         if self.config.target_speedup is not None:
-            from .flops import densities_for_speedup
+            from ..compact.flops import densities_for_speedup
 
             targets = densities_for_speedup(self.model, self.config.target_speedup,
                                             self.config.speedup_sequence_length)

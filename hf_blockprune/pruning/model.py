@@ -8,14 +8,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .architectures import AttentionSpec, FFNSpec, LayerStackSpec, find_layer_lists, stack_specs
+from ..structure.architectures import AttentionSpec, FFNSpec, LayerStackSpec, find_layer_lists, stack_specs
 from .config import BlockPruningConfig
 from .layer import BlockScores, MaskedLinear
 
 CONFIG_ATTRIBUTE = "block_pruning_config"
 LAYOUT_ATTRIBUTE = "blockprune_layout"
 PRUNING_CONFIG_KEY = "blockprune_config"  # the pruning config, as a dict, in model.config (so checkpoints carry it)
-TARGETS_ATTRIBUTE = "block_pruning_targets"  # the density controller's state (hf_blockprune.targets)
+TARGETS_ATTRIBUTE = "block_pruning_targets"  # the density controller's state (hf_blockprune.pruning.targets)
 
 
 @dataclass

@@ -99,3 +99,11 @@ def sparsity_report(model: nn.Module) -> list[dict]:
             }
         )
     return report
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """`{"prunable_linear": n, "total": m}`: weights of the prunable Linear layers, and all parameters but scores."""
+    linears = {id(m): m for layer in prunable_layers(model) for m in layer.linears()}
+    prunable = sum(m.weight.numel() for m in linears.values())
+    total = sum(p.numel() for name, p in model.named_parameters() if not name.endswith("block_scores.scores"))
+    return {"prunable_linear": prunable, "total": total}

@@ -150,7 +150,7 @@ def load_teacher(teacher: nn.Module | str | os.PathLike, student: nn.Module) -> 
     if not isinstance(teacher, nn.Module):
         import transformers
 
-        from .modeling_blockprune import auto_class_name
+        from ..structure.modeling_blockprune import auto_class_name
 
         auto = getattr(transformers, auto_class_name(type(student)))
         teacher = auto.from_pretrained(teacher)

@@ -6,7 +6,7 @@
     hf-blockprune report out
     hf-blockprune bench out --rounds 20
 
-`python -m hf_blockprune.cli ...` does the same.
+`python -m hf_blockprune.tasks.cli ...` does the same.
 """
 
 from __future__ import annotations
@@ -25,15 +25,23 @@ import transformers
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..compact.checkpoints import load_masked_checkpoint
+from ..compact.compaction import compact_model
+from ..compact.flops import predicted_speedup
+from ..compact.model_card import layer_rows, original_sizes, write_figure
+from ..compact.saving import (
+    architecture_class,
+    dense_config,
+    from_pretrained,
+    is_masked_checkpoint,
+    plain_class,
+    read_model_config,
+    save_compacted,
+)
+from ..pruning.config import BlockPruningConfig
+from ..pruning.model import LAYOUT_ATTRIBUTE
 from . import data, qa
-from .checkpoints import is_masked_checkpoint, load_masked_checkpoint
-from .compaction import compact_model
-from .config import BlockPruningConfig
 from .defaults import offline_minilm_path
-from .flops import predicted_speedup
-from .model import LAYOUT_ATTRIBUTE
-from .model_card import layer_rows, original_sizes, write_figure
-from .saving import architecture_class, dense_config, from_pretrained, plain_class, read_model_config, save_compacted
 
 logger = logging.getLogger(__name__)
 
@@ -281,7 +289,7 @@ def _prune_qa(args, model_path, tokenizer, pruning_config):
 
 
 def _trainer(args, model, tokenizer, datasets, pruning_config, compute_metrics=None):
-    from .trainer import BlockPruningTrainer
+    from ..training.trainer import BlockPruningTrainer
 
     return BlockPruningTrainer(
         model=model, args=_training_args(args), train_dataset=datasets["train"], eval_dataset=datasets["validation"],

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from torch import nn
 
-from .model import LAYOUT_ATTRIBUTE
+from ..pruning.model import LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY
+from ..pruning.report import parameter_counts
+from ..structure.modeling_blockprune import auto_class_name, base_model_type
 
 CARD_MARKER = "<!-- hf_blockprune model card -->"
 FIGURE_NAME = "pruning_layout.png"
@@ -97,10 +99,7 @@ def write_figure(path: Path, rows: list[dict], num_heads: int, ffn_total: int | 
 def _card_text(model: nn.Module, rows: list[dict], num_heads: int, ffn_total: int | None) -> str:
     config = model.config
     layout = getattr(config, LAYOUT_ATTRIBUTE)
-    from .modeling_blockprune import auto_class_name, base_model_type
-    from .saving import CONFIG_KEY, parameter_counts
-
-    method = getattr(config, CONFIG_KEY, None)
+    method = getattr(config, PRUNING_CONFIG_KEY, None)
     before = layout.get("dense_parameters", {})
     after = parameter_counts(model)
     base_model = getattr(config, "_name_or_path", "") or "unknown"

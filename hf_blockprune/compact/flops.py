@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..pruning.config import BlockPruningConfig
+from ..pruning.model import AttentionModules, PrunableLayer, is_block_pruned, prunable_layers
 from .compaction import LayerPlan, compaction_plan
-from .config import BlockPruningConfig
-from .model import AttentionModules, PrunableLayer, is_block_pruned, prunable_layers
 
 # Path components of non-prunable Linear layers that see one token per sequence: the pooler reads the first token.
 POOLED_MODULES = ("pooler",)

@@ -16,35 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import BlockPruningConfig
-from .model import LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY, TARGETS_ATTRIBUTE, apply_block_pruning
-from .modeling_blockprune import block_pruned_class
-from .saving import architecture_class, read_model_config
+from ..pruning.config import BlockPruningConfig
+from ..pruning.model import LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY, TARGETS_ATTRIBUTE, apply_block_pruning
+from ..structure.modeling_blockprune import block_pruned_class
+from .saving import SCORE_SUFFIX, architecture_class, read_model_config
 
 logger = logging.getLogger(__name__)
-
-SCORE_SUFFIX = "block_scores.scores"
-
-
-def is_masked_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether the local folder `path` holds mask scores (a training checkpoint, not a compacted model)."""
-    try:
-        return any(key.endswith(SCORE_SUFFIX) for key in _weight_names(Path(path)))
-    except (OSError, ValueError):
-        return False
-
-
-def _weight_names(path: Path) -> list[str]:
-    from safetensors import safe_open
-
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        return list(json.loads(index.read_text())["weight_map"])
-    if not (path / "model.safetensors").is_file():
-        return []
-    with safe_open(str(path / "model.safetensors"), framework="pt") as weights:
-        return list(weights.keys())
-
 
 def checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
     """The weights of a local checkpoint folder (`model.safetensors`, possibly sharded)."""

@@ -1,0 +1,2 @@
+"""The Trainer integration: `BlockPruningTrainer`, `BlockPruningCallback`, distillation from a dense teacher and
+gradient-accumulation bookkeeping."""

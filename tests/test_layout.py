@@ -1,0 +1,92 @@
+"""The package's shape: subpackages in layers, no import cycles, public names and former module paths still import."""
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+import hf_blockprune
+
+PACKAGE = Path(hf_blockprune.__file__).parent
+# Each subpackage imports only from itself and those before it.
+LAYERS = ["structure", "pruning", "compact", "training", "tasks"]
+# The density controller turns a target speedup into densities with the cost model of what compaction keeps.
+ALLOWED_UPWARD = {("pruning.controller", "compact.flops")}
+
+
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """The hf_blockprune modules `path` imports, anywhere in the file (functions included), as `pkg.module`."""
+    here = _module_name(path).split(".")[:-1]  # the module's package, relative to hf_blockprune
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here[: len(here) - (node.level - 1)] if node.level > 1 else here
+                target = [*base, *(node.module.split(".") if node.module else [])]
+            elif node.module and node.module.startswith("hf_blockprune."):
+                target = node.module.split(".")[1:]
+            else:
+                continue
+            found.add(".".join(target))
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+    return {name: {t for t in _imports(path) if t in modules} for name, path in modules.items()}
+
+
+def test_the_modules_live_in_the_five_subpackages():
+    assert sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()) == sorted(LAYERS)
+    assert sorted(p.name for p in PACKAGE.glob("*.py")) == ["__init__.py"]
+
+
+def test_there_is_no_import_cycle():
+    graph = _graph()
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                raise AssertionError(f"import cycle: {' -> '.join(path + [node, target])}")
+            if target not in state:
+                visit(target, path + [node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+
+
+def test_subpackages_import_only_from_earlier_layers():
+    for module, targets in _graph().items():
+        for target in targets:
+            source_layer, target_layer = LAYERS.index(module.split(".")[0]), LAYERS.index(target.split(".")[0])
+            assert target_layer <= source_layer or (module, target) in ALLOWED_UPWARD, f"{module} imports {target}"
+
+
+def test_the_saved_loader_imports_nothing_of_the_library():
+    assert _imports(PACKAGE / "structure" / "modeling_blockprune.py") == set()
+
+
+def test_public_names_import_from_the_package():
+    for name in hf_blockprune.__all__:
+        assert getattr(hf_blockprune, name) is not None
+
+
+@pytest.mark.parametrize("former, current", [
+    ("saving", "compact.saving"), ("compaction", "compact.compaction"), ("model", "pruning.model"),
+    ("architectures", "structure.architectures"), ("trainer", "training.trainer"), ("defaults", "tasks.defaults"),
+    ("modeling_blockprune", "structure.modeling_blockprune"),
+])
+def test_former_module_paths_import_the_same_module(former, current):
+    old = importlib.import_module(f"hf_blockprune.{former}")
+    assert old is importlib.import_module(f"hf_blockprune.{current}")
+    assert old.__spec__.name == f"hf_blockprune.{current}"
+    from hf_blockprune.saving import save_compacted  # noqa: F401  (the `from ... import` form too)
