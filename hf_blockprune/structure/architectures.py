@@ -155,6 +155,19 @@ ARCHITECTURES: dict[str, tuple[LayerStackSpec, ...]] = {
 }
 
 
+# Model types whose attention cannot be compacted exactly, and why: refused before anything changes, also when the
+# user describes the layers with module patterns.
+_SHARED_BIAS = (
+    "its relative-position bias is computed once per stack with one row per head and added in every layer, so a "
+    "layer cannot keep its own heads"
+)
+_ALIBI = "its ALiBi slopes go to heads by their position in the full head count, so removing heads shifts them"
+UNSUPPORTED: dict[str, str] = {
+    **dict.fromkeys(("t5", "mt5", "umt5", "longt5", "switch_transformers"), _SHARED_BIAS),
+    **dict.fromkeys(("bloom", "mpt"), _ALIBI),
+}
+
+
 def known_activation_paths() -> list[str]:
     """The FFN activation paths of every built-in entry, for layers described by patterns (tried in order)."""
     paths = [stack.ffn.activation for specs in ARCHITECTURES.values() for stack in specs if stack.ffn]
@@ -168,8 +181,16 @@ def stack_specs(model: nn.Module, config) -> tuple[LayerStackSpec, ...]:
     head, if it loses every head, is exact either way).
 
     Raises:
-        `ValueError`: the model type has no built-in map and the config names no modules.
+        `ValueError`: the model type has no built-in map and the config names no modules, or its attention cannot be
+            compacted exactly (`UNSUPPORTED`) and the config would prune it.
     """
+    model_type = base_model_type(getattr(getattr(model, "config", None), "model_type", None))
+    if model_type in UNSUPPORTED and (config.layers_pattern is None or config.attention_modules is not None):
+        raise ValueError(
+            f"hf_blockprune cannot prune the attention heads of {model_type!r} models exactly: "
+            f"{UNSUPPORTED[model_type]}. Prune only the FFN: `layers_pattern` and `ffn_modules` without "
+            "`attention_modules`."
+        )
     if config.layers_pattern is not None:
         attention = ()
         if config.attention_modules is not None:
@@ -186,7 +207,6 @@ def stack_specs(model: nn.Module, config) -> tuple[LayerStackSpec, ...]:
             *inputs, output = config.ffn_modules
             ffn = FFNSpec(inputs[0] if len(inputs) == 1 else tuple(inputs), output)
         return (LayerStackSpec(config.layers_pattern, attention, ffn),)
-    model_type = base_model_type(getattr(getattr(model, "config", None), "model_type", None))
     if model_type not in ARCHITECTURES:
         raise ValueError(
             f"hf_blockprune has no module map for model_type {model_type!r}; supported: {sorted(ARCHITECTURES)}. "

@@ -146,6 +146,8 @@ _AUTO_CLASSES = (
     ("ForMultipleChoice", "AutoModelForMultipleChoice"),
     ("ForMaskedLM", "AutoModelForMaskedLM"),
     ("ForCausalLM", "AutoModelForCausalLM"),
+    ("ForImageClassification", "AutoModelForImageClassification"),
+    ("ForAudioClassification", "AutoModelForAudioClassification"),
 )
 
 
