@@ -62,6 +62,7 @@ from transformers import (
     Trainer,
     TrainingArguments,
 )
+from transformers.trainer_utils import get_last_checkpoint
 
 import hf_blockprune
 from hf_blockprune import BlockPruningConfig, BlockPruningTrainer
@@ -123,12 +124,23 @@ def dense_config(args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast) -
 
 
 def training_args(out_dir: Path, steps: int, learning_rate: float, seed: int) -> TrainingArguments:
-    """The settings shared by the dense and the pruning runs (batch 16, 5% warmup, linear decay, CPU, no saves)."""
+    """The settings shared by the dense and the pruning runs (batch 16, 5% warmup, linear decay, CPU), with a
+    checkpoint every 100 steps (the last one kept), so that a stopped stage resumes instead of starting over."""
     return TrainingArguments(
         output_dir=str(out_dir), per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=learning_rate,
         warmup_steps=0.05, weight_decay=0.01, max_grad_norm=1.0, logging_steps=max(steps // 10, 1),
-        report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, seed=seed,
+        report_to="none", save_strategy="steps", save_steps=100, save_total_limit=1, use_cpu=True,
+        disable_tqdm=True, seed=seed,
     )
+
+
+def train_or_resume(trainer: Trainer) -> None:
+    """`trainer.train()`, resumed from the last checkpoint in its output folder if a stopped run left one."""
+    folder = Path(trainer.args.output_dir)
+    checkpoint = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if checkpoint is not None:
+        print(f"resuming from {checkpoint}", flush=True)
+    trainer.train(resume_from_checkpoint=checkpoint)
 
 
 def kept_structure(model: nn.Module) -> dict[str, list[int]]:
@@ -208,7 +220,7 @@ class Benchmark:
         trainer = Trainer(model=model, train_dataset=lm_dataset(self.train_blocks),
                           args=training_args(self.work / "trainer" / "dense", self.args.dense_steps,
                                              self.args.dense_lr, self.args.seed))
-        trainer.train()
+        train_or_resume(trainer)
         return self._finish("dense", trainer, {"kind": "dense", "target_speedup": None}, started)
 
     def pruned(self, speedup: float) -> dict:
@@ -228,7 +240,7 @@ class Benchmark:
             train_dataset=lm_dataset(self.train_blocks),
             args=training_args(self.work / "trainer" / name, self.args.prune_steps, self.args.prune_lr,
                                self.args.seed))
-        trainer.train()
+        train_or_resume(trainer)
         return self._finish(name, trainer, {"kind": "struct", "target_speedup": speedup}, started)
 
     def dense_continued(self) -> dict:
@@ -244,7 +256,7 @@ class Benchmark:
                           train_dataset=lm_dataset(self.train_blocks),
                           args=training_args(self.work / "trainer" / name, self.args.prune_steps,
                                              self.args.prune_lr, self.args.seed))
-        trainer.train()
+        train_or_resume(trainer)
         return self._finish(name, trainer, {"kind": name, "target_speedup": None}, started)
 
     def load(self, record: dict) -> nn.Module:
