@@ -16,7 +16,7 @@ from hf_blockprune.pruning.model import prunable_layers, set_threshold
 from hf_blockprune.training.distillation import distillation_term
 
 from conftest import DECODERS, tiny_dataset, tiny_model, training_args
-from helpers import ALIVE, DEAD, biased_model, model_inputs, model_outputs
+from helpers import ALIVE, DEAD, biased_model, model_inputs, model_outputs, random_masks
 
 HEAD_DIM = 8
 
@@ -177,3 +177,22 @@ def test_label_smoothing_shifts_the_labels_of_a_compacted_causal_lm(tmp_path):
     outputs = model(**{k: v for k, v in batch.items() if k != "labels"})
     shifted = LabelSmoother(epsilon=0.1)(outputs, batch["labels"], shift_labels=True)
     torch.testing.assert_close(smoothed, shifted)
+
+
+def test_the_filled_stage_on_grouped_query_attention_keeps_the_key_value_heads_of_surviving_groups():
+    from hf_blockprune.pruning.filling import fill_surviving_heads
+
+    model = random_masks(biased_model("llama", 3), "hybrid", "sigmoid_threshold", 3, force_empty=False)
+    kept = compaction_plan(model)
+    fill_surviving_heads(model)
+    inputs = model_inputs("llama")
+    expected = model_outputs(model, inputs)
+    assert [plan.kv_slots for plan in compaction_plan(model)] == [plan.kv_slots for plan in kept]
+    for layer in prunable_layers(model):
+        attention = layer.attentions[0]
+        alive_kv = attention.key.full_mask().view(attention.num_kv_heads, -1).any(dim=1)
+        live_queries = attention.query.full_mask().view(attention.num_heads, -1).any(dim=1)
+        assert alive_kv.tolist() == live_queries.view(attention.num_kv_heads, -1).any(dim=1).tolist()
+    compact_model(model)
+    for got, want in zip(model_outputs(model, inputs), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
