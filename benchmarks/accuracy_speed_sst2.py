@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from results_io import write_results
 from torch import nn
 from transformers import (
     AutoModelForSequenceClassification,
@@ -364,14 +365,9 @@ def main(argv=None) -> dict:
     """Run the benchmark, print the table and write JSON, markdown and PNG."""
     args = parse_args(argv)
     results = Benchmark(args).run()
-    table = render(results)
-    print(table)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    output.with_suffix(".md").write_text(table)
+    output = write_results(args.output, results, render(results))
     plot(results, output.with_suffix(".png"))
-    print(f"written: {output.with_suffix('.json')}, .md, .png")
+    print(f"written: {output.with_suffix('.png')}")
     return results
 
 

@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 import transformers
 from datasets import Dataset
+from results_io import write_results
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 from transformers import (
@@ -431,13 +432,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     results = Benchmark(args).run()
-    table = render(results)
-    print(table)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    output.with_suffix(".md").write_text(table)
-    print(f"written: {output.with_suffix('.json')}, {output.with_suffix('.md')}")
+    write_results(args.output, results, render(results))
     return results
 
 
