@@ -10,21 +10,27 @@ from transformers import (
     AutoModelForSequenceClassification,
     BartConfig,
     BertConfig,
+    DebertaV2Config,
     DistilBertConfig,
     ElectraConfig,
+    GPT2Config,
     LlamaConfig,
     MistralConfig,
+    ModernBertConfig,
     Qwen2Config,
     RobertaConfig,
     TrainingArguments,
     XLMRobertaConfig,
 )
 
-ARCHS = ["bert", "roberta", "xlm-roberta", "distilbert", "electra", "bart", "llama", "qwen2", "mistral"]
+ARCHS = ["bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta-v2", "modernbert", "bart", "llama",
+         "qwen2", "mistral", "gpt2"]
 ENCODER_DECODERS = ("bart",)
-DECODERS = ("llama", "qwen2", "mistral")  # causal LMs: grouped-query attention, gated MLP
+GROUPED = ("llama", "qwen2", "mistral")  # grouped-query attention (multi-query for Mistral), gated MLP
+DECODERS = GROUPED + ("gpt2",)  # causal LMs
 GENERATIVE = ENCODER_DECODERS + DECODERS
-GATED_FFN = DECODERS  # gate, up -> down: neuron scores only
+GATED_FFN = GROUPED + ("modernbert",)  # gate, up -> down (ModernBERT: one fused input): neuron scores only
+KEEPS_A_HEAD = DECODERS + ("deberta-v2",)  # a self-attention that loses every head keeps a zero one
 VOCAB = 99
 SEQ_LEN = 12
 
@@ -53,6 +59,20 @@ def tiny_config(arch: str):
             dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
             eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None,
         )
+    if arch == "deberta-v2":  # relative attention with its own position projections (share_att_key=False)
+        return DebertaV2Config(**_COMMON, relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=8,
+                               max_relative_positions=16, share_att_key=False)
+    if arch == "modernbert":  # biases on (off by default) so that compaction must fold them
+        return ModernBertConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+            max_position_embeddings=64, global_attn_every_n_layers=2, local_attention=8, attention_bias=True,
+            mlp_bias=True, attention_dropout=0.0, mlp_dropout=0.0, embedding_dropout=0.0, classifier_dropout=0.0,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2, num_labels=2,
+        )
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_inner=37, n_positions=64,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=1,
+                          eos_token_id=2)
     if arch in DECODERS:
         # 4 query heads of 8 over 2 key/value heads (Mistral: 1, multi-query); Llama without biases, Qwen2 with
         # biased q/k/v and a biasless output projection

@@ -12,7 +12,7 @@ from hf_blockprune.pruning.layer import MaskedLinear
 from hf_blockprune.pruning.model import block_scores, prunable_layers, set_threshold
 from hf_blockprune.structure.modeling_blockprune import shrink_to_layout
 
-from conftest import ARCHS, DECODERS, GENERATIVE, VOCAB, auto_class, tiny_model
+from conftest import ARCHS, GENERATIVE, KEEPS_A_HEAD, VOCAB, auto_class, tiny_model
 from helpers import (
     ALIVE,
     DEAD,
@@ -46,7 +46,9 @@ def test_compacted_model_computes_the_masked_function_with_fewer_parameters(arch
     reference, base_parameters = model_outputs(model, inputs), plain_parameter_count(model)
     plan = compaction_plan(model)
     if force_empty:
-        assert plan[0].heads == [[] for _ in plan[0].heads] and plan[-1].neurons == []
+        assert plan[0].heads == [[] for _ in plan[0].heads]
+        assert plan[-1].ffn_placeholder == (arch == "gpt2")  # a Conv1D cannot read 0 features: one zero neuron
+        assert plan[-1].neurons == ([0] if plan[-1].ffn_placeholder else [])
 
     compacted = compact_model(model)
     assert not is_block_pruned(compacted)
@@ -59,8 +61,9 @@ def test_compacted_model_computes_the_masked_function_with_fewer_parameters(arch
 def test_backward_runs_on_a_compacted_model_with_empty_layers(arch):
     model = compact_model(random_masks(biased_model(arch), "hybrid", "sigmoid_threshold", 0, force_empty=True))
     layers = prunable_layers(model)
-    placeholder = HEAD_DIM if arch in DECODERS else 0  # a decoder self-attention keeps a zero slot for the cache
-    assert layers[0].attentions[0].query.out_features == placeholder and layers[-1].ffn_input.out_features == 0
+    placeholder = HEAD_DIM if arch in KEEPS_A_HEAD else 0  # a decoder self-attention keeps a zero slot for the cache
+    neuron = 1 if arch == "gpt2" else 0  # a Conv1D cannot read 0 features: a zero neuron stays
+    assert layers[0].attentions[0].query.out_features == placeholder and layers[-1].ffn_input.out_features == neuron
     model.train()
     model(**model_inputs(arch, labels=True)).loss.backward()
     grads = [p.grad for p in model.parameters() if p.numel()]
@@ -259,8 +262,8 @@ def test_the_loader_reads_layouts_of_version_1_and_2(version, record, slots):
     attention = model.model.decoder.layers[0].self_attn
     assert attention.num_heads == slots and attention.q_proj.weight.shape == (8 * slots, 32)
     assert attention.out_proj.weight.shape == (32, 8 * slots)
-    with pytest.raises(ValueError, match="version 4.*Upgrade hf_blockprune"):
-        shrink_to_layout(tiny_model("bart"), {"version": 4, "layers": {}})
+    with pytest.raises(ValueError, match="version 5.*Upgrade hf_blockprune"):
+        shrink_to_layout(tiny_model("bart"), {"version": 5, "layers": {}})
 
 
 # Compacting again: a compacted model, masked anew, compacts to the composed layout.
@@ -344,7 +347,7 @@ def test_a_reloaded_compacted_model_pruned_again_saves_and_reloads_the_masked_fu
     for name, entry in twice["layers"].items():
         for record, before in zip(entry["attention"], once["layers"][name]["attention"], strict=True):
             assert set(record["heads"]) <= set(before["heads"])
-            self_attention = record["query"] == "self_attn.q_proj" and ("decoder" in name or arch in DECODERS)
+            self_attention = arch in KEEPS_A_HEAD or ("decoder" in name and record["query"] == "self_attn.q_proj")
             assert record.get("placeholder", False) == (self_attention and not record["heads"])
     if arch == "bart":
         assert twice["layers"]["model.decoder.layers.0"]["attention"][0]["placeholder"]

@@ -27,7 +27,7 @@ from hf_blockprune.compact.flops import model_flops
 from hf_blockprune.pruning.layer import MaskedLinear
 from hf_blockprune.pruning.model import LAYOUT_ATTRIBUTE, block_scores, prunable_layers, set_threshold
 
-from conftest import ARCHS, DECODERS, GATED_FFN, GENERATIVE, auto_class, tiny_config
+from conftest import ARCHS, DECODERS, GATED_FFN, GENERATIVE, GROUPED, auto_class, tiny_config
 from helpers import kill_scores, model_inputs, model_outputs
 
 # Hypothesis keeps a cache in `.hypothesis/` under the working directory: keep the repository clean.
@@ -55,6 +55,7 @@ SEQ_LEN = 12  # of the FLOPs model
 FFN_SIZE_FIELDS = {arch: ("intermediate_size",) for arch in ARCHS} | {
     "distilbert": ("hidden_dim",),
     "bart": ("encoder_ffn_dim", "decoder_ffn_dim"),
+    "gpt2": ("n_inner",),
 }
 
 
@@ -147,9 +148,10 @@ def cases(draw, archs=tuple(ARCHS)) -> Case:
     arch = draw(st.sampled_from(archs))
     ffn_size = draw(st.sampled_from([37, 40]))
     # blocks divide every projection: grouped-query key/value projections are 8 (Mistral) or 16 rows
-    attention_sides = divisors(HEAD_DIM if arch in DECODERS else HIDDEN)
+    attention_sides = divisors(HEAD_DIM if arch in GROUPED else HIDDEN)
     first = draw(rounds(arch, attention_sides, divisors(math.gcd(ffn_size, HIDDEN))))
-    return Case(arch, ffn_size, draw(st.sampled_from(["eager", "sdpa"])), first)
+    implementations = ["eager"] if arch == "deberta-v2" else ["eager", "sdpa"]  # DeBERTa-v2 has no sdpa
+    return Case(arch, ffn_size, draw(st.sampled_from(implementations)), first)
 
 
 def two_round_cases():

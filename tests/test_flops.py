@@ -6,7 +6,7 @@ from hf_blockprune import apply_block_pruning, compact_model
 from hf_blockprune.compact.flops import FlopsBreakdown, model_flops, predicted_speedup
 from hf_blockprune.pruning.model import prunable_layers, set_threshold
 
-from conftest import ARCHS, DECODERS, tiny_model
+from conftest import ARCHS, KEEPS_A_HEAD, tiny_model
 from helpers import biased_model, kill_scores, preset_config, random_masks
 
 HIDDEN, FFN, VOCAB = 32, 37, 99
@@ -23,18 +23,24 @@ SHAPES = {
     "llama": (2, 2, [("T", HIDDEN, VOCAB)]),
     "qwen2": (2, 2, [("T", HIDDEN, VOCAB)]),
     "mistral": (2, 2, [("T", HIDDEN, VOCAB)]),
+    "deberta-v2": (2, 2, [(1, HIDDEN, HIDDEN), (1, HIDDEN, 2)]),  # pooler, classifier
+    "modernbert": (2, 2, [(1, HIDDEN, HIDDEN), (1, HIDDEN, 2)]),  # head.dense, classifier (on the pooled token)
+    "gpt2": (2, 2, [("T", HIDDEN, VOCAB)]),
 }
 # Key/value width (grouped-query attention: 2 key/value heads of 8, Mistral's tiny config 1) and FFN input matrices
 # (a gated MLP has two: gate and up).
 KV_WIDTH = {"llama": 16, "qwen2": 16, "mistral": 8}
-FFN_INPUTS = {"llama": 2, "qwen2": 2, "mistral": 2}
+FFN_INPUTS = {"llama": 2, "qwen2": 2, "mistral": 2, "modernbert": 2}
+# Projections with one block of rows per head besides Q, K, V (DeBERTa-v2's pos_key_proj and pos_query_proj, counted
+# at the sequence length)
+HEAD_ROWS = {"deberta-v2": 2}
 
 
 def hand_flops(arch: str, seq_len: int) -> FlopsBreakdown:
     blocks, ffns, fixed = SHAPES[arch]
     kv_width, ffn_inputs = KV_WIDTH.get(arch, HIDDEN), FFN_INPUTS.get(arch, 1)
     return FlopsBreakdown(
-        attention_projections=blocks * 2 * seq_len * HIDDEN * (2 * HIDDEN + 2 * kv_width),
+        attention_projections=blocks * 2 * seq_len * HIDDEN * ((2 + HEAD_ROWS.get(arch, 0)) * HIDDEN + 2 * kv_width),
         attention_scores=blocks * 2 * 2 * seq_len * seq_len * HIDDEN,
         ffn=ffns * (ffn_inputs + 1) * 2 * seq_len * HIDDEN * FFN,
         fixed=sum(2 * (seq_len if tokens == "T" else tokens) * i * o for tokens, i, o in fixed),
@@ -95,8 +101,10 @@ def test_each_dead_head_and_pruned_neuron_removes_its_share(arch):
     set_threshold(model, 0.75, kind="ffn")  # round(0.75 * 37) = 28 neurons per FFN
     dense, kept = hand_flops(arch, 12), model_flops(model, 12, kept_only=True)
     blocks = SHAPES[arch][0]
-    # a decoder's self-attention keeps one zero slot of 8 for the KV cache: its query, key, value and output
-    placeholder = (2 * 12 * HIDDEN * 8 * 4, 2 * 2 * 12 * 12 * 8) if arch in DECODERS else (0, 0)
+    # a decoder's self-attention keeps one zero slot of 8 for the KV cache (DeBERTa-v2's, as its code divides by the
+    # head count): its query, key, value and output (and DeBERTa's position projections)
+    projections = 4 + HEAD_ROWS.get(arch, 0)
+    placeholder = (2 * 12 * HIDDEN * 8 * projections, 2 * 2 * 12 * 12 * 8) if arch in KEEPS_A_HEAD else (0, 0)
     assert kept.attention_projections == dense.attention_projections * (blocks - 1) // blocks + placeholder[0]
     assert kept.attention_scores == dense.attention_scores * (blocks - 1) // blocks + placeholder[1]
     assert kept.ffn == dense.ffn * 28 // 37

@@ -5,7 +5,15 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+)
 
 from hf_blockprune import (
     BlockPruningConfig,
@@ -82,7 +90,8 @@ def test_scores_are_saved_once_per_shared_group():
 
 
 def test_unknown_model_type_lists_supported_types_and_how_to_pass_patterns():
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=VOCAB))
+    model = OPTForCausalLM(OPTConfig(num_hidden_layers=1, hidden_size=32, ffn_dim=37, num_attention_heads=4,
+                                     word_embed_proj_dim=32, vocab_size=VOCAB))
     with pytest.raises(ValueError, match=r"supported: \['bart', 'bert'.*layers_pattern"):
         apply_block_pruning(model, BlockPruningConfig.from_preset("struct"))
 
@@ -145,19 +154,20 @@ def test_a_head_count_that_does_not_divide_the_projections_is_refused():
         apply_block_pruning(model, config)
 
 
+# GPT-2 described by patterns that do not fit it: the fused c_attn named as separate projections, a LayerNorm as FFN
 GPT2_PATTERNS = [
-    dict(attention_modules=["attn.c_attn", "attn.c_attn", "attn.c_attn", "attn.c_proj"]),
-    dict(ffn_modules=["mlp.c_fc", "mlp.c_proj"]),
+    (dict(attention_modules=["attn.c_attn", "attn.c_attn", "attn.c_attn", "attn.c_proj"]),
+     r"transformer\.h\.0\.attn\.c_proj reads 32 features but transformer\.h\.0\.attn\.c_attn makes 96"),
+    (dict(ffn_modules=["ln_2", "mlp.c_proj"]), r"transformer\.h\.0\.ln_2 is a \S*LayerNorm, not an nn\.Linear"),
 ]
 
 
-@pytest.mark.parametrize("modules", GPT2_PATTERNS, ids=["attention", "ffn_only"])
-def test_a_module_that_is_not_an_nn_linear_is_refused_with_its_path_and_type(modules):
+@pytest.mark.parametrize("modules, match", GPT2_PATTERNS, ids=["fused_named_apart", "not_a_projection"])
+def test_modules_that_do_not_fit_are_refused_with_their_path_and_what_is_wrong(modules, match):
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=VOCAB, bos_token_id=0,
                                        eos_token_id=0))
     config = BlockPruningConfig.from_preset("struct", layers_pattern="h", **modules)
-    with pytest.raises(ValueError, match=r"transformer\.h\.0\.(attn\.c_attn|mlp\.c_fc) is a \S*Conv1D, not an "
-                                         r"nn\.Linear"):
+    with pytest.raises(ValueError, match=match):
         apply_block_pruning(model, config)
     assert not is_block_pruned(model)
 

@@ -7,7 +7,7 @@ from hf_blockprune.pruning.layer import BlockScores
 from hf_blockprune.pruning.losses import mask_density
 from hf_blockprune.pruning.schedule import schedule_values
 
-from conftest import DECODERS
+from conftest import GROUPED
 from helpers import effective_scores, make_trainer, masks, preset_config, topk_density
 
 ROUTES = ["trainer", "callback"]
@@ -27,7 +27,7 @@ def test_topk_reaches_the_final_density_exactly(arch, preset, route, tmp_path):
     for scores in (m for m in model.modules() if isinstance(m, BlockScores)):
         assert int(scores.mask().sum()) == round(0.3 * scores.scores.numel())
     expected = topk_density(model, 0.3)
-    if arch in DECODERS:  # a key/value head stays while any query head of its group does: it frees less
+    if arch in GROUPED:  # a key/value head stays while any query head of its group does: it frees less
         assert mask_density(model).item() >= expected - 1e-6
         expected = mask_density(model).item()
     assert mask_density(model).item() == pytest.approx(expected)

@@ -28,6 +28,11 @@ every step. When it keeps no real head it keeps one placeholder head whose query
 biases) and output-projection columns are zero: it adds exactly 0, and its cached keys have the real length. The
 layout records it as `"heads": [], "placeholder": true` (0 real heads).
 
+An attention whose code divides by its head count (`AttentionSpec.needs_a_head`, DeBERTa-v2) keeps such a placeholder
+head too. An FFN whose output projection is a transformers `Conv1D` (GPT-2), which cannot read 0 features, keeps one
+zero neuron when it loses every neuron (`"placeholder": true` in its layout record). Fused projections (GPT-2's
+`c_attn`, ModernBERT's `Wqkv` and `Wi`) are compacted part by part and fused back; the layout names them (`"fused"`).
+
 A compacted model can be masked and compacted again: its head slots come from the layout, and the new layout
 records the kept heads by their original index (and keeps the first `dense_parameters`).
 """
@@ -52,16 +57,19 @@ from ..pruning.model import (
     prunable_layers,
     remove_block_pruning,
 )
-from ..pruning.report import dead_heads, ffn_rows_alive, output_heads_alive, weight_mask
+from ..pruning.report import ffn_rows_alive, removed_heads, weight_mask
 from ..structure.architectures import known_activation_paths
 from ..structure.modeling_blockprune import as_block_pruned, set_head_counts
+from ..structure.projections import Conv1DLinear, fuse_projections
 
 logger = logging.getLogger(__name__)
 
 # 2: an attention record may hold a placeholder head (`"placeholder": true`). 3: a grouped-query attention record lists
 # its query and key/value slots (`"slots"`, `"kv_heads"`), an FFN record may have several inputs (`"inputs"`, a gated
-# MLP). Each layout is written with the lowest version that describes it, which older loaders read.
-LAYOUT_VERSION = 3
+# MLP). 4: a record may name a fused projection (`"fused"`, split into the named parts while masked) and projections
+# with head rows (`"head_rows"`). Each layout is written with the lowest version that describes it, which older loaders
+# read.
+LAYOUT_VERSION = 4
 
 @dataclass
 class LayerPlan:
@@ -75,11 +83,14 @@ class LayerPlan:
         constant_neurons (`list[int]`): removed neurons whose input row is masked but whose output column is not:
             they output `act(b_1[i])` whatever the input, and are folded into the FFN output bias.
         placeholders (`list[bool]`): for each attention block, whether it keeps one zero placeholder head (it keeps
-            no real head and sets the KV-cache length, see `AttentionSpec.sets_cache_length`).
+            no real head and must keep one, see `AttentionSpec.keeps_a_head`).
         slots (`list[list[int | None]]`): for each attention block, the query slots of the compacted weights: the
             current slot each comes from, or `None` for a zero slot (a placeholder, or padding that gives every kept
             key/value head of a grouped-query attention the same number of query slots).
         kv_slots (`list[list[int | None]]`): the same for the key/value slots.
+        ffn_placeholder (`bool`, *optional*, defaults to `False`): the FFN lost every neuron but its output projection
+            cannot read 0 features (a `Conv1D` reshapes its input with -1): `neurons` holds one neuron kept with zero
+            weights, which adds exactly 0.
     """
 
     name: str
@@ -89,6 +100,7 @@ class LayerPlan:
     placeholders: list[bool]
     slots: list[list[int | None]]
     kv_slots: list[list[int | None]]
+    ffn_placeholder: bool = False
 
 
 def _indices(flags: torch.Tensor) -> list[int]:
@@ -106,19 +118,22 @@ def _ffn_neurons(layer: PrunableLayer) -> tuple[list[int], list[int]]:
     return _indices(rows_alive & cols_alive), _indices(constant)
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """Whether a (masked) projection is a transformers `Conv1D`, which cannot read 0 input features."""
+    base = getattr(module, "base_layer", module)
+    return isinstance(base, Conv1DLinear) or type(getattr(base, "source", base)).__name__ == "Conv1D"
+
+
 def _kept_heads(attention: AttentionModules) -> list[int]:
-    """Real query slots compaction keeps: not dead, or dead with a constant it cannot fold (no output bias)."""
-    dead = set(dead_heads(attention))
-    if attention.output.bias is None and attention.value.bias is not None:
-        output_alive = output_heads_alive(attention)
-        dead = {slot for slot in dead if not output_alive[slot]}  # a value-bias constant has nowhere to go: keep it
-    return [slot for slot, head in enumerate(attention.slots) if head is not None and slot not in dead]
+    """Real query slots compaction keeps: all but `removed_heads` (dead, with any constant folded away)."""
+    removed = set(removed_heads(attention))
+    return [slot for slot, head in enumerate(attention.slots) if head is not None and slot not in removed]
 
 
 def _slot_plan(attention: AttentionModules, kept: list[int]) -> tuple[list[int | None], list[int | None], bool]:
     """`(query slots, key/value slots, placeholder)` of the compacted block (see `LayerPlan`)."""
     if not kept:
-        placeholder = attention.spec.sets_cache_length
+        placeholder = attention.spec.keeps_a_head
         return ([None], [None], True) if placeholder else ([], [], False)
     groups: dict[int, list[int]] = {}
     for slot in kept:
@@ -143,15 +158,18 @@ def compaction_plan(model: nn.Module) -> list[LayerPlan]:
     for layer in prunable_layers(model):
         heads = [_kept_heads(attention) for attention in layer.attentions]
         slot_plans = [_slot_plan(attention, kept) for attention, kept in zip(layer.attentions, heads)]
-        neurons, constant = None, []
+        neurons, constant, ffn_placeholder = None, [], False
         if layer.has_ffn:
             neurons, constant = _ffn_neurons(layer)
+            ffn_placeholder = layer.ffn_placeholder or (not neurons and _is_conv1d(layer.ffn_output))
+            neurons = [0] if ffn_placeholder else neurons
         plans.append(
             LayerPlan(
                 layer.name, heads, neurons, constant,
                 placeholders=[placeholder for _, _, placeholder in slot_plans],
                 slots=[slots for slots, _, _ in slot_plans],
                 kv_slots=[kv_slots for _, kv_slots, _ in slot_plans],
+                ffn_placeholder=ffn_placeholder,
             )
         )
     return plans
@@ -165,6 +183,10 @@ def _original(indices: list[int | None], slots: list[int | None]) -> list[int | 
 def _attention_record(attention: AttentionModules, kept: list[int], slots, kv_slots, placeholder: bool) -> dict:
     """The layout record of one attention: its paths, head size and kept heads by original index."""
     record = {**attention.spec.paths(), "head_dim": attention.head_dim, "heads": _original(attention.slots, kept)}
+    if attention.spec.fused:
+        record["fused"] = attention.spec.fused
+    if attention.head_rows:
+        record["head_rows"] = list(attention.head_rows)
     if attention.spec.grouped:
         record["slots"] = _original(attention.slots, slots)
         record["kv_heads"] = _original(attention.kv_slots, kv_slots)
@@ -179,7 +201,11 @@ def _layer_entry(layer: PrunableLayer, plan: LayerPlan) -> dict:
     if plan.neurons is not None:
         inputs = layer.ffn_spec.inputs
         ffn = {"input": inputs[0]} if len(inputs) == 1 else {"inputs": list(inputs)}
+        if layer.ffn_spec.fused:
+            ffn["fused"] = layer.ffn_spec.fused
         entry["ffn"] = {**ffn, "output": layer.ffn_spec.output, "size": len(plan.neurons)}
+        if plan.ffn_placeholder:
+            entry["ffn"]["placeholder"] = True
     return entry
 
 
@@ -198,6 +224,9 @@ def _merge_entries(previous: dict | None, entry: dict) -> dict:
 
 def _layout_version(entries: dict) -> int:
     records = [record for entry in entries.values() for record in entry.get("attention", [])]
+    ffns = [entry["ffn"] for entry in entries.values() if "ffn" in entry]
+    if any("fused" in record or "head_rows" in record for record in records + ffns):
+        return 4
     if any("slots" in record for record in records) or any("inputs" in e.get("ffn", {}) for e in entries.values()):
         return 3
     return 2 if any(record.get("placeholder") for record in records) else 1
@@ -276,13 +305,6 @@ def _add_to_bias_(linear: nn.Linear, delta: torch.Tensor) -> None:
     linear.bias.add_(delta.to(linear.bias.dtype))
 
 
-def _parent(root: nn.Module, child: nn.Module) -> nn.Module:
-    for module in root.modules():
-        if any(grandchild is child for grandchild in module.children()):
-            return module
-    raise ValueError("Internal error: module not found under its layer.")
-
-
 @torch.no_grad()
 def _compact_attention(attention: AttentionModules, plan: LayerPlan, index: int, layer_module) -> None:
     device, head_dim = attention.query.weight.device, attention.head_dim
@@ -294,11 +316,13 @@ def _compact_attention(attention: AttentionModules, plan: LayerPlan, index: int,
         values = _head_index([slot // attention.group for slot in removed], head_dim, device)
         columns = _head_index(removed, head_dim, device)
         _add_to_bias_(output, output.weight[:, columns] @ value.bias[values])
-    _select_slots_(attention.query, slots, head_dim, dim=0)
+    for linear in (attention.query, *attention.head_rows.values()):
+        _select_slots_(linear, slots, head_dim, dim=0)
     _select_slots_(attention.key, kv_slots, head_dim, dim=0)
     _select_slots_(value, kv_slots, head_dim, dim=0)
     _select_slots_(output, slots, head_dim, dim=1)
-    set_head_counts(_parent(layer_module, attention.query), len(slots), len(kv_slots), head_dim)
+    module = layer_module.get_submodule(attention.spec.module_path) if attention.spec.module_path else layer_module
+    set_head_counts(module, len(slots), len(kv_slots), head_dim)
 
 
 def _ffn_activation(layer: PrunableLayer, layer_module: nn.Module):
@@ -327,6 +351,12 @@ def _compact_ffn(layer: PrunableLayer, plan: LayerPlan, activation) -> None:
     for linear in layer.ffn_inputs:
         _select_(linear, kept, dim=0)
     _select_(ffn_output, kept, dim=1)
+    if plan.ffn_placeholder:  # a zero neuron: zero input rows (and biases) and output column
+        for linear in layer.ffn_inputs:
+            linear.weight.zero_()
+            if linear.bias is not None:
+                linear.bias.zero_()
+        ffn_output.weight.zero_()
 
 
 def _compact_layer(model: nn.Module, layer, plan: LayerPlan) -> None:
@@ -364,10 +394,11 @@ def compact_model(model: nn.Module) -> nn.Module:
     pruning_config = getattr(model, CONFIG_ATTRIBUTE, None)  # removed with the masks, needed to find the layers again
     plans = compaction_plan(model)
     layout = compaction_layout(prunable_layers(model), plans, getattr(model.config, LAYOUT_ATTRIBUTE, None))
-    remove_block_pruning(model, merge=True)
+    remove_block_pruning(model, merge=True, fuse=False)
     # The layers are found under the earlier layout (if any), which still describes the weights.
     for layer, plan in zip(prunable_layers(model, pruning_config), plans, strict=True):
         _compact_layer(model, layer, plan)
+    fuse_projections(model)
     setattr(model.config, LAYOUT_ATTRIBUTE, layout)
     as_block_pruned(model)  # saves with its loader, under a model type plain transformers cannot mistake
     kept_heads = sum(len(heads) for plan in plans for heads in plan.heads)

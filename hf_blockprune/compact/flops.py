@@ -28,13 +28,14 @@ from torch import nn
 
 from ..pruning.config import BlockPruningConfig
 from ..pruning.model import AttentionModules, PrunableLayer, is_block_pruned, prunable_layers
+from ..structure.projections import ProjectionView, is_projection, linear_weight
 from .compaction import LayerPlan, compaction_plan
 
 # Path components of non-prunable Linear layers that see one token per sequence: the pooler reads the first token.
 POOLED_MODULES = ("pooler",)
 # Heads that read one pooled token (first or EOS) per sequence, in models of the task classes below; the same names
 # in other models (e.g. a token-classification `classifier`) see every token.
-SEQUENCE_HEAD_MODULES = ("pre_classifier", "classifier", "classification_head")
+SEQUENCE_HEAD_MODULES = ("pre_classifier", "classifier", "classification_head", "head")  # head: ModernBERT
 SEQUENCE_TASK_SUFFIXES = ("ForSequenceClassification", "ForMultipleChoice")
 
 
@@ -93,6 +94,11 @@ def attention_flops(
     projections += linear_flops(
         seq_len, width(attention.output.in_features, kept_heads), attention.output.out_features
     )
+    # DeBERTa-v2's relative-position projections run over the position embeddings: counted as `seq_len` rows
+    projections += sum(
+        linear_flops(seq_len, linear.in_features, width(linear.out_features, kept_heads))
+        for linear in attention.head_rows.values()
+    )
     scores = 2 * 2 * seq_len * seq_len * width(attention.query.out_features, kept_heads)
     return projections, scores
 
@@ -107,7 +113,9 @@ def ffn_flops(layer: PrunableLayer, seq_len: int, kept_neurons: int | None = Non
 def _prunable_modules(layers: list[PrunableLayer]) -> set[int]:
     """Ids of the prunable projections and of the Linear each `MaskedLinear` wraps."""
     modules = [m for layer in layers for m in layer.linears()]
+    modules += [m for layer in layers for attention in layer.attentions for m in attention.head_rows.values()]
     modules += [m.base_layer for m in modules if hasattr(m, "base_layer")]
+    modules += [m.source for m in modules if isinstance(m, ProjectionView)]  # a fused or Conv1D projection
     return {id(module) for module in modules}
 
 
@@ -120,12 +128,13 @@ def _fixed_tokens(model: nn.Module, name: str, seq_len: int) -> int:
 
 
 def fixed_flops(model: nn.Module, layers: list[PrunableLayer], seq_len: int) -> int:
-    """Matmul FLOPs of the `nn.Linear` layers of `model` that are not among the prunable projections of `layers`."""
+    """Matmul FLOPs of the `nn.Linear` (and `Conv1D`) layers of `model` not among the prunable projections of
+    `layers`."""
     prunable = _prunable_modules(layers)
     return sum(
-        linear_flops(_fixed_tokens(model, name, seq_len), module.in_features, module.out_features)
+        linear_flops(_fixed_tokens(model, name, seq_len), *reversed(linear_weight(module).shape))
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and id(module) not in prunable
+        if is_projection(module) and id(module) not in prunable
     )
 
 

@@ -29,6 +29,7 @@ from ..pruning.model import (
     PRUNING_CONFIG_KEY,
     is_block_pruned,
     record_slots,
+    split_projections,
 )
 from ..pruning.report import parameter_counts
 from ..structure.modeling_blockprune import (
@@ -38,6 +39,7 @@ from ..structure.modeling_blockprune import (
     block_pruned_class,
     block_pruned_config_class,
 )
+from ..structure.projections import fuse_projections
 from .atomic import atomic_directory, recover_interrupted_save
 from .compaction import compact_model
 from .model_card import write_model_card
@@ -225,8 +227,9 @@ def _scatter_layer(dense_layer: nn.Module, small_layer: nn.Module, entry: dict) 
         slots, kv_slots = record_slots(attention)
         query_rows = _slot_rows(slots, attention["head_dim"])
         kv_rows = _slot_rows(kv_slots, attention["head_dim"])
-        for role, rows in (("query", query_rows), ("key", kv_rows), ("value", kv_rows)):
-            _copy_rows(*_pair(dense_layer, small_layer, attention[role]), *rows)
+        targets = [(attention["query"], query_rows), (attention["key"], kv_rows), (attention["value"], kv_rows)]
+        for path, rows in targets + [(path, query_rows) for path in attention.get("head_rows", [])]:
+            _copy_rows(*_pair(dense_layer, small_layer, path), *rows)
         _copy_cols(*_pair(dense_layer, small_layer, attention["output"]), *query_rows)
     if "ffn" in entry:
         ffn = entry["ffn"]
@@ -282,8 +285,14 @@ def export_dense(model: nn.Module, save_directory: str | os.PathLike, processing
     for key, value in small_state.items():
         if key in dense_state and dense_state[key].shape == value.shape:
             dense_state[key].copy_(value)
+    # fused projections and Conv1D are scattered part by part, as nn.Linear
+    recorded = getattr(compacted.config, CONFIG_KEY, None)
+    pruning_config = BlockPruningConfig.from_dict(recorded) if isinstance(recorded, dict) else None
+    split_projections(compacted, pruning_config)
+    split_projections(dense, pruning_config)
     for layer_path, entry in layout["layers"].items():
         _scatter_layer(dense.get_submodule(layer_path), compacted.get_submodule(layer_path), entry)
+    fuse_projections(dense)
     _refuse_non_finite(dense, save_directory)
     with atomic_directory(save_directory) as staging:
         dense.save_pretrained(staging)

@@ -149,7 +149,9 @@ class BlockPruningConfig:
         layers_pattern (`str`, *optional*):
             For architectures without a built-in map: dotted path (suffix) of the `nn.ModuleList` of layers.
         attention_modules (`list[str]`, *optional*):
-            With `layers_pattern`: the Q, K, V and output projection names, relative to a layer.
+            With `layers_pattern`: the Q, K, V and output projection names, relative to a layer; or two names, a
+            fused QKV projection (its outputs: the query heads, then the keys, then the values, as GPT-2's `c_attn`)
+            and the output projection. `nn.Linear` or transformers' `Conv1D`.
         ffn_modules (`list[str]`, *optional*):
             With `layers_pattern`: the FFN input projection name(s) then the output projection name, relative to a
             layer: two names for a classic FFN (`fc1 fc2`), three for a gated MLP (`gate_proj up_proj down_proj`).
@@ -226,7 +228,8 @@ class BlockPruningConfig:
         default=None, metadata={"help": "Custom architectures: path suffix of the ModuleList of layers."}
     )
     attention_modules: list[str] | None = field(
-        default=None, metadata={"help": "Custom architectures: Q K V O module names relative to a layer."}
+        default=None,
+        metadata={"help": "Custom architectures: Q K V O module names relative to a layer (or fused QKV, then O)."},
     )
     ffn_modules: list[str] | None = field(
         default=None, metadata={"help": "Custom architectures: FFN in and out module names relative to a layer."}
@@ -402,9 +405,10 @@ class BlockPruningConfig:
             if any(given):
                 raise ValueError("`attention_modules` and `ffn_modules` need `layers_pattern` (the ModuleList path).")
             return
-        if self.attention_modules is not None and len(self.attention_modules) != 4:
+        if self.attention_modules is not None and len(self.attention_modules) not in (2, 4):
             raise ValueError(
-                f"`attention_modules` must name 4 modules (query key value output), got {self.attention_modules!r}."
+                "`attention_modules` must name 4 modules (query key value output), or 2 (a fused query-key-value "
+                f"projection, then output), got {self.attention_modules!r}."
             )
         if self.ffn_modules is not None and len(self.ffn_modules) < 2:
             raise ValueError(

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from ..structure.architectures import AttentionSpec, FFNSpec, LayerStackSpec, find_layer_lists, stack_specs
+from ..structure.projections import ProjectionView, SplitProjection, fuse_projections, split_views
 from .config import BlockPruningConfig
 from .layer import BlockScores, MaskedLinear
 
@@ -36,7 +37,12 @@ class AttentionModules:
             for a zero placeholder slot (zero query rows and output columns: it adds exactly 0).
         kv_slots (`list[int | None]`): the same for key/value slots (equal to `slots` without grouped-query
             attention); `None` is a zero placeholder key/value head, kept so that generation's KV cache has a length
-            (see `AttentionSpec.sets_cache_length`).
+            (see `AttentionSpec.keeps_a_head`).
+        head_rows (`dict[str, nn.Module]`, *optional*): the projections of `spec.head_rows` this layer has, by path
+            (one block of rows per query slot; not masked).
+
+    A projection that is part of a fused one, or a `Conv1D`, is read through a `ProjectionView` until the model is
+    masked (`split_projections`).
     """
 
     query: nn.Module
@@ -47,6 +53,7 @@ class AttentionModules:
     head_dim: int
     slots: list[int | None]
     kv_slots: list[int | None]
+    head_rows: dict[str, nn.Module] = field(default_factory=dict)
 
     @property
     def num_heads(self) -> int:
@@ -84,6 +91,8 @@ class PrunableLayer:
     """One transformer layer: its name, its attention blocks and its FFN projections (`ffn_inputs` empty if absent).
 
     `ffn_inputs` holds one input projection (classic FFN) or several combined element-wise (a gated MLP: gate, up).
+    `ffn_placeholder`: a compacted FFN that lost every neuron but keeps one zero neuron (its `Conv1D` output projection
+    cannot read 0 features); it has nothing left to prune.
     """
 
     name: str
@@ -91,6 +100,7 @@ class PrunableLayer:
     ffn_inputs: list[nn.Module]
     ffn_output: nn.Module | None
     ffn_spec: FFNSpec | None = None
+    ffn_placeholder: bool = False
 
     @property
     def ffn_input(self) -> nn.Module | None:
@@ -119,6 +129,29 @@ def _submodule(layer: nn.Module, layer_name: str, path: str) -> nn.Module:
         return layer.get_submodule(path)
     except AttributeError:
         raise ValueError(f"Layer {layer_name!r} has no module {path!r}; check the module names.") from None
+
+
+def _projection(layer: nn.Module, layer_name: str, path: str) -> nn.Module:
+    """The module at `path`; a `Conv1D` is read through a `ProjectionView` (its weight is stored transposed)."""
+    module = _submodule(layer, layer_name, path)
+    return ProjectionView(module, path) if type(module).__name__ == "Conv1D" else module
+
+
+def _parts(layer: nn.Module, layer_name: str, fused: str, paths: list[str], sizes: list[int]) -> list[nn.Module]:
+    """The parts of the fused projection at `fused`: its `SplitProjection` children once split, else views of
+    consecutive rows of `sizes`."""
+    module = _submodule(layer, layer_name, fused)
+    if isinstance(module, SplitProjection):
+        return [_submodule(layer, layer_name, path) for path in paths]
+    whole = ProjectionView(module, fused).out_features
+    if sum(sizes) != whole:
+        raise ValueError(
+            f"{layer_name}.{fused} has {whole} output features, which do not split into parts of {sizes}: check the "
+            "head counts (`num_heads_attribute`, `num_kv_heads_attribute`)."
+        )
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [ProjectionView(module, fused, path.rpartition(".")[2], start, start + size)
+            for path, start, size in zip(paths, starts, sizes)]
 
 
 def _config_count(model: nn.Module, attribute: str, field_name: str) -> int:
@@ -158,22 +191,82 @@ def record_slots(record: dict) -> tuple[list[int | None], list[int | None]]:
     return slots, list(slots)
 
 
-def _attention(model: nn.Module, layer: nn.Module, layer_name: str, spec: AttentionSpec) -> AttentionModules:
-    modules = [_submodule(layer, layer_name, path) for path in spec.paths().values()]
+def _width(layer: nn.Module, layer_name: str, path: str) -> int:
+    """Output features of the projection at `path` (summed over the parts of a split fused projection)."""
+    module = _submodule(layer, layer_name, path)
+    if isinstance(module, SplitProjection):
+        return sum(module.get_submodule(name).out_features for name in module.part_names)
+    return getattr(_projection(layer, layer_name, path), "out_features", 0)  # not a Linear: refused later
+
+
+def _slots_and_head_dim(model, layer, layer_name: str, spec: AttentionSpec) -> tuple[list, list, int]:
+    """`(query slots, key/value slots, head size)`: from the layout of a compacted model, else the config."""
     record = _layout_record(model, layer_name, spec)
     if record is not None:
-        slots, kv_slots = record_slots(record)
-        return AttentionModules(*modules, spec, record["head_dim"], slots, kv_slots)
+        return *record_slots(record), record["head_dim"]
     heads, kv_heads = _head_counts(model, spec)
-    head_dim = getattr(modules[0], "out_features", 0) // heads  # not a Linear: refused by check_prunable
-    return AttentionModules(*modules, spec, head_dim, list(range(heads)), list(range(kv_heads)))
+    if spec.fused:
+        head_dim = _width(layer, layer_name, spec.fused) // (heads + 2 * kv_heads)
+    else:
+        head_dim = _width(layer, layer_name, spec.query) // heads
+    return list(range(heads)), list(range(kv_heads)), head_dim  # head_dim 0: refused by check_prunable
+
+
+def _has_module(layer: nn.Module, path: str) -> bool:
+    try:
+        layer.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _attention(model: nn.Module, layer: nn.Module, layer_name: str, spec: AttentionSpec) -> AttentionModules:
+    slots, kv_slots, head_dim = _slots_and_head_dim(model, layer, layer_name, spec)
+    if spec.fused:
+        sizes = [len(slots) * head_dim, len(kv_slots) * head_dim, len(kv_slots) * head_dim]
+        modules = _parts(layer, layer_name, spec.fused, [spec.query, spec.key, spec.value], sizes)
+    else:
+        modules = [_projection(layer, layer_name, path) for path in (spec.query, spec.key, spec.value)]
+    output = _projection(layer, layer_name, spec.output)
+    head_rows = {path: _projection(layer, layer_name, path) for path in spec.head_rows if _has_module(layer, path)}
+    return AttentionModules(*modules, output, spec, head_dim, slots, kv_slots, head_rows)
+
+
+def _ffn_inputs(layer: nn.Module, layer_name: str, spec: FFNSpec) -> list[nn.Module]:
+    if spec.fused is None:
+        return [_projection(layer, layer_name, path) for path in spec.inputs]
+    size = _width(layer, layer_name, spec.fused) // len(spec.inputs)
+    return _parts(layer, layer_name, spec.fused, list(spec.inputs), [size] * len(spec.inputs))
 
 
 def _prunable_layer(model: nn.Module, name: str, layer: nn.Module, spec: LayerStackSpec) -> PrunableLayer:
     attentions = [_attention(model, layer, name, attention) for attention in spec.attentions]
-    ffn_inputs = [_submodule(layer, name, path) for path in spec.ffn.inputs] if spec.ffn else []
-    ffn_output = _submodule(layer, name, spec.ffn.output) if spec.ffn else None
-    return PrunableLayer(name, attentions, ffn_inputs, ffn_output, spec.ffn)
+    ffn_inputs = _ffn_inputs(layer, name, spec.ffn) if spec.ffn else []
+    ffn_output = _projection(layer, name, spec.ffn.output) if spec.ffn else None
+    layout = getattr(getattr(model, "config", None), LAYOUT_ATTRIBUTE, None) or {}
+    placeholder = bool(((layout.get("layers", {}).get(name) or {}).get("ffn") or {}).get("placeholder"))
+    return PrunableLayer(name, attentions, ffn_inputs, ffn_output, spec.ffn, placeholder)
+
+
+def split_projections(model: nn.Module, config: BlockPruningConfig | None = None) -> list[PrunableLayer]:
+    """Give every prunable projection read through a `ProjectionView` its own `nn.Linear`, in place.
+
+    A fused projection becomes a `SplitProjection` of its parts, a `Conv1D` a `Conv1DLinear`; the model computes the
+    same function. `fuse_projections` (called by `remove_block_pruning` and compaction) undoes it.
+
+    Returns:
+        `list[PrunableLayer]`: the layers listed again, now holding the new modules.
+    """
+    for layer in prunable_layers(model, config):
+        owner = model.get_submodule(layer.name)
+        modules = layer.linears() + [m for attention in layer.attentions for m in attention.head_rows.values()]
+        by_source: dict[int, list[ProjectionView]] = {}
+        for view in (m for m in modules if isinstance(m, ProjectionView)):
+            by_source.setdefault(id(view.source), []).append(view)
+        for views in by_source.values():
+            views.sort(key=lambda view: view.start)
+            _replace(owner, views[0].path, split_views(views, [view.part for view in views]))
+    return prunable_layers(model, config)
 
 
 def prunable_layers(model: nn.Module, config: BlockPruningConfig | None = None) -> list[PrunableLayer]:
@@ -254,12 +347,12 @@ def _block_grid(linear: nn.Linear, block_size: list[int], field_name: str, path:
     return out_features // rows, in_features // cols
 
 
-def _check_linear(path: str, module: nn.Module) -> None:
-    if not isinstance(module, nn.Linear):
+def _check_linear(path: str, module: nn.Module, config: BlockPruningConfig) -> None:
+    if not isinstance(module, (nn.Linear, ProjectionView)):
         kind = f"{type(module).__module__}.{type(module).__qualname__}"
         raise ValueError(
-            f"{path} is a {kind}, not an nn.Linear: block pruning masks nn.Linear layers only (GPT-2's Conv1D, for "
-            "one, stores its weight transposed). Name nn.Linear modules in `attention_modules` / `ffn_modules`."
+            f"{path} is a {kind}, not an nn.Linear: block pruning masks nn.Linear layers (and transformers' Conv1D) "
+            "only. Name such modules in `attention_modules` / `ffn_modules`."
         )
 
 
@@ -300,7 +393,7 @@ def _check_head_widths(paths: dict[str, str], attention: AttentionModules) -> No
 def _check_attention(layer_name: str, attention: AttentionModules, config: BlockPruningConfig) -> None:
     paths = {role: f"{layer_name}.{path}" for role, path in attention.spec.paths().items()}
     for role, path in paths.items():
-        _check_linear(path, getattr(attention, role))
+        _check_linear(path, getattr(attention, role), config)
     if attention.real_heads == 0:
         return  # nothing left to score
     _check_head_widths(paths, attention)
@@ -312,7 +405,7 @@ def _check_attention(layer_name: str, attention: AttentionModules, config: Block
 def _check_ffn(layer: PrunableLayer, config: BlockPruningConfig) -> None:
     paths = layer.ffn_paths()
     for linear, path in zip([*layer.ffn_inputs, layer.ffn_output], paths.values()):
-        _check_linear(path, linear)
+        _check_linear(path, linear, config)
     for linear, path in zip(layer.ffn_inputs, paths.values()):
         if linear.out_features != layer.ffn_output.in_features:
             raise ValueError(
@@ -376,7 +469,7 @@ def _masked_ffn(layer: PrunableLayer, config, score_scale) -> list[MaskedLinear]
 
 def _has_units(layer: PrunableLayer) -> bool:
     """Whether a layer still has a head or an FFN neuron (something to score)."""
-    ffn = layer.has_ffn and layer.ffn_input.out_features > 0
+    ffn = layer.has_ffn and layer.ffn_input.out_features > 0 and not layer.ffn_placeholder
     return ffn or any(attention.real_heads for attention in layer.attentions)
 
 
@@ -388,7 +481,7 @@ def _mask_layer(model: nn.Module, layer: PrunableLayer, config: BlockPruningConf
         if attn.real_heads:
             originals = (attn.query, attn.key, attn.value, attn.output)
             pairs += zip(originals, _masked_attention(attn, config, score_scale, layer.name))
-    if layer.has_ffn and layer.ffn_input.out_features:
+    if layer.has_ffn and layer.ffn_input.out_features and not layer.ffn_placeholder:
         pairs += zip((*layer.ffn_inputs, layer.ffn_output), _masked_ffn(layer, config, score_scale))
     # paths first: once a module is wrapped, the original sits one level deeper
     paths = [_relative_path(owner, original) for original, _ in pairs]
@@ -431,7 +524,7 @@ def apply_block_pruning(model: nn.Module, config: BlockPruningConfig, score_scal
             "Nothing left to prune: every attention head and FFN neuron these layers had was removed by an earlier "
             "compaction (see `config.blockprune_layout`)."
         )
-    for layer in layers:
+    for layer in split_projections(model, config):
         _mask_layer(model, layer, config, score_scale)
     setattr(model, CONFIG_ATTRIBUTE, config)
     if getattr(model, "config", None) is not None:
@@ -446,8 +539,11 @@ def _relative_path(owner: nn.Module, target: nn.Module) -> str:
     raise ValueError("Internal error: module not found under its layer.")
 
 
-def remove_block_pruning(model: nn.Module, merge: bool = True) -> nn.Module:
+def remove_block_pruning(model: nn.Module, merge: bool = True, fuse: bool = True) -> nn.Module:
     """Replace every `MaskedLinear` by its `nn.Linear`, in place; `merge=True` multiplies the mask into the weight.
+
+    `fuse=True` also turns split fused projections and `Conv1D`s back into their original modules
+    (`fuse_projections`), so the model has its original structure.
 
     Returns:
         `nn.Module`: the same model, with no masks and no scores.
@@ -461,7 +557,7 @@ def remove_block_pruning(model: nn.Module, merge: bool = True) -> nn.Module:
         delattr(model, CONFIG_ATTRIBUTE)
     if hasattr(model, TARGETS_ATTRIBUTE):
         delattr(model, TARGETS_ATTRIBUTE)
-    return model
+    return fuse_projections(model) if fuse else model
 
 
 def is_block_pruned(model: nn.Module) -> bool:

@@ -49,6 +49,20 @@ def dead_heads(attention: AttentionModules) -> list[int]:
 
 
 @torch.no_grad()
+def removed_heads(attention: AttentionModules) -> list[int]:
+    """The dead heads (`dead_heads`) that compaction removes: all but those whose constant output has nowhere to go.
+
+    A head whose value rows are masked but whose output columns are not outputs its value bias through them; with no
+    output-projection bias to fold that constant into (Qwen2's `o_proj`), compaction keeps the head as it is.
+    """
+    dead = dead_heads(attention)
+    if attention.output.bias is None and attention.value.bias is not None:
+        output_alive = output_heads_alive(attention)
+        dead = [slot for slot in dead if not output_alive[slot]]
+    return dead
+
+
+@torch.no_grad()
 def ffn_rows_alive(layer) -> torch.Tensor:
     """`(intermediate,)` bool: FFN neurons with a surviving row in some input projection."""
     rows = torch.stack([weight_mask(linear).any(dim=1) for linear in layer.ffn_inputs])
@@ -86,12 +100,12 @@ def sparsity_report(model: nn.Module) -> list[dict]:
         kept_neurons = total_neurons = 0
         if layer.has_ffn:
             alive = ffn_neurons_alive(layer)
-            kept_neurons = int(alive.sum().item())
+            kept_neurons = 0 if layer.ffn_placeholder else int(alive.sum().item())
             total_neurons = alive.numel()
         report.append(
             {
                 "layer": layer.name,
-                "heads_pruned": [[attn.heads[h] for h in dead_heads(attn)] for attn in layer.attentions],
+                "heads_pruned": [[attn.heads[h] for h in removed_heads(attn)] for attn in layer.attentions],
                 "num_heads": [attn.real_heads for attn in layer.attentions],
                 "attention_density": _density(linears),
                 "ffn_neurons_kept": kept_neurons,

@@ -38,6 +38,19 @@ class AttentionSpec:
             decoder's self-attention). With no head left its cached keys are empty, transformers' cache then reports
             length 0 and positions restart at every step, so compaction keeps one zero placeholder head instead.
             BART's cross-attention caches the encoder's keys but never gives the length: it may lose every head.
+        fused (`str`, *optional*):
+            Path of one projection computing query, key and value (GPT-2's `c_attn`, ModernBERT's `Wqkv`), whose
+            outputs are the query heads, then the key/value heads' keys, then their values. `query`, `key` and `value`
+            are then `<fused>.query`, `<fused>.key`, `<fused>.value`: the parts it is split into while masked (see
+            `AttentionSpec.fused_qkv`).
+        head_rows (`tuple[str, ...]`, *optional*):
+            Other projections with one block of output rows per query head, sliced with the kept heads (DeBERTa-v2's
+            `pos_key_proj` / `pos_query_proj`, which project the relative-position embeddings); paths a layer does
+            not have are skipped. They are not masked: a pruned head's query, key and value rows are, which removes
+            its use of them.
+        needs_a_head (`bool`, *optional*, defaults to `False`):
+            The attention code divides by its head count (DeBERTa-v2): with no head left it keeps one zero
+            placeholder head, as `sets_cache_length` does.
     """
 
     query: str
@@ -47,6 +60,24 @@ class AttentionSpec:
     sets_cache_length: bool = False
     num_heads: str = "num_attention_heads"
     num_kv_heads: str | None = None
+    fused: str | None = None
+    head_rows: tuple[str, ...] = ()
+    needs_a_head: bool = False
+
+    @classmethod
+    def fused_qkv(cls, fused: str, output: str, **kwargs) -> AttentionSpec:
+        """The spec of an attention whose query, key and value come out of one projection at path `fused`."""
+        return cls(f"{fused}.query", f"{fused}.key", f"{fused}.value", output, fused=fused, **kwargs)
+
+    @property
+    def module_path(self) -> str:
+        """Path of the attention module itself (holding the head-count attributes): the projections' parent."""
+        return (self.fused or self.query).rpartition(".")[0]
+
+    @property
+    def keeps_a_head(self) -> bool:
+        """Whether compaction keeps one zero placeholder head when every head goes (see `sets_cache_length`)."""
+        return self.sets_cache_length or self.needs_a_head
 
     def paths(self) -> dict[str, str]:
         """`{"query": ..., "key": ..., "value": ..., "output": ...}`: the projections' paths by role."""
@@ -74,11 +105,15 @@ class FFNSpec:
             output, relative to the layer. Compaction needs it only to fold the constant output of a neuron whose
             input row was masked but whose output column was not (block granularity); `None`: try the paths of
             every built-in entry.
+        fused (`str`, *optional*): path of one projection computing every input (ModernBERT's `Wi`), its output cut
+            into equal chunks in the order of `input`; the input paths are then `<fused>.<name>`, the parts it is
+            split into while masked.
     """
 
     input: str | tuple[str, ...]
     output: str
     activation: str | None = None
+    fused: str | None = None
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -130,6 +165,30 @@ def _llama_like() -> tuple[LayerStackSpec, ...]:
     return (LayerStackSpec("layers", (attention,), FFNSpec(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")),)
 
 
+def _deberta_v2() -> tuple[LayerStackSpec, ...]:
+    """Disentangled attention: the relative-position projections have head rows, and the code divides by the head
+    count (a layer keeps a zero head when it loses every head)."""
+    attention = AttentionSpec(
+        "attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj", "attention.output.dense",
+        head_rows=("attention.self.pos_key_proj", "attention.self.pos_query_proj"), needs_a_head=True,
+    )
+    ffn = FFNSpec("intermediate.dense", "output.dense", "intermediate.intermediate_act_fn")
+    return (LayerStackSpec("encoder.layer", (attention,), ffn),)
+
+
+def _gpt2() -> tuple[LayerStackSpec, ...]:
+    """`Conv1D` projections (weights stored transposed) and a fused `c_attn` (query, key, value)."""
+    attention = AttentionSpec.fused_qkv("attn.c_attn", "attn.c_proj", sets_cache_length=True)
+    return (LayerStackSpec("h", (attention,), FFNSpec("mlp.c_fc", "mlp.c_proj", "mlp.act")),)
+
+
+def _modernbert() -> tuple[LayerStackSpec, ...]:
+    """A fused `Wqkv` and a GLU whose one input projection `Wi` gives `act(input) * gate`."""
+    attention = AttentionSpec.fused_qkv("attn.Wqkv", "attn.Wo")
+    ffn = FFNSpec(("mlp.Wi.input", "mlp.Wi.gate"), "mlp.Wo", "mlp.act", fused="mlp.Wi")
+    return (LayerStackSpec("layers", (attention,), ffn),)
+
+
 # One entry per model type (`config.model_type`). Each family's knowledge lives here and nowhere else: everything
 # downstream (scores, FLOPs, compaction, the card, the saved loader) reads these descriptions.
 ARCHITECTURES: dict[str, tuple[LayerStackSpec, ...]] = {
@@ -149,6 +208,9 @@ ARCHITECTURES: dict[str, tuple[LayerStackSpec, ...]] = {
         ),
     ),
     "bart": _bart_like(),
+    "deberta-v2": _deberta_v2(),
+    "gpt2": _gpt2(),
+    "modernbert": _modernbert(),
     "llama": _llama_like(),
     "mistral": _llama_like(),
     "qwen2": _llama_like(),
@@ -162,9 +224,14 @@ _SHARED_BIAS = (
     "layer cannot keep its own heads"
 )
 _ALIBI = "its ALiBi slopes go to heads by their position in the full head count, so removing heads shifts them"
+_MODEL_WIDE_HEADS = (
+    "its attention cuts the fused query-key-value output at the model-wide head count (`config.num_attention_heads`), "
+    "so a layer cannot keep its own heads"
+)
 UNSUPPORTED: dict[str, str] = {
     **dict.fromkeys(("t5", "mt5", "umt5", "longt5", "switch_transformers"), _SHARED_BIAS),
     **dict.fromkeys(("bloom", "mpt"), _ALIBI),
+    "phi3": _MODEL_WIDE_HEADS,
 }
 
 
@@ -194,14 +261,11 @@ def stack_specs(model: nn.Module, config) -> tuple[LayerStackSpec, ...]:
     if config.layers_pattern is not None:
         attention = ()
         if config.attention_modules is not None:
-            attention = (
-                AttentionSpec(
-                    *config.attention_modules,
-                    sets_cache_length=can_generate(model),
-                    num_heads=config.num_heads_attribute,
-                    num_kv_heads=config.num_kv_heads_attribute,
-                ),
-            )
+            options = dict(sets_cache_length=can_generate(model), num_heads=config.num_heads_attribute,
+                           num_kv_heads=config.num_kv_heads_attribute)
+            modules = config.attention_modules
+            build = AttentionSpec.fused_qkv if len(modules) == 2 else AttentionSpec  # 2: a fused QKV, then output
+            attention = (build(*modules, **options),)
         ffn = None
         if config.ffn_modules is not None:
             *inputs, output = config.ffn_modules

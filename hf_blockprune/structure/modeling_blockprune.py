@@ -18,7 +18,10 @@ load.
 Layout versions: 1; 2, where an attention record may say `"placeholder": true`: besides its kept `"heads"` (none,
 then) it holds one head slot of zero weights, so that generation's KV cache has a real length; 3, where a
 grouped-query attention record lists its query `"slots"` and `"kv_heads"` (`null`: a zero slot), and a gated FFN its
-`"inputs"`.
+`"inputs"`; 4, where a record may name a `"fused"` projection (GPT-2's `c_attn`: the query, key and value rows in one
+module; ModernBERT's `Wi`: the FFN inputs in one module) and `"head_rows"` projections (one block of rows per kept
+head, DeBERTa-v2's relative-position projections). transformers' `Conv1D` (weight stored transposed) is resized like
+an `nn.Linear`.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ from __future__ import annotations
 import torch
 import transformers
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 LAYOUT_ATTRIBUTE = "blockprune_layout"
-SUPPORTED_LAYOUT_VERSIONS = (1, 2, 3)
+SUPPORTED_LAYOUT_VERSIONS = (1, 2, 3, 4)
 CLASS_PREFIX = "BlockPruned"
 MODEL_TYPE_PREFIX = "blockpruned_"
 _HEAD_COUNT_ATTRIBUTES = ("num_attention_heads", "num_heads", "n_heads")
@@ -36,11 +40,18 @@ _KV_HEAD_COUNT_ATTRIBUTES = ("num_key_value_heads", "num_kv_heads")
 _GROUP_ATTRIBUTE = "num_key_value_groups"
 
 
-def _resized(linear: nn.Linear, out_features: int, in_features: int) -> nn.Linear:
-    """A new Linear of the given shape, on the same device and dtype (its values are loaded afterwards)."""
-    return nn.Linear(
-        in_features, out_features, bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype
-    )
+def _resized(linear: nn.Module, out_features: int, in_features: int) -> nn.Module:
+    """A new Linear (or `Conv1D`) of the given shape, on the same device and dtype (weights are loaded later)."""
+    weight = linear.weight
+    if isinstance(linear, Conv1D):
+        return Conv1D(out_features, in_features).to(device=weight.device, dtype=weight.dtype)
+    return nn.Linear(in_features, out_features, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+
+
+def _features(linear: nn.Module) -> tuple[int, int]:
+    """`(out_features, in_features)` of an `nn.Linear` or `Conv1D`."""
+    out_features, in_features = linear.weight.shape
+    return (in_features, out_features) if isinstance(linear, Conv1D) else (out_features, in_features)
 
 
 def _replace(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -48,17 +59,22 @@ def _replace(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_path) if parent_path else root, name, module)
 
 
-def _linear(layer: nn.Module, layer_path: str, path: str) -> nn.Linear:
+def _linear(layer: nn.Module, layer_path: str, path: str) -> nn.Module:
     try:
         module = layer.get_submodule(path)
     except AttributeError:
         module = None
-    if not isinstance(module, nn.Linear):
+    if not isinstance(module, (nn.Linear, Conv1D)):
         raise ValueError(
             f"config.{LAYOUT_ATTRIBUTE} names {layer_path}.{path}, which is not an nn.Linear of this model: the saved "
             "pruning layout does not match the model class."
         )
     return module
+
+
+def _resize_rows(layer: nn.Module, layer_path: str, path: str, rows: int) -> None:
+    linear = _linear(layer, layer_path, path)
+    _replace(layer, path, _resized(linear, rows, _features(linear)[1]))
 
 
 def _head_slots(attention: dict) -> tuple[int, int]:
@@ -73,7 +89,7 @@ def set_head_counts(module: nn.Module, heads: int, kv_heads: int, head_dim: int)
     """Make an attention module's head-count attributes describe its resized projections, where it has them.
 
     `num_attention_heads` / `num_heads` / `n_heads`, the key/value head count, `num_key_value_groups` (query heads
-    per key/value head, read by transformers' attention functions) and `all_head_size`.
+    per key/value head, read by transformers' attention functions), `all_head_size` and `split_size` (GPT-2).
     """
     for name in _HEAD_COUNT_ATTRIBUTES:
         if isinstance(getattr(module, name, None), int):
@@ -85,26 +101,35 @@ def set_head_counts(module: nn.Module, heads: int, kv_heads: int, head_dim: int)
         setattr(module, _GROUP_ATTRIBUTE, max(heads // max(kv_heads, 1), 1))
     if isinstance(getattr(module, "all_head_size", None), int):
         module.all_head_size = heads * head_dim
+    if isinstance(getattr(module, "split_size", None), int):  # GPT-2: the width of each of query, key and value
+        module.split_size = heads * head_dim
 
 
 def _shrink_attention(layer: nn.Module, layer_path: str, attention: dict) -> None:
     heads, kv_heads = _head_slots(attention)
     head_dim = attention["head_dim"]
-    for role, slots in (("query", heads), ("key", kv_heads), ("value", kv_heads)):
-        linear = _linear(layer, layer_path, attention[role])
-        _replace(layer, attention[role], _resized(linear, slots * head_dim, linear.in_features))
+    if "fused" in attention:
+        _resize_rows(layer, layer_path, attention["fused"], (heads + 2 * kv_heads) * head_dim)
+    else:
+        for role, slots in (("query", heads), ("key", kv_heads), ("value", kv_heads)):
+            _resize_rows(layer, layer_path, attention[role], slots * head_dim)
+    for path in attention.get("head_rows", []):
+        _resize_rows(layer, layer_path, path, heads * head_dim)
     output = _linear(layer, layer_path, attention["output"])
-    _replace(layer, attention["output"], _resized(output, output.out_features, heads * head_dim))
-    parent_path = attention["query"].rpartition(".")[0]
+    _replace(layer, attention["output"], _resized(output, _features(output)[0], heads * head_dim))
+    parent_path = attention.get("fused", attention["query"]).rpartition(".")[0]
     set_head_counts(layer.get_submodule(parent_path) if parent_path else layer, heads, kv_heads, head_dim)
 
 
 def _shrink_ffn(layer: nn.Module, layer_path: str, ffn: dict) -> None:
-    for path in ffn.get("inputs", [ffn.get("input")]):
-        ffn_input = _linear(layer, layer_path, path)
-        _replace(layer, path, _resized(ffn_input, ffn["size"], ffn_input.in_features))
+    inputs = ffn.get("inputs", [ffn.get("input")])
+    if "fused" in ffn:
+        _resize_rows(layer, layer_path, ffn["fused"], len(inputs) * ffn["size"])
+    else:
+        for path in inputs:
+            _resize_rows(layer, layer_path, path, ffn["size"])
     ffn_output = _linear(layer, layer_path, ffn["output"])
-    _replace(layer, ffn["output"], _resized(ffn_output, ffn_output.out_features, ffn["size"]))
+    _replace(layer, ffn["output"], _resized(ffn_output, _features(ffn_output)[0], ffn["size"]))
 
 
 @torch.no_grad()
@@ -146,6 +171,7 @@ _AUTO_CLASSES = (
     ("ForMultipleChoice", "AutoModelForMultipleChoice"),
     ("ForMaskedLM", "AutoModelForMaskedLM"),
     ("ForCausalLM", "AutoModelForCausalLM"),
+    ("LMHeadModel", "AutoModelForCausalLM"),  # GPT-2
     ("ForImageClassification", "AutoModelForImageClassification"),
     ("ForAudioClassification", "AutoModelForAudioClassification"),
 )

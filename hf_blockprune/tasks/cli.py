@@ -40,6 +40,7 @@ from ..compact.saving import (
 )
 from ..pruning.config import BlockPruningConfig
 from ..pruning.model import LAYOUT_ATTRIBUTE
+from ..structure.projections import is_projection
 from . import data, qa
 from .defaults import offline_minilm_path
 
@@ -76,7 +77,7 @@ def dense_twin(model: nn.Module, device: str | torch.device | None = None) -> nn
 
 
 def _linear_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for m in module.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False))
+    return sum(p.numel() for m in module.modules() if is_projection(m) for p in m.parameters(recurse=False))
 
 
 def layer_table(model: nn.Module) -> tuple[list[dict], str]:
