@@ -43,6 +43,7 @@ from ..structure.projections import fuse_projections
 from .atomic import atomic_directory, recover_interrupted_save
 from .compaction import compact_model
 from .model_card import write_model_card
+from .peft_models import is_peft_model, is_peft_model_class, load_pruning_state, merged_copy, save_pruning_state
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +105,8 @@ def _compacted_copy(model: nn.Module) -> nn.Module:
     """A compacted copy of `model` (masked, or compacted and possibly re-masked); `model` itself is left as it is."""
     if not is_block_pruned(model) and not is_compacted(model):
         raise ValueError("save_compacted expects a model masked by hf_blockprune, or one it compacted already.")
-    dense_counts = parameter_counts(model)
-    clone = copy.deepcopy(model)
+    clone = merged_copy(model) if is_peft_model(model) else copy.deepcopy(model)  # LoRA: adapters merged, masks kept
+    dense_counts = parameter_counts(clone)
     clone.__class__ = plain_class(type(clone))
     if not is_block_pruned(clone):
         return as_block_pruned(clone)
@@ -388,6 +389,17 @@ def _save_pretrained(self, save_directory, is_main_process: bool = True, state_d
     )
     if is_main_process and is_block_pruned(self):
         mark_masked_checkpoint(save_directory)
+        if is_peft_model(self):  # peft saved the adapters only
+            save_pruning_state(self, save_directory)
+
+
+def _load_adapter(self, model_id, adapter_name, *args, **kwargs):
+    """`PeftModel.load_adapter` of a PEFT model in a save mode: the Trainer resumes through it, so the checkpoint's
+    mask scores and controller state are loaded too."""
+    result = type(self)._blockprune_saving_of.load_adapter(self, model_id, adapter_name, *args, **kwargs)
+    if is_block_pruned(self) and os.path.isdir(model_id):
+        load_pruning_state(self, model_id)
+    return result
 
 
 _SAVING_CLASSES: dict[type, type] = {}
@@ -402,6 +414,7 @@ def _set_save_mode(model: nn.Module, compact: bool) -> nn.Module:
             (current,),
             {
                 "save_pretrained": _save_pretrained,
+                **({"load_adapter": _load_adapter} if is_peft_model_class(current) else {}),
                 "_blockprune_saving_of": current,
                 "_blockprune_base": plain_class(current),
                 "__module__": current.__module__,

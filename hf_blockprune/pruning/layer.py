@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapters import dense_weight, has_lora_dropout, is_lora_layer, lora_delta_output, unwrap
 from .binarizers import binarize
 
 GRID_VIEWS = ("grid", "rows", "cols")
@@ -113,8 +114,12 @@ class MaskedLinear(nn.Module):
     (`"rows"` only), row block `j` is kept while any of the mask entries `j * g ... (j + 1) * g - 1` is: the key and
     value projections of grouped-query attention, whose heads each serve `g` query heads.
 
+    The base layer may be a peft LoRA layer over an `nn.Linear`: the mask then applies to its effective weight (base
+    plus the active adapters' deltas, see `hf_blockprune.pruning.adapters`), and peft's `merge_and_unload()` keeps
+    the mask (`unload_and_optionally_merge_module`).
+
     Args:
-        base_layer (`nn.Linear`): the layer to mask; kept as the child `base_layer`.
+        base_layer (`nn.Linear` or a peft LoRA `Linear`): the layer to mask; kept as the child `base_layer`.
         block_scores (`BlockScores`): the scores to use.
         grid_view (`str`): `"grid"`, `"rows"` or `"cols"`.
         owns_scores (`bool`): register `block_scores` as a child (saved with this layer) or only refer to it.
@@ -200,22 +205,37 @@ class MaskedLinear(nn.Module):
         self.fixed_mask = mask.to(self.base_layer.weight.dtype)
 
     def masked_weight(self, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The weight multiplied block by block by the mask grid (or by the fixed mask, once set)."""
+        """The (effective) weight multiplied block by block by the mask grid (or by the fixed mask, once set)."""
+        weight = dense_weight(self.base_layer)
         if self.fixed_mask is not None and mask is None:
-            return self.base_layer.weight * self.fixed_mask
+            return weight * self.fixed_mask
         grid = self.weight_mask(mask)
         rows, cols = grid.shape
-        weight = self.base_layer.weight
         out_features, in_features = weight.shape
-        blocks = weight.view(rows, out_features // rows, cols, in_features // cols)  # (R, r, C, c)
+        blocks = weight.reshape(rows, out_features // rows, cols, in_features // cols)  # (R, r, C, c)
         return (blocks * grid[:, None, :, None].to(weight.dtype)).view(out_features, in_features)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """`F.linear` with the masked weight and the unmasked bias."""
-        return F.linear(hidden_states, self.masked_weight(), self.base_layer.bias)
+        base = self.base_layer
+        if self.training and has_lora_dropout(base):
+            # the adapters see their dropout's input, as in peft: W x + delta dropout(x), both masked
+            mask = self.full_mask()
+            output = F.linear(hidden_states, base.get_base_layer().weight * mask, self.bias)
+            return output + lora_delta_output(base, hidden_states, mask)
+        return F.linear(hidden_states, self.masked_weight(), self.bias)
 
     def merge(self) -> nn.Linear:
-        """Return the wrapped `nn.Linear` with the current mask multiplied into its weight."""
+        """Return the wrapped `nn.Linear` with the current mask multiplied into its (effective) weight; a LoRA layer
+        is taken out, its deltas merged."""
         with torch.no_grad():
-            self.base_layer.weight.copy_(self.masked_weight())
-        return self.base_layer
+            weight = self.masked_weight()
+            linear = self.base_layer.get_base_layer() if is_lora_layer(self.base_layer) else self.base_layer
+            linear.weight.copy_(weight)
+        return linear
+
+    def unload_and_optionally_merge_module(self, merge: bool = True, safe_merge: bool = False, adapter_names=None):
+        """peft's `merge_and_unload()` / `unload()` hook: take out the LoRA layer under the mask (its deltas merged
+        into the base weight if `merge`), keep the mask and scores. Returns this module."""
+        self.base_layer = unwrap(self.base_layer, merge, safe_merge, adapter_names)
+        return self

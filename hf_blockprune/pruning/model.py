@@ -10,6 +10,7 @@ from torch import nn
 
 from ..structure.architectures import AttentionSpec, FFNSpec, LayerStackSpec, find_layer_lists, stack_specs
 from ..structure.projections import ProjectionView, SplitProjection, fuse_projections, split_views
+from .adapters import check_lora_base, check_lora_layer, is_lora_layer
 from .config import BlockPruningConfig
 from .layer import BlockScores, MaskedLinear
 
@@ -126,9 +127,11 @@ class PrunableLayer:
 
 def _submodule(layer: nn.Module, layer_name: str, path: str) -> nn.Module:
     try:
-        return layer.get_submodule(path)
+        module = layer.get_submodule(path)
     except AttributeError:
         raise ValueError(f"Layer {layer_name!r} has no module {path!r}; check the module names.") from None
+    check_lora_base(f"{layer_name}.{path}", module)  # before reading its shape
+    return module
 
 
 def _projection(layer: nn.Module, layer_name: str, path: str) -> nn.Module:
@@ -348,6 +351,14 @@ def _block_grid(linear: nn.Linear, block_size: list[int], field_name: str, path:
 
 
 def _check_linear(path: str, module: nn.Module, config: BlockPruningConfig) -> None:
+    if is_lora_layer(module):
+        check_lora_layer(path, module, config)
+        return
+    if isinstance(module, ProjectionView) and is_lora_layer(module.source):
+        raise ValueError(
+            f"{path} is part of a fused projection wrapped by LoRA: block pruning splits fused projections into their "
+            "parts, which would drop the adapter. Leave the fused projection out of the LoRA `target_modules`."
+        )
     if not isinstance(module, (nn.Linear, ProjectionView)):
         kind = f"{type(module).__module__}.{type(module).__qualname__}"
         raise ValueError(

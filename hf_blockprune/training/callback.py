@@ -70,6 +70,7 @@ class BlockPruningCallback(TrainerCallback):
         if self.pruning_config.enabled:
             self._mask(model, args)
         self.controller = PruningController(model, self.pruning_config)
+        checkpoint_on_save(model)  # already here: a resumed PEFT run loads its scores through the model (load_adapter)
         if self.teacher_model is not None:
             config = self.pruning_config
             self.distiller = Distiller(load_teacher(self.teacher_model, model), config.distillation_alpha,
