@@ -1,18 +1,50 @@
-"""The model card (README.md) and per-layer figure written next to a compacted model."""
+"""The model card (README.md) and per-layer figure written next to a compacted model.
+
+The card is a `huggingface_hub.ModelCard`: Hub metadata (library, tags, base model, pipeline tag, license, datasets
+and a `model-index` with the run's evaluation results) above a body that says what was pruned and how to load it.
+Every metadata field is optional: a field nothing tells is left out, and `base_model` is never a local path.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import numbers
+import os
+import re
 from pathlib import Path
 
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, try_to_load_from_cache
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import nn
 
 from ..pruning.model import LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY
 from ..pruning.report import parameter_counts
 from ..structure.modeling_blockprune import auto_class_name, base_model_type
 
+logger = logging.getLogger(__name__)
+
 CARD_MARKER = "<!-- hf_blockprune model card -->"
 FIGURE_NAME = "pruning_layout.png"
+TAGS = ["hf_blockprune", "block-pruning", "pruning"]
+# card data a Trainer attached to its model, read when the model is saved (see `attach_card_data`)
+CARD_DATA_ATTRIBUTE = "_blockprune_card_data"
+_RESULTS_BEGIN = "<!-- hf_blockprune evaluation results -->"
+_RESULTS_END = "<!-- /hf_blockprune evaluation results -->"
+_PIPELINE_TAGS = {
+    "AutoModelForSequenceClassification": "text-classification",
+    "AutoModelForQuestionAnswering": "question-answering",
+    "AutoModelForCausalLM": "text-generation",
+    "AutoModelForSeq2SeqLM": "text2text-generation",
+    "AutoModelForTokenClassification": "token-classification",
+    "AutoModelForMaskedLM": "fill-mask",
+    "AutoModelForImageClassification": "image-classification",
+    "AutoModelForAudioClassification": "audio-classification",
+}
+_SEQ2SEQ_TASKS = ("summarization", "translation")  # more precise pipeline tags of a seq2seq model
+# keys of a Trainer's evaluation log that do not measure the model
+_NOT_METRICS = ("runtime", "samples_per_second", "steps_per_second", "samples", "epoch", "step")
 
 
 def layer_rows(model: nn.Module) -> list[dict]:
@@ -96,22 +128,232 @@ def write_figure(path: Path, rows: list[dict], num_heads: int, ffn_total: int | 
     plt.close(figure)
 
 
-def _card_text(model: nn.Module, rows: list[dict], num_heads: int, ffn_total: int | None) -> str:
+def hub_id(candidate) -> str | None:
+    """`candidate` if it names a Hub repository (`owner/name` or a bare name) and no existing local path, else `None`.
+
+    Args:
+        candidate (`str`, *optional*): a model's `_name_or_path`, a teacher, a `base_model` field, ...
+    """
+    if not isinstance(candidate, str) or not candidate or os.path.isabs(candidate) or os.path.exists(candidate):
+        return None
+    try:
+        validate_repo_id(candidate)
+    except HFValidationError:
+        return None
+    return candidate
+
+
+def _local_card_data(path_or_id) -> ModelCardData | None:
+    """The metadata of a base model's card found on this machine: its folder's README.md, or the Hub cache's copy."""
+    if isinstance(path_or_id, str) and os.path.isdir(path_or_id):
+        readme = Path(path_or_id) / "README.md"
+    elif hub_id(path_or_id):
+        readme = try_to_load_from_cache(path_or_id, "README.md")  # never goes to the network
+    else:
+        return None
+    if not isinstance(readme, (str, Path)) or not Path(readme).is_file():
+        return None
+    try:
+        return ModelCard.load(readme, ignore_metadata_errors=True).data
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+
+
+def base_model_metadata(model: nn.Module) -> dict:
+    """`base_model` (a Hub id, never a local path) and `license` of the model `model` was pruned from.
+
+    The base is the model's `config._name_or_path`, else the pruning config's teacher. A Hub id is taken as it is; a
+    local folder gives the `base_model` its own card names, if any. The license is the one in the base's card, when
+    that card is on this machine (its folder, or the Hub cache).
+
+    Args:
+        model (`nn.Module`): a compacted (or masked) model.
+
+    Returns:
+        `dict`: `base_model` and `license`, each `None` when unknown.
+    """
+    config = model.config
+    teacher = (getattr(config, PRUNING_CONFIG_KEY, None) or {}).get("teacher_model")
+    for candidate in (getattr(config, "_name_or_path", None), teacher):
+        card = _local_card_data(candidate)
+        base_model = hub_id(candidate) or hub_id(_first(card.base_model) if card is not None else None)
+        if base_model or card is not None:
+            return {"base_model": base_model, "license": card.license if card is not None else None}
+    return {"base_model": None, "license": None}
+
+
+def pipeline_tag(model: nn.Module, task: str | None = None) -> str | None:
+    """The Hub pipeline tag of `model`'s class (`None` for a class without one); a seq2seq model takes `task` when it
+    is `"summarization"` or `"translation"`."""
+    return _refine_pipeline_tag(_PIPELINE_TAGS.get(auto_class_name(type(model))), task)
+
+
+def _refine_pipeline_tag(tag: str | None, task: str | None) -> str | None:
+    return task if tag == "text2text-generation" and task in _SEQ2SEQ_TASKS else tag
+
+
+def last_eval_results(log_history: list[dict]) -> dict[str, float]:
+    """The metrics of the last evaluation in a Trainer's `state.log_history` (`eval_` prefix and timings removed).
+
+    Args:
+        log_history (`list[dict]`): the Trainer's log entries, oldest first.
+
+    Returns:
+        `dict[str, float]`: e.g. `{"loss": 0.41, "accuracy": 0.87}`; empty when nothing was evaluated.
+    """
+    for entry in reversed(log_history or []):
+        results = {
+            key.removeprefix("eval_"): float(value)
+            for key, value in entry.items()
+            if key.startswith("eval_") and isinstance(value, numbers.Real) and not isinstance(value, bool)
+        }
+        results = {name: value for name, value in results.items() if name not in _NOT_METRICS}
+        if results:
+            return results
+    return {}
+
+
+def run_card_data(log_history: list[dict] | None = None, hub_model_id: str | None = None, **card_arguments) -> dict:
+    """The `card_data` of a Trainer run: its last evaluation, its Hub id and the arguments of `create_model_card`.
+
+    Args:
+        log_history (`list[dict]`, *optional*): `trainer.state.log_history`.
+        hub_model_id (`str`, *optional*): `args.hub_model_id`; its name becomes the model's name in `model-index`.
+        **card_arguments: arguments of `Trainer.create_model_card` (`language`, `license`, `tags`, `model_name`,
+            `finetuned_from`, `tasks`, `dataset_tags`, `dataset`, `dataset_args`); `None` ones are ignored.
+
+    Returns:
+        `dict`: the card data (see `write_model_card`), holding only what is known.
+    """
+    given = {key: value for key, value in card_arguments.items() if value is not None}
+    data = {
+        "eval_results": last_eval_results(log_history),
+        "model_name": given.get("model_name") or (hub_model_id or "").split("/")[-1],
+        "base_model": given.get("finetuned_from"),
+        "language": given.get("language"),
+        "license": given.get("license"),
+        "tags": _listify(given.get("tags")),
+        "task": _first(given.get("tasks")),
+        "datasets": _listify(given.get("dataset_tags") or given.get("dataset")),
+        "dataset_name": _first(given.get("dataset")),
+        "dataset_config": _first(given.get("dataset_args")),
+    }
+    return {key: value for key, value in data.items() if value}
+
+
+def attach_card_data(model: nn.Module, card_data: dict) -> None:
+    """Attach a Trainer run's `card_data` to `model`, for the card written the next time it is saved compacted.
+
+    The Trainer saves through `model.save_pretrained`, which takes no card data: the trainer and the callback call
+    this before a save can happen, and `write_model_card` reads it (explicit `card_data` takes precedence).
+    """
+    setattr(model, CARD_DATA_ATTRIBUTE, dict(card_data))
+
+
+def _listify(value) -> list:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _first(value):
+    return next(iter(_listify(value)), None)
+
+
+def card_metadata(model: nn.Module, card_data: dict | None = None) -> ModelCardData:
+    """The Hub metadata of a compacted `model`'s card: library, tags, base model, pipeline tag, license, and the run's
+    datasets and results (see `write_model_card` for `card_data`)."""
+    data = card_data or {}
+    derived = base_model_metadata(model)
+    metadata = ModelCardData(
+        library_name="transformers",
+        tags=TAGS,
+        base_model=derived["base_model"],
+        license=derived["license"],
+        pipeline_tag=pipeline_tag(model),
+    )
+    apply_card_data(metadata, data, default_name=_title(model))
+    return metadata
+
+
+def apply_card_data(metadata: ModelCardData, card_data: dict, default_name: str = "pruned model") -> ModelCardData:
+    """Merge a run's `card_data` into card `metadata`, in place: given fields replace the old ones, tags are added.
+
+    `model-index` gets one result per metric, only when the results, a dataset and a task are all known (the Hub
+    rejects partial results).
+
+    Args:
+        metadata (`ModelCardData`): the card's metadata.
+        card_data (`dict`): see `write_model_card`.
+        default_name (`str`, *optional*, defaults to `"pruned model"`): the name in `model-index` if none is known.
+
+    Returns:
+        `ModelCardData`: `metadata`.
+    """
+    for key in ("license", "language"):
+        if card_data.get(key):
+            setattr(metadata, key, card_data[key])
+    metadata.base_model = hub_id(card_data.get("base_model")) or metadata.base_model
+    metadata.tags = list(dict.fromkeys(_listify(metadata.tags) + _listify(card_data.get("tags"))))
+    metadata.pipeline_tag = _refine_pipeline_tag(metadata.pipeline_tag, card_data.get("task"))
+    datasets = _listify(card_data.get("datasets"))
+    if datasets:
+        metadata.datasets = datasets
+    datasets = _listify(metadata.datasets)
+    task = card_data.get("task") or metadata.pipeline_tag
+    results = card_data.get("eval_results") or {}
+    if results and datasets and task:
+        metadata.model_name = card_data.get("model_name") or metadata.model_name or default_name
+        metadata.eval_results = [_eval_result(task, datasets[0], card_data, name, value)
+                                 for name, value in results.items()]
+    return metadata
+
+
+def _eval_result(task: str, dataset: str, card_data: dict, metric: str, value: float) -> EvalResult:
+    return EvalResult(
+        task_type=task,
+        dataset_type=dataset,
+        dataset_name=card_data.get("dataset_name") or dataset,
+        dataset_config=card_data.get("dataset_config"),
+        dataset_split=card_data.get("dataset_split"),
+        metric_type=metric,
+        metric_value=value,
+    )
+
+
+def _title(model: nn.Module) -> str:
+    return f"{type(model).__name__.removeprefix('BlockPruned')} pruned with hf_blockprune"
+
+
+def _results_section(card_data: dict) -> list[str]:
+    """The body's evaluation section, between markers so that `update_model_card` can replace it."""
+    results = card_data.get("eval_results") or {}
+    lines = ["## Evaluation", "", _RESULTS_BEGIN]
+    if not results:
+        return lines + ["No evaluation was recorded with this model.", _RESULTS_END]
+    datasets = _listify(card_data.get("datasets"))
+    where = f" on `{card_data.get('dataset_name') or datasets[0]}`" if datasets else ""
+    lines += [f"The last evaluation of the pruning run{where}:", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {name} | {value:.4g} |" if isinstance(value, numbers.Real) else f"| {name} | {value} |"
+              for name, value in results.items()]
+    return lines + [_RESULTS_END]
+
+
+def _card_body(model: nn.Module, rows: list[dict], sizes: tuple[int, int | None], metadata: ModelCardData,
+               card_data: dict) -> str:
+    num_heads, ffn_total = sizes
+    base_model = metadata.base_model
+    base_link = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "not recorded"
     config = model.config
     layout = getattr(config, LAYOUT_ATTRIBUTE)
     method = getattr(config, PRUNING_CONFIG_KEY, None)
     before = layout.get("dense_parameters", {})
     after = parameter_counts(model)
-    base_model = getattr(config, "_name_or_path", "") or "unknown"
     lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [hf_blockprune, block-pruning, pruning]",
-        "---",
         CARD_MARKER,
-        f"# {type(model).__name__.removeprefix('BlockPruned')} pruned with hf_blockprune",
+        f"# {_title(model)}",
         "",
-        f"- **Base model:** `{base_model}`",
+        f"- **Base model:** {base_link}",
         f"- **Task:** `{auto_class_name(type(model))}` ({base_model_type(config.model_type)})",
         "- **Method:** block movement pruning (Lagunas et al., 2021), pruned heads and FFN neurons removed.",
         "",
@@ -134,7 +376,8 @@ def _card_text(model: nn.Module, rows: list[dict], num_heads: int, ffn_total: in
     if any(any(row.get("zero_slots", ())) and not any(row.get("placeholders", ())) for row in rows):
         lines += ["", "*Zero query slots* pad the query groups of a grouped-query attention to one size (each kept "
                   "key/value head serves as many query slots); they add nothing to the output."]
-    lines += ["", f"![kept heads and FFN neurons per layer]({FIGURE_NAME})", "", "## Pruning hyperparameters", ""]
+    lines += ["", f"![kept heads and FFN neurons per layer]({FIGURE_NAME})", ""]
+    lines += _results_section(card_data) + ["", "## Pruning hyperparameters", ""]
     lines += ["```json", json.dumps(method, indent=2) if method else "not recorded", "```", ""]
     lines += [
         "## Loading",
@@ -151,17 +394,74 @@ def _card_text(model: nn.Module, rows: list[dict], num_heads: int, ffn_total: in
     return "\n".join(lines)
 
 
-def write_model_card(save_directory: str | Path, model: nn.Module) -> Path:
+def write_model_card(save_directory: str | Path, model: nn.Module, *, card_data: dict | None = None) -> Path:
     """Write `README.md` and `pruning_layout.png` for a compacted `model` into `save_directory`.
 
-    The card gives the base model, the task, the method and its hyperparameters, the parameters before and after
-    (prunable Linear weights and total), the kept heads and FFN size of each layer, and the per-layer figure.
+    The card (a `huggingface_hub.ModelCard`) gives the base model, the task, the method and its hyperparameters, the
+    parameters before and after (prunable Linear weights and total), the kept heads and FFN size of each layer, the
+    per-layer figure and the run's last evaluation. Its metadata: `library_name`, `tags`, and when known
+    `base_model` (a Hub id, never a local path), `pipeline_tag`, `license` (from the base model's card, if it is on
+    this machine), `datasets` and `model-index`.
+
+    Args:
+        save_directory (`str` or `Path`): the folder to write into.
+        model (`nn.Module`): the compacted model.
+        card_data (`dict`, *optional*): what the run knows, every key optional (`run_card_data` builds it from a
+            Trainer; data attached with `attach_card_data` is used under it):
+            `eval_results` (`dict[str, float]`, metric name -> value), `datasets` (Hub dataset ids), `dataset_name`,
+            `dataset_config` and `dataset_split` (of the evaluation set), `task` (task id of the results, defaults
+            to the pipeline tag), `model_name` (its name in `model-index`), `tags` (more tags), and `base_model`,
+            `license`, `language` (replace what is derived from the model).
+
+    Returns:
+        `Path`: the card's path.
     """
     save_directory = Path(save_directory)
+    card_data = {**getattr(model, CARD_DATA_ATTRIBUTE, {}), **(card_data or {})}
     rows = layer_rows(model)
     num_heads, ffn_total = original_sizes(model)
     num_heads = num_heads or max((max(h, default=-1) + 1 for row in rows for h in row["heads"]), default=1)
     write_figure(save_directory / FIGURE_NAME, rows, num_heads, ffn_total)
-    card = save_directory / "README.md"
-    card.write_text(_card_text(model, rows, num_heads, ffn_total))
-    return card
+    metadata = card_metadata(model, card_data)
+    body = _card_body(model, rows, (num_heads, ffn_total), metadata, card_data)
+    path = save_directory / "README.md"
+    ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}").save(path)
+    return path
+
+
+def is_pruning_card(path: str | Path) -> bool:
+    """Whether the file `path` is a model card hf_blockprune wrote (it carries `CARD_MARKER`)."""
+    try:
+        return CARD_MARKER in Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+
+
+def update_model_card(save_directory: str | Path, card_data: dict) -> bool:
+    """Merge a run's `card_data` into the hf_blockprune card of `save_directory`, if its README.md is one.
+
+    The metadata gets the given fields (see `apply_card_data`) and the body's evaluation section the new results;
+    the rest of the card is kept. The file is replaced in one `os.replace`.
+
+    Args:
+        save_directory (`str` or `Path`): a folder a compacted model was saved into.
+        card_data (`dict`): see `write_model_card`.
+
+    Returns:
+        `bool`: whether the folder holds an hf_blockprune card (updated); `False` leaves the folder untouched.
+    """
+    path = Path(save_directory) / "README.md"
+    if not path.is_file() or not is_pruning_card(path):
+        return False
+    card = ModelCard.load(path, ignore_metadata_errors=True)
+    heading = re.search(r"^# (.+)$", card.text, re.MULTILINE)
+    apply_card_data(card.data, card_data, default_name=heading.group(1).strip() if heading else "pruned model")
+    if card_data.get("eval_results"):
+        section = "\n".join(_results_section({**card_data, "datasets": _listify(card.data.datasets)})[2:])
+        pattern = re.compile(re.escape(_RESULTS_BEGIN) + r".*?" + re.escape(_RESULTS_END), re.DOTALL)
+        card.text = pattern.sub(lambda _: section, card.text, count=1)
+    temporary = path.with_name(f".{path.name}.blockprune-tmp")
+    card.save(temporary)
+    os.replace(temporary, path)
+    logger.info("Kept the hf_blockprune model card of %s, with the run's metadata added.", save_directory)
+    return True

@@ -122,6 +122,8 @@ def save_compacted(
     pruning_config: BlockPruningConfig | None = None,
     processing_class=None,
     model_card: bool = True,
+    *,
+    card_data: dict | None = None,
 ) -> nn.Module:
     """Compact `model` (a copy; the masked model is left as it is) and save it so that it loads anywhere.
 
@@ -138,6 +140,8 @@ def save_compacted(
             the model was masked with.
         processing_class (*optional*): a tokenizer or processor to save alongside.
         model_card (`bool`, *optional*, defaults to `True`): write `README.md` and the figure.
+        card_data (`dict`, *optional*): the run's evaluation results, datasets, ... for the card's Hub metadata (see
+            `write_model_card`).
 
     Returns:
         `nn.Module`: the compacted model that was saved.
@@ -155,7 +159,7 @@ def save_compacted(
         if processing_class is not None:
             processing_class.save_pretrained(staging)
         if model_card:
-            write_model_card(staging, compacted)
+            write_model_card(staging, compacted, card_data=card_data)
     logger.info("Saved the compacted model to %s", save_directory)
     return compacted
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
+from ..compact.model_card import attach_card_data, run_card_data, update_model_card
 from ..compact.saving import checkpoint_on_save, compact_on_save, is_compacted
 from ..pruning.config import BlockPruningConfig
 from ..pruning.controller import PruningController, check_training_arguments, warn_if_stacks_emptied
@@ -31,8 +34,9 @@ class BlockPruningCallback(TrainerCallback):
 
     The regularization reaches the loss through a forward hook on the model that adds it to `outputs.loss` in
     training mode. Checkpoints keep masks and scores; after training, `trainer.save_model()` writes the compacted
-    model with its loading code and model card (`Trainer.push_to_hub` then replaces that README.md with the
-    Trainer's own card; `BlockPruningTrainer` keeps it).
+    model with its loading code and model card, whose metadata carries the run's last evaluation. The callback makes
+    its Trainer's `create_model_card()` (called by `push_to_hub` and by transformers' example scripts) keep that card
+    instead of writing the Trainer's own (see `keep_model_card`).
 
     The `pruning/*` values are added to the Trainer's logs (and `trainer_state.json`); reporting integrations named
     in `report_to` run before user callbacks, so to see them in TensorBoard with this callback, list the reporter
@@ -61,7 +65,8 @@ class BlockPruningCallback(TrainerCallback):
         self._items_in_step = None  # the Trainer's num_items_in_batch for the current micro-batch, kept from the model
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
-        """Mask the model before the Trainer builds the optimizer."""
+        """Mask the model before the Trainer builds the optimizer; make the Trainer's `create_model_card` keep the
+        pruning card (see `keep_model_card`)."""
         if model is None:
             raise ValueError(
                 "BlockPruningCallback needs a model at Trainer construction; `model_init` is not supported."
@@ -81,6 +86,16 @@ class BlockPruningCallback(TrainerCallback):
             model.register_forward_hook(hook, with_kwargs=True),
         ]
         self._shift_labels = loss_shifts_labels(model)
+        self._keep_card_of_trainer()
+
+    def _keep_card_of_trainer(self) -> None:
+        """`keep_model_card` on the Trainer being built, if it can be found."""
+        trainer = _trainer_being_built(self)
+        if trainer is None:
+            logger.info("BlockPruningCallback did not find its Trainer: call `keep_model_card(trainer)` so that "
+                        "`trainer.create_model_card()` keeps the pruning model card.")
+            return
+        keep_model_card(trainer)
 
     def _mask(self, model, args) -> None:
         if not args.learning_rate > 0:
@@ -149,6 +164,8 @@ class BlockPruningCallback(TrainerCallback):
             logs.update(metrics)
             if state.log_history:
                 state.log_history[-1].update(metrics)
+        if logs is not None and any(key.startswith("eval_") for key in logs):
+            _attach_run_card_data(kwargs.get("model"), args, state)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         """Stop adding the regularization; from now on `trainer.save_model()` writes the compacted model."""
@@ -157,6 +174,7 @@ class BlockPruningCallback(TrainerCallback):
             warn_if_stacks_emptied(model)
         if model is not None and (is_block_pruned(model) or is_compacted(model)):
             compact_on_save(model)
+        _attach_run_card_data(model, args, state)
 
     def _hold_item_count(self, module, args, kwargs):
         """Keep the Trainer's `num_items_in_batch` from the model, so its loss is a per-micro-batch mean."""
@@ -194,6 +212,78 @@ class BlockPruningCallback(TrainerCallback):
             return (loss,) + output[1:]
         output["loss"] = loss
         return output
+
+
+def _attach_run_card_data(model, args, state) -> None:
+    """Give `model` the run's last evaluation and Hub id, for the card of its next compacted save."""
+    if model is not None:
+        attach_card_data(model, run_card_data(state.log_history, args.hub_model_id))
+
+
+def pruning_card_data(trainer: Trainer, *args, **kwargs) -> dict:
+    """The card data `trainer` knows (see `run_card_data`): its last evaluation, `args.hub_model_id`, and the
+    arguments of a `create_model_card(*args, **kwargs)` call (`dataset`, `tasks`, `finetuned_from`, ...)."""
+    try:
+        arguments = inspect.signature(Trainer.create_model_card).bind(trainer, *args, **kwargs).arguments
+    except TypeError:  # a subclass's own signature: only its keyword arguments are understood
+        arguments = dict(kwargs)
+    arguments.pop("self", None)
+    return run_card_data(trainer.state.log_history, trainer.args.hub_model_id, **arguments)
+
+
+def create_or_keep_model_card(trainer: Trainer, create, *args, **kwargs):
+    """Keep the hf_blockprune card of `trainer.args.output_dir`, updated with what the Trainer knows, or else call
+    `create(*args, **kwargs)` (the Trainer's own `create_model_card`)."""
+    if not trainer.is_world_process_zero():
+        return None
+    if update_model_card(trainer.args.output_dir, pruning_card_data(trainer, *args, **kwargs)):
+        return None
+    return create(*args, **kwargs)
+
+
+def keep_model_card(trainer: Trainer) -> Trainer:
+    """Make `trainer.create_model_card()` keep an hf_blockprune card in `output_dir`, on this Trainer instance.
+
+    `Trainer.push_to_hub` (before it uploads) and transformers' example scripts (after every run) call
+    `create_model_card`, which would replace the card that `save_model()` wrote with the Trainer's own. Once this
+    ran, a `README.md` carrying the hf_blockprune marker is kept and gets the run's last evaluation and the call's
+    datasets, tasks, license, ... in its Hub metadata (see `update_model_card`); any other README.md is replaced by
+    the Trainer's card as before. `BlockPruningCallback` calls this on the Trainer it is passed to; call it yourself
+    when a Trainer gets the callback some other way.
+
+    Args:
+        trainer (`Trainer`): any Trainer (or subclass); changed in place.
+
+    Returns:
+        `Trainer`: `trainer`.
+    """
+    create = trainer.create_model_card
+    if getattr(create, "keeps_pruning_card", False):
+        return trainer
+
+    @functools.wraps(create)
+    def create_model_card(*args, **kwargs):
+        return create_or_keep_model_card(trainer, create, *args, **kwargs)
+
+    create_model_card.keeps_pruning_card = True
+    trainer.create_model_card = create_model_card
+    return trainer
+
+
+def _trainer_being_built(callback: TrainerCallback, depth: int = 16) -> Trainer | None:
+    """The Trainer whose `__init__` is calling `callback.on_init_end`, found on the call stack: callbacks are not
+    handed their Trainer, and only a method of the instance can keep `create_model_card` from replacing our card."""
+    frame = inspect.currentframe()
+    try:
+        for _ in range(depth):
+            frame = frame.f_back if frame is not None else None
+            candidate = frame.f_locals.get("self") if frame is not None else None
+            handler = getattr(candidate, "callback_handler", None)
+            if isinstance(candidate, Trainer) and callback in getattr(handler, "callbacks", ()):
+                return candidate
+    finally:
+        del frame
+    return None
 
 
 def _loss_of(output) -> torch.Tensor:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
 from transformers import Trainer, TrainerCallback
 
-from ..compact.model_card import CARD_MARKER
+from ..compact.model_card import attach_card_data, run_card_data
 from ..compact.saving import checkpoint_on_save, compact_on_save, is_compacted
 from ..pruning.config import BlockPruningConfig
 from ..pruning.controller import PruningController, check_training_arguments, warn_if_stacks_emptied
 from ..pruning.model import apply_block_pruning, is_block_pruned, score_parameters
 from .accumulation import micro_batch_weight
+from .callback import create_or_keep_model_card
 from .distillation import Distiller, load_teacher
 
 
@@ -38,7 +37,8 @@ class BlockPruningTrainer(Trainer):
 
     Checkpoints written during training keep the masks and scores (so `resume_from_checkpoint` works); once
     training ends, `save_model()` and `push_to_hub()` write the compacted model (pruned heads and FFN neurons
-    removed), its loading code and its model card.
+    removed), its loading code and its model card; `create_model_card()` keeps that card, adding the run's
+    evaluation results and the given datasets to its Hub metadata.
 
     With a teacher (`teacher_model=` or `pruning_config.teacher_model`), the training loss is
     `alpha * T^2 * KL(teacher || student) + (1 - alpha) * task loss` on the classification, QA start/end or per-token
@@ -100,12 +100,16 @@ class BlockPruningTrainer(Trainer):
             compact_on_save(self.model)
         return output
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save as the Trainer does; a compacted model's card gets the run's last evaluation and Hub id."""
+        attach_card_data(self.model, run_card_data(self.state.log_history, self.args.hub_model_id))
+        super().save_model(output_dir, _internal_call)
+
     def create_model_card(self, *args, **kwargs):
-        """Keep the pruning model card written with the compacted model; otherwise the Trainer's card."""
-        card = os.path.join(self.args.output_dir, "README.md")
-        if os.path.isfile(card) and CARD_MARKER in open(card, encoding="utf-8").read():
-            return
-        super().create_model_card(*args, **kwargs)
+        """Keep the pruning model card written with the compacted model, adding the run's evaluation results and
+        the given datasets, tasks, license, ... to its metadata; otherwise write the Trainer's card (same arguments
+        as `Trainer.create_model_card`)."""
+        return create_or_keep_model_card(self, super().create_model_card, *args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Set the schedule for the current optimizer step, then train as usual."""
