@@ -1,9 +1,10 @@
-"""The `hf-blockprune` command on a tiny BERT: prune, compact a checkpoint, report, bench, and bad input."""
+"""The `hf-blockprune` command on a tiny BERT: prune (and resume), compact, report, bench, flags and bad input."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import random
@@ -12,11 +13,13 @@ import sys
 
 import pytest
 import torch
-from transformers import BertTokenizer
+from transformers import BertTokenizer, TrainingArguments
 
 import hf_blockprune
+from hf_blockprune.pruning.config import BlockPruningConfig
 from hf_blockprune.pruning.model import LAYOUT_ATTRIBUTE
-from hf_blockprune.tasks.cli import main
+from hf_blockprune.tasks.cli import PruneArguments, build_parser, main, measure, training_arguments
+from hf_blockprune.training import trainer as trainer_module
 
 from conftest import tiny_model
 
@@ -51,7 +54,7 @@ def workspace(tmp_path_factory):
             "prune", "--model", str(root / "base"), "--train_file", str(root / "train.csv"),
             "--validation_file", str(root / "dev.csv"), "--output_dir", str(root / "out"), "--max_steps", "4",
             "--save_steps", "2", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--max_seq_length",
-            "16", "--use_cpu", *PRUNE_FLAGS,
+            "16", "--use_cpu", "--gradient_accumulation_steps", "2", "--report_to", "none", *PRUNE_FLAGS,
         ])
     assert code == 0
     (root / "prune_stdout.txt").write_text(stdout.getvalue())
@@ -181,8 +184,164 @@ def test_prune_extractive_qa_saves_a_compacted_model(workspace, tmp_path, capsys
         *PRUNE_FLAGS,
     ])
     assert code == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "exact_match" in out and "f1" in out and "(8 examples)" in out
+    assert "answers" in err  # the answer-extraction progress bar
     model = hf_blockprune.from_pretrained(str(tmp_path / "out"))
     assert type(model).__name__.endswith("ForQuestionAnswering")
     assert getattr(model.config, LAYOUT_ATTRIBUTE)
+
+
+# ------------------------------------------------------------------------------------ flags: TrainingArguments, help
+
+
+def _help(command: str, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+TRAINING_FLAGS = ["--push_to_hub", "--resume_from_checkpoint", "--gradient_accumulation_steps", "--report_to",
+                  "--bf16", "--learning_rate", "--output_dir", "--disable_tqdm"]
+# BlockPruningConfig flags that only matter while training: `compact` does not take them.
+TRAINING_ONLY_PRUNING_FLAGS = ["--initial_warmup", "--final_lambda", "--mask_scores_learning_rate", "--target_density",
+                               "--teacher_model", "--distillation_alpha", "--fill_after"]
+
+
+def test_prune_help_lists_training_arguments_flags(capsys):
+    printed = _help("prune", capsys)
+    for flag in TRAINING_FLAGS + TRAINING_ONLY_PRUNING_FLAGS + ["--task", "--doc_stride", "--pruning_preset"]:
+        assert f"  {flag} " in printed, flag
+    for title in ("task and data:", "pruning (BlockPruningConfig):", "training (transformers.TrainingArguments):"):
+        assert title in printed
+
+
+@pytest.mark.parametrize("command, own_flags", [
+    ("compact", ["--pruning_config", "--pruning_preset", "--attention_block_size", "--layers_pattern"]),
+    ("report", ["--figure", "--pruning_config"]),
+    ("bench", ["--baseline", "--rounds", "--seed", "--disable_tqdm"]),
+])
+def test_other_commands_list_only_their_own_flags(capsys, command, own_flags):
+    printed = _help(command, capsys)
+    for flag in own_flags:
+        assert f"  {flag} " in printed, flag
+    for flag in [f for f in TRAINING_FLAGS + TRAINING_ONLY_PRUNING_FLAGS if f not in own_flags]:
+        assert flag not in printed, flag
+
+
+@pytest.mark.parametrize("command, flag", [
+    (["prune", "--output_dir", "o", "--no_such_flag", "1"], "--no_such_flag"),
+    (["prune", "--output_dir", "o", "--warmup_ratio", "0.1"], "--warmup_ratio"),  # not a transformers 5 flag
+    (["compact", "in", "out", "--learning_rate", "1e-3"], "--learning_rate"),
+    (["compact", "in", "out", "--target_density", "0.5"], "--target_density"),
+    (["bench", "model", "--report_to", "none"], "--report_to"),
+])
+def test_unknown_flags_are_named(capsys, command, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        main(command)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" in err and flag in err
+
+
+def test_prune_flag_dataclasses_share_no_field():
+    """`HfArgumentParser` refuses a flag declared twice: the task flags leave training to `TrainingArguments`."""
+    classes = (PruneArguments, BlockPruningConfig, TrainingArguments)
+    names = [{f.name for f in dataclasses.fields(cls)} for cls in classes]
+    assert not names[0] & names[1] and not names[0] & names[2] and not names[1] & names[2]
+
+
+def _training_arguments(*flags: str) -> TrainingArguments:
+    return training_arguments(build_parser().parse_args(["prune", "--output_dir", "o", *flags]))
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], {"learning_rate": 3e-5, "per_device_train_batch_size": 32, "per_device_eval_batch_size": 64,
+          "logging_steps": 50, "save_strategy": "no", "max_steps": -1, "seed": 42, "report_to": []}),
+    (["--save_steps", "3"], {"save_strategy": "steps", "save_steps": 3}),
+    (["--save_strategy", "steps"], {"save_strategy": "steps", "save_steps": 500}),
+    (["--save_strategy", "epoch", "--learning_rate", "1e-4"], {"save_strategy": "epoch", "learning_rate": 1e-4}),
+    (["--gradient_accumulation_steps", "4", "--warmup_steps", "0.1", "--resume_from_checkpoint", "o/checkpoint-2"],
+     {"gradient_accumulation_steps": 4, "warmup_steps": 0.1, "resume_from_checkpoint": "o/checkpoint-2"}),
+    (["--push_to_hub", "--hub_model_id", "me/pruned"], {"push_to_hub": True, "hub_model_id": "me/pruned"}),
+    (["--bf16", "--use_cpu", "--disable_tqdm", "true"], {"bf16": True, "use_cpu": True, "disable_tqdm": True}),
+])
+def test_prune_flags_build_training_arguments_with_the_cli_defaults(flags, expected):
+    args = _training_arguments(*flags)
+    assert {name: getattr(args, name) for name in expected} == expected
+    assert args.output_dir == "o"
+
+
+def test_push_to_hub_reaches_the_trainer(workspace, tmp_path, monkeypatch):
+    """The Trainer gets `push_to_hub` (it pushes on `save_model()`); a stand-in trainer stops before any Hub call."""
+    received = {}
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            received.update(kwargs)
+            raise ValueError("stand-in trainer: stop here")
+
+    monkeypatch.setattr(trainer_module, "BlockPruningTrainer", Recorder)
+    code = main(["prune", "--model", str(workspace / "base"), "--train_file", str(workspace / "train.csv"),
+                 "--validation_file", str(workspace / "dev.csv"), "--output_dir", str(tmp_path / "out"),
+                 "--max_seq_length", "16", "--use_cpu", "--push_to_hub", "--hub_model_id", "me/pruned", *PRUNE_FLAGS])
+    assert code == 1
+    assert received["args"].push_to_hub and received["args"].hub_model_id == "me/pruned"
+    assert received["pruning_config"].target_density == 0.5
+
+
+def test_prune_without_output_dir_is_refused(capsys):
+    assert main(["prune", "--train_file", "train.csv"]) == 1
+    assert "--output_dir" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- gradient accumulation, resuming, tqdm
+
+
+def _trainer_state(checkpoint) -> dict:
+    return json.loads((checkpoint / "trainer_state.json").read_text())
+
+
+def test_prune_run_used_gradient_accumulation(workspace):
+    args = torch.load(workspace / "out" / "checkpoint-2" / "training_args.bin", weights_only=False)
+    assert args.gradient_accumulation_steps == 2 and args.report_to == []
+    assert _trainer_state(workspace / "out" / "checkpoint-2")["global_step"] == 2
+
+
+def test_prune_resumes_from_a_checkpoint(workspace, tmp_path, monkeypatch, capsys):
+    """A second run with --resume_from_checkpoint starts at the checkpoint's step (it writes no checkpoint-2) and ends
+    where the uninterrupted run (the workspace's, same flags) ended."""
+    resumed_from = []
+    train = trainer_module.BlockPruningTrainer.train
+
+    def spy(self, *args, **kwargs):
+        resumed_from.append(kwargs.get("resume_from_checkpoint"))
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.BlockPruningTrainer, "train", spy)
+    checkpoint, out = workspace / "out" / "checkpoint-2", tmp_path / "resumed"
+    code = main([
+        "prune", "--model", str(workspace / "base"), "--train_file", str(workspace / "train.csv"),
+        "--validation_file", str(workspace / "dev.csv"), "--output_dir", str(out), "--max_steps", "4",
+        "--save_steps", "2", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--max_seq_length",
+        "16", "--use_cpu", "--gradient_accumulation_steps", "2", "--report_to", "none", "--disable_tqdm", "true",
+        "--resume_from_checkpoint", str(checkpoint), *PRUNE_FLAGS,
+    ])
+    assert code == 0
+    assert resumed_from == [str(checkpoint)]
+    assert not (out / "checkpoint-2").exists()
+    assert _trainer_state(out / "checkpoint-4")["global_step"] == 4 > _trainer_state(checkpoint)["global_step"]
+    assert "%|" not in capsys.readouterr().err  # --disable_tqdm: no progress bar
+    resumed, uninterrupted = (hf_blockprune.from_pretrained(path) for path in (out, workspace / "out"))
+    ids = torch.randint(5, len(SPECIALS + WORDS), (3, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(resumed(input_ids=ids).logits, uninterrupted(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("disable_tqdm", [False, True])
+def test_measure_shows_progress_unless_disabled(capsys, disable_tqdm):
+    models = {"a": torch.nn.Linear(3, 2), "b": torch.nn.Linear(3, 1)}
+    latency = measure(models, {"input": torch.ones(1, 3)}, rounds=3, warmup=1, disable_tqdm=disable_tqdm)
+    assert latency.keys() == {"a", "b"} and all(value > 0 for value in latency.values())
+    assert ("timing" in capsys.readouterr().err) != disable_tqdm

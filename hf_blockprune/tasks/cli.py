@@ -1,29 +1,36 @@
 """The `hf-blockprune` command: fine-prune a classifier or QA model, compact a checkpoint, report a layout, time it.
 
-    hf-blockprune prune --task sst2 --output_dir out --pruning_preset hybrid --target_density 0.3
+    hf-blockprune prune --task sst2 --output_dir out --pruning_preset hybrid --target_density 0.3 --save_steps 500
     hf-blockprune prune --task squad --output_dir out-qa --pruning_preset struct --target_density 0.5
+    hf-blockprune prune <the same flags as before> --resume_from_checkpoint out/checkpoint-500
     hf-blockprune compact out/checkpoint-500 out-small
     hf-blockprune report out
     hf-blockprune bench out --rounds 20
 
-`python -m hf_blockprune.tasks.cli ...` does the same.
+`prune` takes every `transformers.TrainingArguments` flag (and every `BlockPruningConfig` one); the other commands take
+only their own. `python -m hf_blockprune.tasks.cli ...` does the same.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import statistics
 import sys
 import time
-from dataclasses import fields
+import typing
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 
+import datasets
 import torch
 import transformers
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.hf_argparser import string_to_bool
+from transformers.utils import logging as hf_logging
 
 from ..compact.checkpoints import load_masked_checkpoint
 from ..compact.compaction import compact_model
@@ -146,7 +153,8 @@ def run_compact(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_dir():
         raise CliError(f"{checkpoint} is not a folder.")
-    model = load_masked_checkpoint(checkpoint, args.pruning_config, _config_from_args(args))
+    flags = _from_namespace(BlockPruningConfig, args)
+    model = load_masked_checkpoint(checkpoint, args.pruning_config, flags)
     tokenizer = None
     if (checkpoint / "tokenizer_config.json").is_file():
         tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
@@ -168,15 +176,45 @@ def _bench_inputs(config, batch: int, seq: int, seed: int) -> dict[str, torch.Te
     return inputs
 
 
-def measure(models: dict[str, nn.Module], inputs: dict[str, torch.Tensor], rounds: int, warmup: int) -> dict:
-    """Median latency (seconds) of each model, timed round-robin with a rotating start after `warmup` calls each."""
+@contextlib.contextmanager
+def _library_progress_bars(enabled: bool):
+    """Switch the progress bars of `datasets` (the tokenization `map`s) and transformers (weight loading) off inside
+    the block unless `enabled`, as `--disable_tqdm` does for the Trainer's own bars."""
+    switches = [
+        (datasets.is_progress_bar_enabled, datasets.disable_progress_bars, datasets.enable_progress_bars),
+        (hf_logging.is_progress_bar_enabled, hf_logging.disable_progress_bar, hf_logging.enable_progress_bar),
+    ]
+    switched = [(off, on) for is_on, off, on in switches if not enabled and is_on()]
+    for off, _ in switched:
+        off()
+    try:
+        yield
+    finally:
+        for _, on in switched:
+            on()
+
+
+def measure(models: dict[str, nn.Module], inputs: dict[str, torch.Tensor], rounds: int, warmup: int,
+            disable_tqdm: bool = False) -> dict:
+    """Median latency (seconds) of each model, timed round-robin with a rotating start after `warmup` calls each.
+
+    Args:
+        models (`dict[str, nn.Module]`): the models to time, by name.
+        inputs (`dict[str, torch.Tensor]`): the keyword inputs of every call.
+        rounds (`int`): timed calls per model.
+        warmup (`int`): untimed calls per model first.
+        disable_tqdm (`bool`, *optional*, defaults to `False`): hide the progress bars.
+
+    Returns:
+        `dict[str, float]`: the median latency of each model, in seconds.
+    """
     names = list(models)
     times: dict[str, list[float]] = {name: [] for name in names}
     with torch.inference_mode():
-        for name in names:
-            for _ in range(warmup):
+        for _ in tqdm(range(warmup), desc="warmup", unit="round", disable=disable_tqdm):
+            for name in names:
                 models[name](**inputs)
-        for index in tqdm(range(rounds), desc="timing", unit="round"):
+        for index in tqdm(range(rounds), desc="timing", unit="round", disable=disable_tqdm):
             shift = index % len(names)
             for name in names[shift:] + names[:shift]:
                 start = time.perf_counter()
@@ -191,10 +229,11 @@ def run_bench(args: argparse.Namespace) -> int:
         raise CliError("--rounds, --batch and --seq must be >= 1.")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    model = load_any(args.model)
-    baseline = load_any(args.baseline) if args.baseline else dense_twin(model)
+    with _library_progress_bars(not args.disable_tqdm):
+        model = load_any(args.model)
+        baseline = load_any(args.baseline) if args.baseline else dense_twin(model)
     inputs = _bench_inputs(model.config, args.batch, args.seq, args.seed)
-    latency = measure({"baseline": baseline, "model": model}, inputs, args.rounds, args.warmup)
+    latency = measure({"baseline": baseline, "model": model}, inputs, args.rounds, args.warmup, args.disable_tqdm)
     predicted = predicted_speedup(baseline, model, args.seq)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}, sequence {args.seq}, "
           f"{args.rounds} rounds, median latency per batch")
@@ -208,145 +247,247 @@ def run_bench(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------- prune
 
 
+@dataclass
+class PruneArguments:
+    """The task and data flags of `hf-blockprune prune`.
+
+    `prune` parses them together with `BlockPruningConfig` (the pruning flags) and `transformers.TrainingArguments`
+    (every Trainer flag). `HfArgumentParser` refuses a flag declared twice, so the three share no field name: the
+    flags `prune` declared itself before it took `TrainingArguments` and that duplicate one of its fields
+    (`--output_dir`, `--max_steps`, `--num_train_epochs`, `--learning_rate`, `--per_device_train_batch_size`,
+    `--per_device_eval_batch_size`, `--logging_steps`, `--save_steps`, `--seed`, `--use_cpu`) are now that field, with
+    `prune`'s former default kept (`PRUNE_TRAINING_DEFAULTS`).
+
+    Args:
+        model (`str`, *optional*):
+            Path or Hub id of the model to fine-prune; defaults to the offline MiniLM-L6-H384.
+        task (`str`, *optional*):
+            A GLUE task (`sst2`, `mrpc`, ...), read from the shared data folder when present, else the Hub; or `squad`
+            for extractive QA.
+        train_file (`str`, *optional*):
+            Classification: csv/tsv/json(l) with a `label` column; with `task="squad"`: SQuAD json (official or lines).
+        validation_file (`str`, *optional*):
+            As `train_file` (classification defaults to 10% of it).
+        text_columns (`list[str]`, *optional*):
+            One or two text columns of the classification files.
+        max_seq_length (`int`, *optional*, defaults to 128):
+            Longer inputs are truncated (QA: split into windows).
+        doc_stride (`int`, *optional*, defaults to 128):
+            QA: tokens shared by consecutive windows of a context.
+        max_train_samples (`int`, *optional*):
+            Train on a shuffled subset of this size.
+        max_eval_samples (`int`, *optional*):
+            Evaluate on a shuffled subset of this size.
+    """
+
+    _argument_group_name = "task and data"
+
+    model: str | None = field(
+        default=None, metadata={"help": "Path or Hub id of the model; None: the offline MiniLM-L6-H384."}
+    )
+    task: str | None = field(
+        default=None,
+        metadata={"help": "GLUE task (sst2, mrpc, ...) or squad: local files in the shared data folder when present, "
+                          "else the Hub."},
+    )
+    train_file: str | None = field(
+        default=None,
+        metadata={"help": "Classification: csv/tsv/json(l) with a `label` column; with --task squad: SQuAD json "
+                          "(official or json lines)."},
+    )
+    validation_file: str | None = field(
+        default=None, metadata={"help": "As --train_file (classification default: 10%% of it)."}
+    )
+    text_columns: list[str] | None = field(
+        default=None, metadata={"help": "One or two text columns of the classification files."}
+    )
+    max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated (QA: windowed)."})
+    doc_stride: int = field(default=128, metadata={"help": "QA: tokens shared by consecutive windows."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on a shuffled subset."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on a shuffled subset."})
+
+
+# `prune` saves masked checkpoints only when asked (`TrainingArguments` alone saves every 500 steps): this default
+# `save_strategy` becomes "steps" when `--save_steps` is given, else "no" (see `training_arguments`).
+SAVE_IF_STEPS_GIVEN = "no (steps with --save_steps)"
+
+# `prune`'s defaults where they differ from `TrainingArguments`' (they predate `prune` taking TrainingArguments).
+PRUNE_TRAINING_DEFAULTS = {
+    "learning_rate": 3e-5,
+    "per_device_train_batch_size": 32,
+    "per_device_eval_batch_size": 64,
+    "logging_steps": 50,
+    "report_to": "none",
+    "save_strategy": SAVE_IF_STEPS_GIVEN,
+    "save_steps": None,
+}
+
+
+def _from_namespace(dataclass_type, args: argparse.Namespace):
+    """An instance of `dataclass_type` from the parsed flags that are its fields (the others keep their defaults)."""
+    values = vars(args)
+    return dataclass_type(**{f.name: values[f.name] for f in fields(dataclass_type) if f.init and f.name in values})
+
+
+def training_arguments(args: argparse.Namespace) -> transformers.TrainingArguments:
+    """The `TrainingArguments` of a parsed `prune` command line.
+
+    `prune` saves masked checkpoints only when asked: without `--save_strategy`, it saves every `--save_steps` steps
+    when that is given and never otherwise (`TrainingArguments` alone would save every 500 steps); `--save_strategy
+    steps` alone saves every 500 steps.
+
+    Args:
+        args (`argparse.Namespace`): the parsed `prune` flags.
+
+    Returns:
+        `transformers.TrainingArguments`: built from the flags that are its fields.
+    """
+    values = {f.name: getattr(args, f.name) for f in fields(transformers.TrainingArguments) if f.init}
+    if values["save_strategy"] == SAVE_IF_STEPS_GIVEN:
+        values["save_strategy"] = "no" if values["save_steps"] is None else "steps"
+    if values["save_steps"] is None:
+        del values["save_steps"]
+    return transformers.TrainingArguments(**values)
+
+
 def _accuracy(eval_prediction) -> dict[str, float]:
     logits = eval_prediction.predictions[0] if isinstance(eval_prediction.predictions, tuple) \
         else eval_prediction.predictions
     return {"accuracy": float((logits.argmax(-1) == eval_prediction.label_ids).mean())}
 
 
-def _training_args(args: argparse.Namespace) -> transformers.TrainingArguments:
-    return transformers.TrainingArguments(
-        output_dir=args.output_dir, max_steps=args.max_steps, num_train_epochs=args.num_train_epochs,
-        learning_rate=args.learning_rate, per_device_train_batch_size=args.per_device_train_batch_size,
-        per_device_eval_batch_size=args.per_device_eval_batch_size, seed=args.seed, logging_steps=args.logging_steps,
-        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500, report_to="none",
-        use_cpu=args.use_cpu, dataloader_num_workers=0,
-    )
-
-
-def _prune_data(args: argparse.Namespace):
-    if args.task is None and args.train_file is None:
+def _prune_data(task: PruneArguments, seed: int):
+    if task.task is None and task.train_file is None:
         raise CliError("Give --task (a GLUE task, or squad) or --train_file (with --validation_file).")
-    if args.task is not None and args.task != "squad" and args.train_file is not None:
+    if task.task is not None and task.task != "squad" and task.train_file is not None:
         raise CliError("Give either --task (a GLUE task) or --train_file, not both (--train_file goes with "
                        "--task squad for local SQuAD-format files).")
-    if args.task is not None and args.task != "squad":
-        raw, text_columns, label_column = data.load_glue(args.task)
+    if task.task is not None and task.task != "squad":
+        raw, text_columns, label_column = data.load_glue(task.task)
     else:
-        raw, text_columns, label_column = data.load_classification_files(args.train_file, args.validation_file,
-                                                                         args.text_columns)
-    return _subsets(raw, args), text_columns, label_column
+        raw, text_columns, label_column = data.load_classification_files(task.train_file, task.validation_file,
+                                                                         task.text_columns)
+    return _subsets(raw, task, seed), text_columns, label_column
 
 
-def _subsets(raw, args: argparse.Namespace):
-    for split, size in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
+def _subsets(raw, task: PruneArguments, seed: int):
+    for split, size in (("train", task.max_train_samples), ("validation", task.max_eval_samples)):
         if size is not None:
-            raw[split] = raw[split].shuffle(seed=args.seed).select(range(min(size, len(raw[split]))))
+            raw[split] = raw[split].shuffle(seed=seed).select(range(min(size, len(raw[split]))))
     return raw
 
 
 def run_prune(args: argparse.Namespace) -> int:
     """`prune`: fine-prune a classifier or an extractive QA model, evaluate it and save it compacted."""
-    pruning_config = _config_from_args(args)
-    model_path = args.model or offline_minilm_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
-    if args.task == "squad":
-        model, metrics, size = _prune_qa(args, model_path, tokenizer, pruning_config)
-    else:
-        model, metrics, size = _prune_classifier(args, model_path, tokenizer, pruning_config)
-    print("validation " + ", ".join(f"{k}: {v:.4f}" for k, v in metrics.items()) + f" ({size} examples)")
-    print(layer_table(from_pretrained(args.output_dir))[1])
-    print(f"compacted model saved to {args.output_dir}")
+    if args.output_dir is None:
+        raise CliError("Give --output_dir (where checkpoints and the compacted model are saved).")
+    task, pruning_config = _from_namespace(PruneArguments, args), _from_namespace(BlockPruningConfig, args)
+    training_args = training_arguments(args)
+    with _library_progress_bars(not training_args.disable_tqdm):
+        model_path = task.model or offline_minilm_path()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+        prune = _prune_qa if task.task == "squad" else _prune_classifier
+        metrics, size = prune(task, training_args, model_path, tokenizer, pruning_config)
+        print("validation " + ", ".join(f"{k}: {v:.4f}" for k, v in metrics.items()) + f" ({size} examples)")
+        print(layer_table(from_pretrained(training_args.output_dir))[1])
+    print(f"compacted model saved to {training_args.output_dir}")
     return 0
 
 
-def _prune_classifier(args, model_path, tokenizer, pruning_config):
-    raw, text_columns, label_column = _prune_data(args)
+def _prune_classifier(task, training_args, model_path, tokenizer, pruning_config):
+    raw, text_columns, label_column = _prune_data(task, training_args.seed)
     num_labels = max(int(label) for label in raw["train"][label_column]) + 1
-    tokenized = data.tokenize_classification(raw, tokenizer, text_columns, label_column, args.max_seq_length)
+    tokenized = data.tokenize_classification(raw, tokenizer, text_columns, label_column, task.max_seq_length)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
-    trainer = _trainer(args, model, tokenizer, tokenized, pruning_config, compute_metrics=_accuracy)
-    trainer.train()
+    trainer = _trainer(training_args, model, tokenizer, tokenized, pruning_config, compute_metrics=_accuracy)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = {"accuracy": trainer.evaluate()["eval_accuracy"]}
-    trainer.save_model()
-    return trainer.model, metrics, len(tokenized["validation"])
+    trainer.save_model()  # writes the compacted model, and pushes it with --push_to_hub
+    return metrics, len(tokenized["validation"])
 
 
-def _prune_qa(args, model_path, tokenizer, pruning_config):
-    raw = _subsets(data.load_squad(train_file=args.train_file, validation_file=args.validation_file), args)
-    length, stride = args.max_seq_length, args.doc_stride
+def _prune_qa(task, training_args, model_path, tokenizer, pruning_config):
+    raw = _subsets(data.load_squad(train_file=task.train_file, validation_file=task.validation_file), task,
+                   training_args.seed)
+    length, stride = task.max_seq_length, task.doc_stride
     train = raw["train"].map(lambda b: qa.prepare_train_features(b, tokenizer, length, stride), batched=True,
                              remove_columns=raw["train"].column_names)
     features = raw["validation"].map(lambda b: qa.prepare_validation_features(b, tokenizer, length, stride),
                                      batched=True, remove_columns=raw["validation"].column_names)
     model = transformers.AutoModelForQuestionAnswering.from_pretrained(model_path)
-    trainer = _trainer(args, model, tokenizer, {"train": train, "validation": None}, pruning_config)
-    trainer.train()
+    trainer = _trainer(training_args, model, tokenizer, {"train": train, "validation": None}, pruning_config)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     start, end = trainer.predict(features.remove_columns(["example_id", "offset_mapping"])).predictions[:2]
-    answers = qa.postprocess_predictions(raw["validation"], features, start, end)
+    examples = tqdm(raw["validation"], desc="answers", unit="example", disable=training_args.disable_tqdm)
+    answers = qa.postprocess_predictions(examples, features, start, end)
     references = {example["id"]: example["answers"]["text"] for example in raw["validation"]}
-    trainer.save_model()
-    return trainer.model, qa.squad_metrics(answers, references), len(raw["validation"])
+    trainer.save_model()  # writes the compacted model, and pushes it with --push_to_hub
+    return qa.squad_metrics(answers, references), len(raw["validation"])
 
 
-def _trainer(args, model, tokenizer, datasets, pruning_config, compute_metrics=None):
+def _trainer(training_args, model, tokenizer, splits, pruning_config, compute_metrics=None):
     from ..training.trainer import BlockPruningTrainer
 
     return BlockPruningTrainer(
-        model=model, args=_training_args(args), train_dataset=datasets["train"], eval_dataset=datasets["validation"],
+        model=model, args=training_args, train_dataset=splits["train"], eval_dataset=splits["validation"],
         processing_class=tokenizer, compute_metrics=compute_metrics, pruning_config=pruning_config,
     )
 
 
 # --------------------------------------------------------------------------------------------------------- parser
 
+# The `BlockPruningConfig` fields that decide which weights a checkpoint's scores mask (`compact`'s flags, used when
+# the checkpoint does not record its config); the others only matter while training.
+LAYOUT_FIELDS = (
+    "pruning_preset", "pruning_method", "attention_granularity", "attention_block_size", "ffn_granularity",
+    "ffn_block_size", "layers_pattern", "attention_modules", "ffn_modules", "num_heads_attribute",
+    "num_kv_heads_attribute",
+)
 
-def _config_from_args(args: argparse.Namespace) -> BlockPruningConfig:
-    return BlockPruningConfig(**{f.name: getattr(args, f.name) for f in fields(BlockPruningConfig)})
+
+def _titled(dataclass_type, title: str):
+    """`dataclass_type` whose flags `HfArgumentParser` lists under `title` in `--help` (its fields, unchanged)."""
+    return type(dataclass_type.__name__, (dataclass_type,), {"_argument_group_name": title})
 
 
-def _pruning_flags() -> argparse.ArgumentParser:
-    return transformers.HfArgumentParser(BlockPruningConfig, add_help=False)
+def _layout_flags():
+    """A dataclass of the `LAYOUT_FIELDS` of `BlockPruningConfig`, with their types, defaults and help."""
+    hints = typing.get_type_hints(BlockPruningConfig)
+    specs = [(f.name, hints[f.name], field(default=f.default, metadata=f.metadata))
+             for f in fields(BlockPruningConfig) if f.name in LAYOUT_FIELDS]
+    title = "pruning layout (used when the checkpoint records no pruning config)"
+    return make_dataclass("LayoutFlags", specs, namespace={"_argument_group_name": title})
 
 
 def _add_prune(subparsers) -> None:
+    flags = transformers.HfArgumentParser((
+        PruneArguments,
+        _titled(BlockPruningConfig, "pruning (BlockPruningConfig)"),
+        _titled(transformers.TrainingArguments, "training (transformers.TrainingArguments)"),
+    ), add_help=False)
     parser = subparsers.add_parser(
-        "prune", parents=[_pruning_flags()], help="fine-prune a text classifier or an extractive QA model",
+        "prune", parents=[flags], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        usage="%(prog)s --output_dir DIR (--task TASK | --train_file FILE) [task/data, pruning, training flags]",
+        help="fine-prune a text classifier or an extractive QA model",
         description="Fine-prune a model with BlockPruningTrainer, evaluate it and save it compacted: text "
         "classification (a GLUE task, or local csv/tsv/json files with a `label` column) or SQuAD-format extractive "
-        "QA (--task squad, with optional local files). For summarization or your own scripts, use transformers' "
-        "run_glue.py / run_qa.py / run_summarization.py with BlockPruningCallback (see the README).",
+        "QA (--task squad, with optional local files). Every TrainingArguments flag works (--output_dir is required; "
+        "--resume_from_checkpoint PATH continues a run from a checkpoint; --push_to_hub pushes the compacted model); "
+        "prune's own defaults: --learning_rate 3e-5, --per_device_train_batch_size 32, --per_device_eval_batch_size "
+        "64, --logging_steps 50, --report_to none, and masked checkpoints only with --save_steps N (or "
+        "--save_strategy). For summarization or your own scripts, use transformers' run_glue.py / run_qa.py / "
+        "run_summarization.py with BlockPruningCallback (see the README).",
     )
-    parser.add_argument("--model", default=None, help="path or Hub id (default: the offline MiniLM-L6-H384)")
-    parser.add_argument("--task", default=None, help="GLUE task (sst2, mrpc, ...) or squad: local files in the "
-                        "shared data folder when present, else the Hub")
-    parser.add_argument("--train_file", default=None, help="classification: csv/tsv/json(l) with a `label` column; "
-                        "with --task squad: SQuAD json (official or json lines)")
-    parser.add_argument("--validation_file", default=None, help="as --train_file (classification default: 10%% of "
-                        "it)")
-    parser.add_argument("--text_columns", nargs="+", default=None, help="one or two text columns of the files")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--max_steps", type=int, default=-1)
-    parser.add_argument("--num_train_epochs", type=float, default=3.0)
-    parser.add_argument("--learning_rate", type=float, default=3e-5)
-    parser.add_argument("--per_device_train_batch_size", type=int, default=32)
-    parser.add_argument("--per_device_eval_batch_size", type=int, default=64)
-    parser.add_argument("--max_seq_length", type=int, default=128)
-    parser.add_argument("--doc_stride", type=int, default=128, help="QA: tokens shared by consecutive windows")
-    parser.add_argument("--max_train_samples", type=int, default=None)
-    parser.add_argument("--max_eval_samples", type=int, default=None)
-    parser.add_argument("--logging_steps", type=int, default=50)
-    parser.add_argument("--save_steps", type=int, default=None, help="save masked checkpoints every N steps")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--use_cpu", action="store_true", help="train on CPU even if an accelerator is present")
-    parser.set_defaults(handler=run_prune)
+    parser.set_defaults(handler=run_prune, **PRUNE_TRAINING_DEFAULTS)
 
 
 def _add_compact(subparsers) -> None:
     parser = subparsers.add_parser(
-        "compact", parents=[_pruning_flags()], help="compact a masked training checkpoint",
+        "compact", parents=[transformers.HfArgumentParser(_layout_flags(), add_help=False)],
+        help="compact a masked training checkpoint",
         description="Rebuild a masked checkpoint saved during training and save it compacted. The pruning config is "
-        "--pruning_config if given, else the one recorded in the checkpoint's config.json, else the preset flags.",
+        "--pruning_config if given, else the one recorded in the checkpoint's config.json, else the layout flags "
+        "below (the pruning flags that decide which weights the scores mask).",
     )
     parser.add_argument("checkpoint", help="a checkpoint-N folder written by BlockPruningTrainer")
     parser.add_argument("output", help="where to save the compacted model")
@@ -372,6 +513,8 @@ def _add_bench(subparsers) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per model first")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--disable_tqdm", type=string_to_bool, nargs="?", const=True, default=False,
+                        help="hide the progress bars")
     parser.set_defaults(handler=run_bench)
 
 
