@@ -18,6 +18,7 @@ import importlib.abc
 import importlib.util
 import sys
 
+from .compact import sentence_transformers as _sentence_transformers  # noqa: F401  (registers its saver)
 from .compact.checkpoints import load_masked_checkpoint
 from .compact.compaction import compact_model
 from .compact.saving import export_dense, from_pretrained, save_compacted

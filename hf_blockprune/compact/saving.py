@@ -40,6 +40,7 @@ from ..structure.modeling_blockprune import (
     block_pruned_config_class,
 )
 from ..structure.projections import fuse_projections
+from ..structure.wrappers import is_sentence_transformer
 from .atomic import atomic_directory, recover_interrupted_save
 from .compaction import compact_model
 from .model_card import write_model_card
@@ -48,6 +49,10 @@ from .peft_models import is_peft_model, is_peft_model_class, load_pruning_state,
 logger = logging.getLogger(__name__)
 
 CONFIG_KEY = PRUNING_CONFIG_KEY
+# Savers of containers around a transformers model, `(applies(model), saver)`, registered by their modules (the
+# sentence-transformers one by `compact/sentence_transformers.py`, imported by the package): `save_compacted` hands
+# such a model to the first that applies.
+CONTAINER_SAVERS: list = []
 MASKED_MODEL_TYPE = "blockprune_masked_checkpoint"
 MASKED_RECORD_KEY = "blockprune_checkpoint"
 
@@ -131,7 +136,8 @@ def save_compacted(
     config and an `auto_map`), `modeling_blockprune.py` (so plain transformers loads it with `trust_remote_code=True`
     and refuses it without), `README.md` (the model card) and `pruning_layout.png`, plus `processing_class` if given.
     A save killed midway leaves the old model or the new one, never a mix of their files (see `atomic_directory`);
-    other entries of the folder are left alone.
+    other entries of the folder are left alone. A sentence-transformers model (e.g. `SentenceTransformer`) is saved by
+    its own `save` with its transformer compacted (see `compact.sentence_transformers`).
 
     Args:
         model (`nn.Module`): a masked model (or an already compacted one).
@@ -150,6 +156,9 @@ def save_compacted(
         `ValueError`: a parameter or buffer holds NaN or inf values (nothing is written), or the model is not masked.
     """
     pruning_config = pruning_config or getattr(model, CONFIG_ATTRIBUTE, None)
+    for applies, saver in CONTAINER_SAVERS:  # e.g. a SentenceTransformer: its transformer compacted, its own `save`
+        if applies(model):
+            return saver(model, save_directory, pruning_config, processing_class, model_card, card_data=card_data)
     compacted = _compacted_copy(model)
     if pruning_config is not None:
         setattr(compacted.config, CONFIG_KEY, pruning_config.to_dict())
@@ -388,9 +397,14 @@ def _save_pretrained(self, save_directory, is_main_process: bool = True, state_d
             logger.info("Compacting from the live model; the state_dict passed to save_pretrained is not used.")
         save_compacted(self, save_directory)
         return
-    type(self)._blockprune_saving_of.save_pretrained(
-        self, save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs
-    )
+    saving_of = type(self)._blockprune_saving_of
+    if is_sentence_transformer(self):  # its save_pretrained takes neither `is_main_process` nor `state_dict`
+        if is_main_process:
+            saving_of.save_pretrained(self, save_directory, **kwargs)
+    else:
+        saving_of.save_pretrained(
+            self, save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs
+        )
     if is_main_process and is_block_pruned(self):
         mark_masked_checkpoint(save_directory)
         if is_peft_model(self):  # peft saved the adapters only

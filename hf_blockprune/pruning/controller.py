@@ -8,6 +8,7 @@ import os
 import torch
 from torch import nn
 
+from ..structure.wrappers import is_sentence_transformer, transformers_model
 from .config import BlockPruningConfig
 from .filling import fill_surviving_heads, is_filled
 from .losses import expected_density, mask_density
@@ -43,8 +44,14 @@ class PruningController:
         if not config.enabled:
             _log_no_pruning(config)
 
+    def _targets_owner(self) -> nn.Module:
+        """The module that holds the density targets: a sentence-transformers model is an `nn.Sequential` whose every
+        child is a stage of its forward pass, so its transformer holds them."""
+        return transformers_model(self.model) if is_sentence_transformer(self.model) else self.model
+
     def _attach_targets(self) -> DensityTargets:
-        existing = getattr(self.model, TARGETS_ATTRIBUTE, None)
+        owner = self._targets_owner()
+        existing = getattr(owner, TARGETS_ATTRIBUTE, None)
         if existing is not None:
             return existing
         if self.config.target_speedup is not None:
@@ -57,7 +64,7 @@ class PruningController:
         device = next(self.model.parameters()).device
         state = DensityTargets(targets, self.config.target_rate, initial_lambda=1e-2,
                                per_stack=self.config.target_per_stack).to(device)
-        self.model.add_module(TARGETS_ATTRIBUTE, state)
+        owner.add_module(TARGETS_ATTRIBUTE, state)
         return state
 
     @property

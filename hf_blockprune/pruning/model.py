@@ -566,8 +566,9 @@ def remove_block_pruning(model: nn.Module, merge: bool = True, fuse: bool = True
         _replace(model, name, linear)
     if hasattr(model, CONFIG_ATTRIBUTE):
         delattr(model, CONFIG_ATTRIBUTE)
-    if hasattr(model, TARGETS_ATTRIBUTE):
-        delattr(model, TARGETS_ATTRIBUTE)
+    for module in list(model.modules()):  # the model, or the transformer inside a sentence-transformers model
+        if hasattr(module, TARGETS_ATTRIBUTE):
+            delattr(module, TARGETS_ATTRIBUTE)
     return fuse_projections(model) if fuse else model
 
 

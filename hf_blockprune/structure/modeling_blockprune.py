@@ -2,7 +2,9 @@
 
 This file is self-contained (it imports only torch and transformers): hf_blockprune saves a copy of it next to the
 weights, with an `auto_map` in `config.json`, so that plain transformers loads the model with
-`AutoModelFor...from_pretrained(path, trust_remote_code=True)`.
+`AutoModelFor...from_pretrained(path, trust_remote_code=True)`. The `auto_map` also names `AutoModel`, the bare base
+model (`BlockPrunedBertModel` of a compacted `BertForSequenceClassification`), which sentence-transformers builds: its
+layers are found without the task model's `base_model_prefix` (see `rebase_layout`).
 
 `BlockPruned<Class>` (e.g. `BlockPrunedBertForSequenceClassification`) is `<Class>` from transformers whose
 `__init__` resizes the Linear layers named in `config.blockprune_layout` (written by `hf_blockprune.compact_model`):
@@ -132,9 +134,57 @@ def _shrink_ffn(layer: nn.Module, layer_path: str, ffn: dict) -> None:
     _replace(layer, ffn["output"], _resized(ffn_output, _features(ffn_output)[0], ffn["size"]))
 
 
+def _has_submodule(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _layer_path(model: nn.Module, path: str) -> str | None:
+    """Where the layer `path` of a layout lies in `model`, or `None`.
+
+    A layout records paths relative to the model that was compacted: a task model's (`bert.encoder.layer.0`) lie
+    under its base model's `base_model_prefix`, which the bare base model (`AutoModel`, as sentence-transformers loads
+    it) does not have (`encoder.layer.0`); a bare model's paths lack the prefix a task model adds.
+    """
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    candidates = [path]
+    if prefix:
+        candidates += [path[len(prefix) + 1 :]] if path.startswith(prefix + ".") else [f"{prefix}.{path}"]
+    return next((candidate for candidate in candidates if _has_submodule(model, candidate)), None)
+
+
+def rebase_layout(model: nn.Module, layout: dict) -> dict:
+    """`layout` with its layer paths as they lie in `model` (see `_layer_path`); the same dict if none moves.
+
+    Args:
+        model (`nn.Module`): the model the layout is applied to (a task model or its bare base model).
+        layout (`dict`): `config.blockprune_layout` of a compacted model.
+
+    Raises:
+        `ValueError`: a layer of the layout is not in `model`, with or without the base-model prefix.
+    """
+    layers = {}
+    for path, entry in layout.get("layers", {}).items():
+        found = _layer_path(model, path)
+        if found is None:
+            raise ValueError(
+                f"config.{LAYOUT_ATTRIBUTE} names layer {path!r}, which {type(model).__name__} does not have."
+            )
+        layers[found] = entry
+    if list(layers) == list(layout.get("layers", {})):
+        return layout
+    return {**layout, "layers": layers}
+
+
 @torch.no_grad()
 def shrink_to_layout(model: nn.Module, layout: dict) -> nn.Module:
     """Resize the Linear layers of `model` to the shapes recorded in `layout`, in place (weights to be loaded).
+
+    The layout's layer paths may be those of the task model it was compacted as while `model` is the bare base
+    model, or the other way round (see `rebase_layout`).
 
     Args:
         model (`nn.Module`): a freshly built, full-size transformers model.
@@ -148,13 +198,8 @@ def shrink_to_layout(model: nn.Module, layout: dict) -> nn.Module:
             f"config.{LAYOUT_ATTRIBUTE} has version {layout.get('version')!r}; this loader reads versions "
             f"{list(SUPPORTED_LAYOUT_VERSIONS)}. Upgrade hf_blockprune (or re-save the model with this version)."
         )
-    for layer_path, entry in layout["layers"].items():
-        try:
-            layer = model.get_submodule(layer_path)
-        except AttributeError:
-            raise ValueError(
-                f"config.{LAYOUT_ATTRIBUTE} names layer {layer_path!r}, which {type(model).__name__} does not have."
-            ) from None
+    for layer_path, entry in rebase_layout(model, layout).get("layers", {}).items():
+        layer = model.get_submodule(layer_path)
         for attention in entry.get("attention", []):
             _shrink_attention(layer, layer_path, attention)
         if "ffn" in entry:
@@ -220,11 +265,32 @@ def block_pruned_config_class(base: type) -> type:
     return _CLASSES[name]
 
 
+def add_base_model_to_auto_map(model: nn.Module) -> None:
+    """Give `model.config.auto_map` an `AutoModel` entry: the `BlockPruned` class of the model's bare base model.
+
+    sentence-transformers (and anyone calling `AutoModel`) builds the bare base model (`BertModel`) of a task
+    checkpoint (`BertForSequenceClassification`); transformers loads the task model's weights into it (it drops the
+    base-model prefix), and `rebase_layout` finds the layers there. Nothing is added when transformers has no class of
+    that name (this file could not build it).
+
+    Args:
+        model (`nn.Module`): a compacted transformers model (a task model or a bare base model); changed in place.
+    """
+    name = base_class(type(getattr(model, "base_model", model))).__name__
+    known = getattr(transformers, name, None)
+    if not (isinstance(known, type) and issubclass(known, transformers.PreTrainedModel)):
+        return
+    auto_map = dict(getattr(model.config, "auto_map", None) or {})
+    auto_map["AutoModel"] = f"{__name__.rpartition('.')[2]}.{CLASS_PREFIX}{name}"
+    model.config.auto_map = auto_map
+
+
 def block_pruned_class(base: type) -> type:
     """`BlockPruned<base>`: `base` whose `__init__` resizes its layers to `config.blockprune_layout`.
 
     Its `config_class` is `block_pruned_config_class(base.config_class)`, and it saves this file and an `auto_map`
-    (its auto class and `AutoConfig`) with its weights.
+    (its auto class, `AutoConfig`, and `AutoModel` for its bare base model, see `add_base_model_to_auto_map`) with its
+    weights.
     """
     base = base_class(base)
     name = CLASS_PREFIX + base.__name__
@@ -232,9 +298,16 @@ def block_pruned_class(base: type) -> type:
 
         def __init__(self, config, *args, **kwargs):
             base.__init__(self, config, *args, **kwargs)
-            layout = getattr(config, LAYOUT_ATTRIBUTE, None)
+            layout = getattr(self.config, LAYOUT_ATTRIBUTE, None)
             if layout:
+                # the paths of this model (a task model's layout, loaded as its bare base model, loses the prefix)
+                layout = rebase_layout(self, layout)
+                setattr(self.config, LAYOUT_ATTRIBUTE, layout)
                 shrink_to_layout(self, layout)
+
+        def save_pretrained(self, save_directory, *args, **kwargs):
+            add_base_model_to_auto_map(self)
+            return base.save_pretrained(self, save_directory, *args, **kwargs)
 
         def _get_name(self):
             # transformers' Trainer decides by this name whether a model is a causal LM (label smoothing shifts the
@@ -246,6 +319,7 @@ def block_pruned_class(base: type) -> type:
             (base,),
             {
                 "__init__": __init__,
+                "save_pretrained": save_pretrained,
                 "_get_name": _get_name,
                 "__module__": __name__,
                 "__doc__": f"`{base.__name__}` with per-layer head counts and FFN sizes (see `{LAYOUT_ATTRIBUTE}`).",
