@@ -1,14 +1,23 @@
-"""BlockPruningCallback with unmodified Trainer subclasses, and its misuse errors."""
+"""BlockPruningCallback with unmodified Trainer subclasses, its `pruning/*` logs in the `report_to` integrations, and
+its misuse errors."""
+
+import logging
+import math
 
 import pytest
 import torch
-from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainerCallback
+from transformers.integrations import integration_utils
 
 from hf_blockprune import BlockPruningCallback, BlockPruningTrainer
 from hf_blockprune.pruning.losses import expected_density, mask_density
+from hf_blockprune.training import callback as callback_module
 
-from conftest import tiny_dataset, tiny_model
+from conftest import tiny_dataset, tiny_model, training_args
 from helpers import make_trainer, preset_config, topk_density
+
+PRUNING_LOGS = {"pruning/threshold", "pruning/lambda", "pruning/regularization", "pruning/density_attention",
+                "pruning/density_ffn", "pruning/density"}
 
 
 class QuestionAnsweringLikeTrainer(Trainer):
@@ -86,22 +95,29 @@ def test_callback_added_after_construction_is_an_error(tmp_path):
 
 
 def test_callback_with_label_smoothing_says_to_use_the_trainer(tmp_path):
-    trainer = make_trainer("callback", "bert", preset_config("hybrid"), tmp_path, label_smoothing_factor=0.1)
-    with pytest.raises(ValueError, match="BlockPruningTrainer"):
-        trainer.train()
+    # the Trainer computes the smoothed loss outside the model: refused at construction, before any training
+    with pytest.raises(ValueError, match="label_smoothing_factor.*BlockPruningTrainer"):
+        make_trainer("callback", "bert", preset_config("hybrid"), tmp_path, label_smoothing_factor=0.1)
 
 
 def test_callback_with_compute_loss_func_says_to_use_the_trainer(tmp_path):
     config = preset_config("hybrid", initial_warmup=0.0)
-    model = tiny_model("bert")
-    trainer = Trainer(
-        model=model, args=make_trainer("callback", "bert", config, tmp_path).args, train_dataset=tiny_dataset("bert"),
-        callbacks=[BlockPruningCallback(config)],
-        compute_loss_func=lambda outputs, labels, num_items_in_batch=None: torch.nn.functional.cross_entropy(
-            outputs.logits, labels),
-    )
-    with pytest.raises(RuntimeError, match="BlockPruningTrainer"):
-        trainer.train()
+    with pytest.raises(ValueError, match="compute_loss_func.*BlockPruningTrainer"):
+        Trainer(
+            model=tiny_model("bert"), args=make_trainer("callback", "bert", config, tmp_path).args,
+            train_dataset=tiny_dataset("bert"), callbacks=[BlockPruningCallback(config)],
+            compute_loss_func=lambda outputs, labels, num_items_in_batch=None: torch.nn.functional.cross_entropy(
+                outputs.logits, labels),
+        )
+
+
+def test_callback_with_label_smoothing_prunes_top_k_which_adds_nothing_to_the_loss(tmp_path):
+    config = preset_config("hybrid", pruning_method="topk", final_threshold=0.5, initial_warmup=0.0,
+                           final_warmup=0.0)
+    trainer = make_trainer("callback", "bert", config, tmp_path, label_smoothing_factor=0.1, max_steps=6)
+    trainer.train()
+    assert mask_density(trainer.model).item() < 0.75
+    assert all(math.isfinite(log["loss"]) for log in trainer.state.log_history if "loss" in log)
 
 
 def test_trainer_handles_label_smoothing(tmp_path):
@@ -125,3 +141,63 @@ def test_trainer_puts_scores_in_their_own_group(tmp_path):
     assert len(score_group["params"]) == sum(1 for n, _ in trainer.model.named_parameters() if n.endswith("scores"))
     others = {id(p) for g in optimizer.param_groups[:-1] for p in g["params"]}
     assert not others & {id(p) for p in score_group["params"]}
+
+
+class LogRecorder(TrainerCallback):
+    """Stands in for a `report_to` integration (TensorBoard is not installed here): keeps a copy of each `logs` dict
+    as it is when its `on_log` runs, as TensorBoardCallback writes it out then."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def recorded_training_logs(trainer, recorder_class) -> list[dict]:
+    recorder = next(cb for cb in trainer.callback_handler.callbacks if type(cb) is recorder_class)
+    return [logs for logs in recorder.logs if "loss" in logs]
+
+
+class UserLogger(LogRecorder):
+    """A logger the user lists before BlockPruningCallback in `callbacks=`."""
+
+
+@pytest.mark.parametrize("route", ["trainer", "callback"])
+def test_pruning_logs_reach_report_to_integrations(route, tmp_path, monkeypatch):
+    monkeypatch.setitem(integration_utils.INTEGRATION_TO_CALLBACK, "tensorboard", LogRecorder)
+    config = preset_config("hybrid", final_lambda=20.0)
+    args = training_args(tmp_path, max_steps=20, report_to=["tensorboard"])
+    common = dict(model=tiny_model("bert"), args=args, train_dataset=tiny_dataset("bert"))
+    if route == "trainer":
+        trainer = BlockPruningTrainer(**common, pruning_config=config, callbacks=[UserLogger()])
+    else:
+        trainer = Trainer(**common, callbacks=[UserLogger(), BlockPruningCallback(config)])
+    trainer.train()
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(history) == 2 and all(PRUNING_LOGS <= entry.keys() for entry in history)
+    for recorder_class in (LogRecorder, UserLogger):
+        logs = recorded_training_logs(trainer, recorder_class)
+        assert len(logs) == 2
+        for seen, entry in zip(logs, history):
+            assert {key for key in seen if key.startswith("pruning/")} == PRUNING_LOGS  # same names on both routes
+            assert {key: seen[key] for key in PRUNING_LOGS} == {key: entry[key] for key in PRUNING_LOGS}
+
+
+def test_callback_warns_when_report_to_misses_its_logs(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(integration_utils.INTEGRATION_TO_CALLBACK, "tensorboard", LogRecorder)
+    monkeypatch.setattr(callback_module, "_trainer_being_built", lambda callback: None)
+    config = preset_config("hybrid")
+    trainer = make_trainer("callback", "bert", config, tmp_path, max_steps=10, report_to=["tensorboard"])
+    with caplog.at_level(logging.WARNING, logger=callback_module.__name__):
+        trainer.train()
+    assert "tensorboard" in caplog.text and "BlockPruningTrainer" in caplog.text
+    assert not any("pruning/density" in logs for logs in recorded_training_logs(trainer, LogRecorder))
+
+    callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, BlockPruningCallback))
+    assert callback_module.log_before_other_callbacks(trainer, callback)  # what the warning suggests
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=callback_module.__name__):
+        trainer.train()
+    assert "BlockPruningTrainer" not in caplog.text
+    assert PRUNING_LOGS <= recorded_training_logs(trainer, LogRecorder)[-1].keys()

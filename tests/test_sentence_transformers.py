@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModel, BertForSequenceClassification, BertModel, BertTokenizer
 
 import hf_blockprune
@@ -134,12 +135,13 @@ class PruningSentenceTransformerTrainer(BlockPruningTrainer, SentenceTransformer
     where BlockPruningCallback cannot add to it, and BlockPruningTrainer adds its terms to any loss."""
 
 
-def _st_trainer(model, data, output_dir, config=None, route="callback", **overrides) -> SentenceTransformerTrainer:
+def _st_trainer(model, data, output_dir, config=None, route="callback", eval_dataset=None,
+                **overrides) -> SentenceTransformerTrainer:
     config = config or BlockPruningConfig.from_preset("struct", **STRUCT_TOPK)
     values = dict(output_dir=str(output_dir), max_steps=4, per_device_train_batch_size=8, learning_rate=1e-4,
                   save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, seed=0)
     common = dict(model=model, args=SentenceTransformerTrainingArguments(**{**values, **overrides}),
-                  train_dataset=data, loss=CosineSimilarityLoss(model))
+                  train_dataset=data, eval_dataset=eval_dataset, loss=CosineSimilarityLoss(model))
     if route == "trainer":
         return PruningSentenceTransformerTrainer(**common, pruning_config=config)
     return SentenceTransformerTrainer(**common, callbacks=[BlockPruningCallback(config)])
@@ -172,6 +174,63 @@ def test_block_pruning_trainer_mixed_into_sentence_transformer_trainer_adds_the_
     assert any(log.get("pruning/regularization", 0.0) > 0 for log in trainer.state.log_history)
     # four steps of soft pruning move the scores too little to remove a head: the model loads, no smaller
     _check_saved_model(trainer, tmp_path / "final", SENTENCES, atol=1e-5, smaller=False)
+
+
+def _state(model) -> dict:
+    return {name: value.clone() for name, value in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("route", ["callback", "trainer"])
+def test_a_resumed_sentence_transformer_run_ends_equal_to_the_uninterrupted_one(route, dense_folder, tmp_path):
+    data = _word_pairs(48)
+
+    def trainer(folder, **overrides):
+        model = SentenceTransformer(str(dense_folder), device="cpu")
+        return _st_trainer(model, data, tmp_path / folder, route=route, **{"max_steps": 6, **overrides})
+
+    whole = trainer("whole", save_strategy="steps", save_steps=3)
+    whole.train()
+    resumed = trainer("whole")  # the checkpoint holds scores and weights of a masked model: loaded in place
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-3"))
+    at_checkpoint = trainer("half", max_steps=3)
+    at_checkpoint.train()
+    final, halfway = _state(whole.model), _state(at_checkpoint.model)
+    assert any(not torch.equal(final[name], halfway[name]) for name in final if name.endswith("scores"))
+    for name, value in _state(resumed.model).items():
+        torch.testing.assert_close(value, final[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_load_best_model_at_end_loads_the_best_masked_checkpoint(dense_folder, tmp_path):
+    model = SentenceTransformer(str(dense_folder), device="cpu")
+    data = _word_pairs(48)
+    trainer = _st_trainer(model, data, tmp_path / "run", max_steps=6, save_strategy="steps", save_steps=2,
+                          eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                          metric_for_best_model="loss", greater_is_better=True,  # the worst loss: not the last
+                          eval_dataset=_word_pairs(16, seed=1))
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-6")
+    saved = load_file(f"{best}/model.safetensors")
+    for name, value in transformers_model(trainer.model).state_dict().items():
+        torch.testing.assert_close(value, saved[name], atol=0, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("config", [
+    BlockPruningConfig.from_preset("struct", final_lambda=1.0),
+    BlockPruningConfig.from_preset("struct", target_density=0.5),
+], ids=["lambda", "soft-target"])
+def test_callback_refuses_a_regularization_the_sentence_transformer_loss_would_lack(config, dense_folder, tmp_path):
+    model = SentenceTransformer(str(dense_folder), device="cpu")
+    with pytest.raises(ValueError, match="BlockPruningTrainer, SentenceTransformerTrainer"):
+        _st_trainer(model, _word_pairs(8), tmp_path / "run", config)
+
+
+@pytest.mark.parametrize("route", ["callback", "trainer"])
+def test_distilling_a_sentence_transformer_is_refused(route, dense_folder, tmp_path):
+    model = SentenceTransformer(str(dense_folder), device="cpu")
+    config = BlockPruningConfig.from_preset("struct", **STRUCT_TOPK, teacher_model=str(dense_folder))
+    with pytest.raises(ValueError, match="returns embeddings"):
+        _st_trainer(model, _word_pairs(8), tmp_path / "run", config, route=route)
 
 
 def _mrpc_pairs(size: int):

@@ -86,3 +86,60 @@ def save_compacted_sentence_transformer(
 
 
 CONTAINER_SAVERS.append((is_sentence_transformer, save_compacted_sentence_transformer))
+
+
+def _weights_in(folder: Path) -> dict | None:
+    """The state dict saved in `folder` (one safetensors file, shards with their index, or `pytorch_model.bin`)."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    if (folder / "model.safetensors").is_file():
+        return load_file(folder / "model.safetensors")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        state = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            state.update(load_file(folder / shard))
+        return state
+    if (folder / "pytorch_model.bin").is_file():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    return None
+
+
+def load_sentence_transformer_checkpoint(model: nn.Module, checkpoint: str | os.PathLike) -> None:
+    """Load a Trainer checkpoint of a masked sentence-transformers model into `model`, in place.
+
+    sentence-transformers resumes (and loads the best model at the end) by building a new model from the checkpoint
+    folder, which cannot read a masked checkpoint (its `config.json` is marked, see `checkpoint_on_save`). Here each
+    module's weights are read from its folder (`modules.json`) into the module that is already masked, scores
+    included; a weight that is missing or unexpected raises rather than resuming with fresh values.
+
+    Args:
+        model: the masked `SentenceTransformer` (or `CrossEncoder`, ...) being trained.
+        checkpoint: a `checkpoint-N` folder written by its Trainer.
+    """
+    import json
+
+    checkpoint = Path(checkpoint)
+    inner = transformers_model(model)
+    for entry in json.loads((checkpoint / "modules.json").read_text()):
+        module = model._modules[entry["name"]]
+        target = inner if any(sub is inner for sub in module.modules()) else module
+        expected = target.state_dict()
+        if not expected:
+            continue  # pooling, normalization: nothing trained
+        folder = checkpoint / entry["path"]
+        state = _weights_in(folder)
+        if state is None:
+            raise FileNotFoundError(f"No weights for module {entry['name']} ({type(module).__name__}) in {folder}.")
+        tied = set(getattr(target, "all_tied_weights_keys", None) or {})
+        missing = sorted(set(expected) - set(state) - tied)
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"The checkpoint {folder} does not hold the weights of {type(target).__name__} as it is masked now "
+                f"(missing: {missing[:5]}, unexpected: {unexpected[:5]}): resume with the same pruning config."
+            )
+        target.load_state_dict(state, strict=False)

@@ -11,9 +11,11 @@ from transformers import Trainer, TrainerCallback
 
 from ..compact.model_card import attach_card_data, run_card_data, update_model_card
 from ..compact.saving import checkpoint_on_save, compact_on_save, is_compacted
+from ..compact.sentence_transformers import load_sentence_transformer_checkpoint
 from ..pruning.config import BlockPruningConfig
 from ..pruning.controller import PruningController, check_training_arguments, warn_if_stacks_emptied
 from ..pruning.model import apply_block_pruning, block_scores, is_block_pruned, score_parameters
+from ..structure.wrappers import is_sentence_transformer
 from .accumulation import loss_shifts_labels, micro_batch_weight
 from .distillation import Distiller, load_teacher
 
@@ -38,10 +40,11 @@ class BlockPruningCallback(TrainerCallback):
     its Trainer's `create_model_card()` (called by `push_to_hub` and by transformers' example scripts) keep that card
     instead of writing the Trainer's own (see `keep_model_card`).
 
-    The `pruning/*` values are added to the Trainer's logs (and `trainer_state.json`); reporting integrations named
-    in `report_to` run before user callbacks, so to see them in TensorBoard with this callback, list the reporter
-    after it (`report_to="none", callbacks=[BlockPruningCallback(cfg), TensorBoardCallback()]`) or use
-    `BlockPruningTrainer`.
+    The `pruning/*` values are added to the Trainer's training logs (and `trainer_state.json`). The Trainer runs the
+    `report_to` integrations before user callbacks and hands every callback the same `logs` dict, so at construction
+    the callback moves itself to the front of its Trainer's callback list: TensorBoard, W&B, ... and every other
+    callback then receive the values, as with `BlockPruningTrainer` (see `log_before_other_callbacks`). If it cannot,
+    it warns at train start.
 
     With a teacher (`teacher_model=` or `pruning_config.teacher_model`), the same hook replaces the training loss by
     `alpha * KD + (1 - alpha) * task loss`, running the frozen teacher on the same inputs.
@@ -63,15 +66,18 @@ class BlockPruningCallback(TrainerCallback):
         self._hooks = []
         self._training = False
         self._items_in_step = None  # the Trainer's num_items_in_batch for the current micro-batch, kept from the model
+        self._logs_first = False  # whether on_log runs before the reporting integrations
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         """Mask the model before the Trainer builds the optimizer; make the Trainer's `create_model_card` keep the
-        pruning card (see `keep_model_card`)."""
+        pruning card (see `keep_model_card`); run first among the Trainer's callbacks, for the logs."""
         if model is None:
             raise ValueError(
                 "BlockPruningCallback needs a model at Trainer construction; `model_init` is not supported."
             )
         check_training_arguments(args, self.pruning_config)
+        trainer = _trainer_being_built(self)
+        _refuse_loss_computed_outside_the_model(model, args, trainer, self.pruning_config, self.teacher_model)
         if self.pruning_config.enabled:
             self._mask(model, args)
         self.controller = PruningController(model, self.pruning_config)
@@ -87,6 +93,10 @@ class BlockPruningCallback(TrainerCallback):
         ]
         self._shift_labels = loss_shifts_labels(model)
         self._keep_card_of_trainer()
+        if trainer is not None:
+            log_before_other_callbacks(trainer, self)
+        if is_sentence_transformer(model):
+            _resume_masked_sentence_transformer(trainer, args)
 
     def _keep_card_of_trainer(self) -> None:
         """`keep_model_card` on the Trainer being built, if it can be found."""
@@ -118,15 +128,22 @@ class BlockPruningCallback(TrainerCallback):
                 "BlockPruningCallback was added after the Trainer was built, so its scores are not in the optimizer. "
                 "Pass it at construction: Trainer(..., callbacks=[BlockPruningCallback(config)])."
             )
-        if args.label_smoothing_factor > 0 and (self.pruning_config.enabled or self.distiller is not None):
-            raise ValueError(
-                "With `label_smoothing_factor` > 0 the Trainer computes the loss outside the model, where this "
-                "callback cannot add the regularization. Use BlockPruningTrainer(..., pruning_config=config) instead."
-            )
         self._check_optimizer(optimizer)
+        self._warn_if_reporters_miss_logs(args)
         self.controller.update(state.global_step, state.max_steps)
         checkpoint_on_save(model)  # checkpoints keep the scores, under a marked config
         self._training = True
+
+    def _warn_if_reporters_miss_logs(self, args) -> None:
+        if self._logs_first or not self.pruning_config.enabled or not args.report_to:
+            return
+        logger.warning(
+            "BlockPruningCallback could not put itself before the `report_to` integrations (%s), which therefore log "
+            "no `pruning/*` values (trainer_state.json and the callbacks after this one still get them). Use "
+            "BlockPruningTrainer, or call `log_before_other_callbacks(trainer, callback)` (from "
+            "hf_blockprune.training.callback) before `train()`.",
+            ", ".join(map(str, args.report_to)),
+        )
 
     def _check_optimizer(self, optimizer) -> None:
         if optimizer is None:
@@ -158,7 +175,8 @@ class BlockPruningCallback(TrainerCallback):
         self.controller.after_optimizer_step(state.global_step, state.max_steps)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        """Add the `pruning/*` values to training logs."""
+        """Add the `pruning/*` values to training logs (in place: the callbacks after this one get the same dict) and
+        to their entry in `state.log_history`."""
         if logs is not None and "loss" in logs and self.controller is not None:
             metrics = self.controller.metrics()
             logs.update(metrics)
@@ -212,6 +230,66 @@ class BlockPruningCallback(TrainerCallback):
             return (loss,) + output[1:]
         output["loss"] = loss
         return output
+
+
+def _resume_masked_sentence_transformer(trainer: Trainer | None, args) -> None:
+    """Make a sentence-transformers Trainer load its masked checkpoints (to resume, and for `load_best_model_at_end`)
+    into the masked model; its own loader builds a new model from the folder, which a masked checkpoint refuses."""
+    if trainer is None:
+        if getattr(args, "load_best_model_at_end", False):
+            raise ValueError(
+                "BlockPruningCallback did not find its Trainer, so the sentence-transformers Trainer could not load "
+                "the best masked checkpoint at the end (it would keep the last model and only log an error). Leave "
+                "out `load_best_model_at_end`, or train with `class PruningTrainer(BlockPruningTrainer, "
+                "SentenceTransformerTrainer)`."
+            )
+        return
+
+    def load_from_checkpoint(checkpoint, model=None):
+        load_sentence_transformer_checkpoint(trainer.model, checkpoint)
+
+    trainer._load_from_checkpoint = load_from_checkpoint
+
+
+def adds_loss_terms(config: BlockPruningConfig, teacher_model=None) -> bool:
+    """Whether training with `config` changes the loss: a distillation, or a regularization of the scores (a fixed
+    `final_lambda` > 0, or a density target with soft movement pruning). Top-k pruning adds no term."""
+    if teacher_model is not None:
+        return True
+    if not config.enabled:
+        return False
+    if config.has_target:
+        return config.pruning_method == "sigmoid_threshold"
+    return config.final_lambda > 0
+
+
+def _refuse_loss_computed_outside_the_model(model, args, trainer, config: BlockPruningConfig, teacher_model) -> None:
+    """Refuse, at Trainer construction, a distillation or regularization the callback could not add.
+
+    The callback adds its terms to the loss the model returns. Some Trainers compute the loss outside the model, from
+    its logits or embeddings: with `label_smoothing_factor` > 0, with `compute_loss_func`, and always for
+    sentence-transformers models (the Trainer applies its loss module to the embeddings). There the terms would be
+    silently missing, so the run is refused unless it needs none (top-k pruning without a teacher).
+    """
+    if not adds_loss_terms(config, teacher_model):
+        return
+    if is_sentence_transformer(model):
+        reason = f"{type(model).__name__} returns embeddings, and its Trainer computes the loss outside the model"
+        fix = ("class PruningTrainer(BlockPruningTrainer, SentenceTransformerTrainer) (BlockPruningTrainer adds the "
+               "terms to any loss)")
+    elif getattr(args, "label_smoothing_factor", 0) > 0:
+        reason = "with `label_smoothing_factor` > 0 the Trainer computes the loss outside the model"
+        fix = "BlockPruningTrainer(..., pruning_config=config), which adds the terms to any loss"
+    elif getattr(trainer, "compute_loss_func", None) is not None:
+        reason = "with `compute_loss_func` the Trainer computes the loss outside the model"
+        fix = "BlockPruningTrainer(..., compute_loss_func=...), which adds the terms to any loss"
+    else:
+        return
+    terms = "the distillation" if teacher_model is not None else "the pruning regularization"
+    raise ValueError(
+        f"BlockPruningCallback adds {terms} to the loss the model returns, but {reason}. Train with {fix}, or, "
+        "without a teacher, prune with `pruning_method='topk'`, which adds nothing to the loss."
+    )
 
 
 def _attach_run_card_data(model, args, state) -> None:
@@ -268,6 +346,32 @@ def keep_model_card(trainer: Trainer) -> Trainer:
     create_model_card.keeps_pruning_card = True
     trainer.create_model_card = create_model_card
     return trainer
+
+
+def log_before_other_callbacks(trainer: Trainer, callback: BlockPruningCallback) -> bool:
+    """Move `callback` to the front of `trainer`'s callback list, so that the `pruning/*` values it adds to the logs
+    reach every callback after it: the `report_to` integrations (which the Trainer puts before user callbacks), the
+    console printer and any other logger. `BlockPruningCallback` does this itself when it finds its Trainer.
+
+    Every other event then also reaches it first, which is harmless: it reads nothing the other callbacks set, and
+    it checks its arguments and marks the model for compaction before e.g. an integration starts a run or saves it.
+
+    Args:
+        trainer (`Trainer`): the Trainer that `callback` was passed to.
+        callback (`BlockPruningCallback`): the callback to move.
+
+    Returns:
+        `bool`: whether `callback` is now first (`False` when it is not among `trainer`'s callbacks).
+    """
+    callbacks = trainer.callback_handler.callbacks
+    if callback not in callbacks:
+        return False
+    # Safe while the handler iterates over this list (e.g. in on_init_end): the callback being called moves from index
+    # i to 0, the ones before it move up by one, and the iteration goes on at index i + 1 with the same next callback.
+    callbacks.remove(callback)
+    callbacks.insert(0, callback)
+    callback._logs_first = True
+    return True
 
 
 def _trainer_being_built(callback: TrainerCallback, depth: int = 16) -> Trainer | None:

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..structure.wrappers import is_sentence_transformer
+
 IGNORE_INDEX = -100
 
 
@@ -113,12 +115,23 @@ def _head_kind(model: nn.Module) -> str:
     return name
 
 
+def _refuse_sentence_transformer(student: nn.Module) -> None:
+    if is_sentence_transformer(student):
+        raise ValueError(
+            f"Distillation compares the teacher's logits with the student's, and a {type(student).__name__} returns "
+            "embeddings (its loss module computes the loss): prune it without a teacher (leave out `teacher_model`), "
+            "or distil with a sentence-transformers loss such as `MSELoss` against the teacher's embeddings."
+        )
+
+
 def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
     """Raise `ValueError` when the teacher's outputs cannot be compared with the student's.
 
     Checks the output kind (the task head), the label count of classification heads and the vocabulary of
-    generation heads.
+    generation heads. Sentence-transformers models are refused: they return embeddings, whose loss the Trainer's loss
+    module computes, and distillation compares logits.
     """
+    _refuse_sentence_transformer(student)
     student_kind, teacher_kind = _head_kind(student), _head_kind(teacher)
     if student_kind != teacher_kind:
         raise ValueError(
@@ -152,6 +165,7 @@ def load_teacher(teacher: nn.Module | str | os.PathLike, student: nn.Module) -> 
 
         from ..structure.modeling_blockprune import auto_class_name
 
+        _refuse_sentence_transformer(student)
         auto = getattr(transformers, auto_class_name(type(student)))
         teacher = auto.from_pretrained(teacher)
     check_teacher(student, teacher)

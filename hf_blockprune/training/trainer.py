@@ -6,9 +6,11 @@ from transformers import Trainer, TrainerCallback
 
 from ..compact.model_card import attach_card_data, run_card_data
 from ..compact.saving import checkpoint_on_save, compact_on_save, is_compacted
+from ..compact.sentence_transformers import load_sentence_transformer_checkpoint
 from ..pruning.config import BlockPruningConfig
 from ..pruning.controller import PruningController, check_training_arguments, warn_if_stacks_emptied
 from ..pruning.model import apply_block_pruning, is_block_pruned, score_parameters
+from ..structure.wrappers import is_sentence_transformer
 from .accumulation import micro_batch_weight
 from .callback import create_or_keep_model_card
 from .distillation import Distiller, load_teacher
@@ -104,6 +106,14 @@ class BlockPruningTrainer(Trainer):
         """Save as the Trainer does; a compacted model's card gets the run's last evaluation and Hub id."""
         attach_card_data(self.model, run_card_data(self.state.log_history, self.args.hub_model_id))
         super().save_model(output_dir, _internal_call)
+
+    def _load_from_checkpoint(self, checkpoint, *args, **kwargs):
+        """Load a checkpoint (to resume, or the best model at the end); a masked sentence-transformers model is
+        loaded module by module into the masked model (see `load_sentence_transformer_checkpoint`)."""
+        if is_sentence_transformer(self.model):
+            load_sentence_transformer_checkpoint(self.model, checkpoint)
+            return None
+        return super()._load_from_checkpoint(checkpoint, *args, **kwargs)
 
     def create_model_card(self, *args, **kwargs):
         """Keep the pruning model card written with the compacted model, adding the run's evaluation results and
