@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,25 @@ def assert_compacted(output_dir: Path, dense_size: int) -> torch.nn.Module:
     model = hf_blockprune.from_pretrained(str(output_dir))
     assert sum(p.numel() for p in model.parameters()) < dense_size
     return model
+
+
+def test_demo_prints_the_pruned_accuracy_beside_the_dense_ones(tmp_path):
+    """examples/demo_sst2.py in a smoke run, with the dense model fine-tuned the same way as a reference."""
+    out = tmp_path / "demo"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "demo_sst2.py"), "--max_steps", "6", "--train_size", "192",
+         "--eval_size", "64", "--output_dir", str(out)], capture_output=True, text=True, env=env, timeout=1200,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    accuracies = dict(re.findall(r"^  (pruned|dense, fine-tuned|dense as loaded)[^:]*: ([01]\.\d{4})$", result.stdout,
+                                 re.MULTILINE))
+    assert accuracies.keys() == {"pruned", "dense, fine-tuned", "dense as loaded"}, result.stdout
+    assert "dense, fine-tuned the same way (6 steps)" in result.stdout
+    assert "SST-2 dev accuracy (64 examples)" in result.stdout and "cost of pruning: " in result.stdout
+    assert all(0.0 <= float(value) <= 1.0 for value in accuracies.values())
+    assert "measured CPU speedup vs dense" in result.stdout
+    assert_compacted(out, dense_parameters(AutoModelForSequenceClassification, num_labels=2))
 
 
 def test_text_classification_with_the_trainer_swap(tmp_path):
