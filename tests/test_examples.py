@@ -90,6 +90,24 @@ def test_text_classification_with_the_trainer_swap(tmp_path):
     assert metrics["eval_parameters"] == sum(p.numel() for p in model.parameters())
 
 
+def test_a_json_file_of_arguments_carries_the_pruning_fields(tmp_path):
+    """`python run_glue_blockprune.py args.json`: the script's JSON branch parses the pruning config too."""
+    out = tmp_path / "json"
+    arguments = {"task_name": "sst2", "output_dir": str(out), "do_train": True, "do_eval": True, "use_cpu": True,
+                 "report_to": "none", "disable_tqdm": True, "save_strategy": "no", "max_train_samples": 96,
+                 "max_eval_samples": 32, "max_steps": 6, "per_device_train_batch_size": 16, "max_seq_length": 48,
+                 "pruning_preset": "struct", "target_density": 0.5, "initial_warmup": 0, "final_warmup": 0.2}
+    (tmp_path / "args.json").write_text(json.dumps(arguments))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(EXAMPLES / "run_glue_blockprune.py"), str(tmp_path / "args.json")],
+                            capture_output=True, text=True, env=env, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config[PRUNING_CONFIG_KEY]["pruning_preset"] == "struct"
+    assert config[PRUNING_CONFIG_KEY]["target_density"] == 0.5
+    assert_compacted(out, dense_parameters(AutoModelForSequenceClassification, num_labels=2))
+
+
 def _kept_heads(folder: Path) -> dict[str, list[int]]:
     layout = json.loads((folder / "config.json").read_text())[LAYOUT_ATTRIBUTE]
     return {name: entry["attention"][0]["heads"] for name, entry in layout["layers"].items()}
