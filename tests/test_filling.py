@@ -60,12 +60,15 @@ def test_filled_stage_within_one_run(route, tmp_path):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_resume_after_the_switch_equals_uninterrupted(tmp_path):
-    config = hf_blockprune.BlockPruningConfig.from_preset("hybrid-filled", **FILLED)
-    args = dict(max_steps=60, save_strategy="steps", save_steps=52, logging_steps=10)
-    full = make_trainer("trainer", "bert", config, tmp_path / "full", **args)
+@pytest.mark.parametrize("route", ["trainer", "callback"])
+@pytest.mark.parametrize("fill_learning_rate", [None, 1e-4])
+def test_resume_after_the_switch_equals_uninterrupted(route, fill_learning_rate, tmp_path):
+    filled = {**FILLED, "fill_learning_rate": fill_learning_rate}
+    args = dict(max_steps=60, save_strategy="steps", save_steps=52, logging_steps=10, lr_scheduler_type="linear")
+    full = make_trainer(route, "bert", hf_blockprune.BlockPruningConfig.from_preset("hybrid-filled", **filled),
+                        tmp_path / "full", **args)
     full.train()
-    resumed = make_trainer("trainer", "bert", hf_blockprune.BlockPruningConfig.from_preset("hybrid-filled", **FILLED),
+    resumed = make_trainer(route, "bert", hf_blockprune.BlockPruningConfig.from_preset("hybrid-filled", **filled),
                            tmp_path / "resumed", **args)
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-52"))
     for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
@@ -106,3 +109,38 @@ def test_hybrid_filled_preset():
     config = hf_blockprune.BlockPruningConfig.from_preset("hybrid-filled")
     assert config.fill_after == 0.8 and config.attention_block_size == [32, 32]
     assert preset_config("hybrid").fill_after is None
+
+
+@pytest.mark.parametrize("route", ["trainer", "callback"])
+def test_fill_learning_rate_starts_the_filled_stage_and_the_schedule_goes_on_from_it(route, tmp_path):
+    config = hf_blockprune.BlockPruningConfig.from_preset("hybrid-filled", **FILLED, fill_learning_rate=1e-4)
+    trainer = make_trainer(route, "bert", config, tmp_path, max_steps=60, logging_steps=1, learning_rate=1e-3,
+                           lr_scheduler_type="linear")
+    trainer.train()
+    # the rate logged after s steps is the one step s used: linear, 1e-3 * (60 - (s - 1)) / 60
+    rates = {e["step"]: e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e}
+    assert rates[48] == pytest.approx(1e-3 * 13 / 60)  # the switch comes with step 49 (after 0.8 * 60 steps)
+    for step in range(49, 61):  # from 1e-4 at the switch, decaying linearly towards 0 at the end
+        assert rates[step] == pytest.approx(1e-4 * (61 - step) / 12, abs=1e-12), step
+
+
+def test_fill_learning_rate_without_a_filled_stage_is_refused():
+    with pytest.raises(ValueError, match="has none"):
+        hf_blockprune.BlockPruningConfig.from_preset("hybrid", fill_learning_rate=3e-5)
+
+
+def test_fill_after_one_switches_the_filled_stage_off_on_the_preset(tmp_path):
+    config = hf_blockprune.BlockPruningConfig.from_preset("hybrid-filled", **{**FILLED, "fill_after": 1.0})
+    assert config.fill_after == 1.0 and not config.fills
+    again = hf_blockprune.BlockPruningConfig(**json.loads(json.dumps(config.to_dict())))
+    assert not again.fills  # a round trip through the saved config keeps it off
+    trainer = make_trainer("trainer", "bert", config, tmp_path, max_steps=60, logging_steps=4)
+    trainer.train()
+    logs = {e["step"]: e for e in trainer.state.log_history if "pruning/density_attention" in e}
+    assert logs[60]["pruning/lambda"] > 0.0  # no switch: the regularization runs to the end
+    assert not _per_head_all_or_nothing(trainer.model)  # blocks, not whole heads, as with 'hybrid'
+
+
+def test_fill_after_outside_its_range_is_refused():
+    with pytest.raises(ValueError, match="or 1.0 for no filled stage"):
+        hf_blockprune.BlockPruningConfig.from_preset("hybrid-filled", fill_after=1.5)

@@ -66,6 +66,21 @@ def test_logged_threshold_and_lambda_follow_the_cubic_formula(route, tmp_path):
 
 
 @pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("target", [None, 0.4], ids=["lambda", "target"])
+def test_task_loss_and_regularization_are_logged_apart_and_add_up_to_the_loss(route, target, tmp_path):
+    config = preset_config("hybrid", final_lambda=None if target else 50.0, target_density=target,
+                           initial_warmup=0.0, final_warmup=0.2)
+    trainer = make_trainer(route, "bert", config, tmp_path, max_steps=24, logging_steps=4)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "pruning/task_loss" in entry]
+    assert len(logged) == 6
+    for entry in logged:  # the Trainer's loss is the window's mean total: task loss plus regularization
+        assert entry["pruning/task_loss"] + entry["pruning/regularization"] == pytest.approx(entry["loss"], rel=1e-4)
+        assert 0.0 < entry["pruning/task_loss"] < 5.0  # a 2-label cross-entropy, not the penalty
+    assert logged[-1]["pruning/regularization"] > 0.0
+
+
+@pytest.mark.parametrize("route", ROUTES)
 def test_one_optimizer_step_moves_scores_by_the_mask_learning_rate(route, tmp_path):
     config = preset_config("hybrid", mask_scores_learning_rate=1e-2)
     trainer = make_trainer(route, "bert", config, tmp_path, max_steps=1, learning_rate=1e-5, weight_decay=0.0)

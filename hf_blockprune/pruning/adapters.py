@@ -87,9 +87,9 @@ def check_lora_layer(path: str, module: nn.Module, config) -> None:
     check_lora_base(path, module)
     if any(module.use_dora.get(name, False) for name in module.lora_A):
         raise ValueError(f"{path} uses DoRA (`use_dora=True`), which block pruning does not support: use plain LoRA.")
-    if getattr(config, "fill_after", None) is not None:
+    if getattr(config, "fills", False):
         raise ValueError(
             f"{path} is a LoRA layer: the filled stage (`fill_after`, preset 'hybrid-filled') zeroes masked blocks of "
             "the weight, which a frozen base weight plus a low-rank adapter cannot do. Use 'hybrid' or 'struct', or "
-            "set `fill_after=None`."
+            "set `fill_after=1.0` (no filled stage)."
         )

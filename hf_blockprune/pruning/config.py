@@ -145,7 +145,12 @@ class BlockPruningConfig:
             Hybrid-filled: fraction of the training steps after which the heads that survived become dense again
             (their masked blocks restart from zero and train), dead heads stay removed, the FFN masks are frozen and
             the regularization stops. Must be at least `1 - final_warmup`, when the threshold has reached its final
-            value. `None` (default): no filled stage.
+            value. `None` (default): no filled stage, unless the preset has one; `1.0` switches it off whatever the
+            preset (on `"hybrid-filled"`, a `None` takes the preset's 0.8).
+        fill_learning_rate (`float`, *optional*):
+            Learning rate of the model's weights when the filled stage starts (the paper fine-tunes the filled model
+            at 3e-5); the Trainer's schedule then goes on from it (a linear decay reaches 0 at the end, as before).
+            `None` (default): the schedule goes on unchanged. Only with a filled stage.
         layers_pattern (`str`, *optional*):
             For architectures without a built-in map: dotted path (suffix) of the `nn.ModuleList` of layers.
         attention_modules (`list[str]`, *optional*):
@@ -201,6 +206,10 @@ class BlockPruningConfig:
         default=None,
         metadata={"help": "Hybrid-filled: fraction of training after which surviving heads are made dense again."},
     )
+    fill_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the weights from the start of the filled stage (the paper's 3e-5)."},
+    )
     target_density: float | None = field(
         default=None, metadata={"help": "Fraction of prunable weights to keep (instead of final_lambda)."}
     )
@@ -248,6 +257,7 @@ class BlockPruningConfig:
             self._validate_fractions()
             self._validate_distillation()
             self._validate_custom_modules()
+            self._validate_fill_learning_rate()
             return
         self._resolve_defaults()
         self._validate_choices()
@@ -255,6 +265,18 @@ class BlockPruningConfig:
         self._validate_schedule()
         self._validate_targets()
         self._validate_custom_modules()
+        self._validate_fill_learning_rate()
+
+    def _validate_fill_learning_rate(self):
+        if self.fill_learning_rate is None:
+            return
+        if not self.fill_learning_rate > 0:
+            raise ValueError(f"`fill_learning_rate` must be > 0, got {self.fill_learning_rate}.")
+        if not self.fills:
+            raise ValueError(
+                "`fill_learning_rate` is the learning rate of the filled stage, and this config has none: use the "
+                "'hybrid-filled' preset or set `fill_after` (e.g. 0.8), or leave `fill_learning_rate` out."
+            )
 
     @property
     def enabled(self) -> bool:
@@ -274,6 +296,11 @@ class BlockPruningConfig:
                 "asks for pruning: name a preset (hybrid, hybrid-filled, struct, block) or drop those fields."
             )
         return True
+
+    @property
+    def fills(self) -> bool:
+        """Whether training ends with the filled stage (`fill_after` set and below 1)."""
+        return self.enabled and self.fill_after is not None and self.fill_after < 1.0
 
     @property
     def has_target(self) -> bool:
@@ -393,10 +420,11 @@ class BlockPruningConfig:
             raise ValueError(f"`final_lambda` must be a finite number >= 0, got {self.final_lambda}.")
         if not math.isfinite(self.mask_init_value):
             raise ValueError(f"`mask_init_value` must be a finite number, got {self.mask_init_value}.")
-        if self.fill_after is not None and not (1.0 - self.final_warmup <= self.fill_after < 1.0):
+        if self.fill_after is not None and not (1.0 - self.final_warmup <= self.fill_after <= 1.0):
             raise ValueError(
                 f"`fill_after` must be in [1 - final_warmup, 1) = [{1.0 - self.final_warmup:g}, 1) so that the masks "
-                f"have reached the final threshold when the filled stage starts; got {self.fill_after}."
+                f"have reached the final threshold when the filled stage starts, or 1.0 for no filled stage; got "
+                f"{self.fill_after}."
             )
 
     def _validate_custom_modules(self):

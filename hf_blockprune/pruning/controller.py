@@ -12,11 +12,14 @@ from ..structure.wrappers import is_sentence_transformer, transformers_model
 from .config import BlockPruningConfig
 from .filling import fill_surviving_heads, is_filled
 from .losses import expected_density, mask_density
-from .model import TARGETS_ATTRIBUTE, block_scores, set_threshold
+from .model import TARGETS_ATTRIBUTE, block_scores, score_parameters, set_threshold
 from .schedule import cubic_lambda, cubic_threshold, schedule_progress
 from .targets import DensityTargets
 
 logger = logging.getLogger(__name__)
+
+# marks an optimizer group whose learning rate was set to `fill_learning_rate` (saved with the optimizer's state)
+FILLED_GROUP_KEY = "blockprune_fill_learning_rate_set"
 
 
 class PruningController:
@@ -39,6 +42,7 @@ class PruningController:
         self.targets: DensityTargets | None = None
         self._last_regularization: torch.Tensor | None = None
         self._loss_finite: torch.Tensor | None = None  # all training losses of this optimizer step were finite
+        self._loss_sums: torch.Tensor | None = None  # (task loss, regularization, micro-batches) since the last log
         if config.has_target:
             self.targets = self._attach_targets()
         if not config.enabled:
@@ -81,7 +85,7 @@ class PruningController:
         self.progress = schedule_progress(step, total_steps, config.initial_warmup, config.final_warmup)
         self.threshold = cubic_threshold(self.progress, config.initial_threshold, config.final_threshold)
         self.lambda_value = 0.0 if self.targets is not None else cubic_lambda(self.progress, config.final_lambda)
-        if config.fill_after is not None and step >= config.fill_after * total_steps:
+        if config.fills and step >= config.fill_after * total_steps:
             self._fill()
             return
         if self.targets is not None and config.pruning_method == "topk":
@@ -109,6 +113,31 @@ class PruningController:
         progress = schedule_progress(step, max(total_steps, 1), config.initial_warmup, config.final_warmup)
         self.targets.set_cuts(self.model, progress)
 
+    def set_fill_learning_rate(self, optimizer, lr_scheduler=None) -> None:
+        """Once the filled stage has started, give the model's weights `fill_learning_rate` (no effect otherwise).
+
+        Each optimizer group's learning rate becomes `fill_learning_rate` and the scheduler's base rate of that group
+        is scaled by the same ratio, so its schedule goes on from there (a linear decay still ends at 0). Groups that
+        hold only mask scores are left alone (the scores are frozen in the filled stage). The change is marked in the
+        group (saved with the optimizer's state), so a run resumed after the switch does not apply it twice.
+        """
+        rate = self.config.fill_learning_rate
+        if rate is None or not is_filled(self.model):
+            return
+        scores = {id(parameter) for parameter in score_parameters(self.model)}
+        base_lrs = getattr(lr_scheduler, "base_lrs", None)
+        for index, group in enumerate(optimizer.param_groups):
+            if group.get(FILLED_GROUP_KEY) or all(id(p) in scores for p in group["params"]) or not group["lr"] > 0:
+                continue
+            ratio = rate / group["lr"]
+            group["lr"] = rate
+            group[FILLED_GROUP_KEY] = True
+            if base_lrs is not None and index < len(base_lrs):
+                base_lrs[index] *= ratio
+            last = getattr(lr_scheduler, "_last_lr", None)  # what the Trainer logs as `learning_rate`
+            if isinstance(last, list) and index < len(last):
+                last[index] = rate
+
     def _fill(self) -> None:
         self.lambda_value = 0.0
         if not is_filled(self.model):
@@ -123,6 +152,15 @@ class PruningController:
         """Remember, on the device (no host sync), whether a micro-batch's training loss was finite."""
         finite = torch.isfinite(loss.detach()).all()
         self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+
+    @torch.no_grad()
+    def record_terms(self, task_loss: torch.Tensor, term: torch.Tensor | None) -> None:
+        """Add a micro-batch's task loss (distillation included) and regularization term to the sums logged as
+        `pruning/task_loss` and `pruning/regularization` (on the device, no host sync)."""
+        row = torch.stack([task_loss.detach().float().reshape(()),
+                           torch.zeros((), device=task_loss.device) if term is None else term.detach().float(),
+                           torch.ones((), device=task_loss.device)])
+        self._loss_sums = row if self._loss_sums is None else self._loss_sums + row.to(self._loss_sums.device)
 
     @torch.no_grad()
     def check_finite(self, step: int, output_dir: str | None) -> None:
@@ -166,10 +204,16 @@ class PruningController:
         if not self.config.enabled:
             return {}
         last = self._last_regularization
+        sums, self._loss_sums = self._loss_sums, None
+        if sums is not None:
+            task_loss, regularization, count = sums.tolist()
+            window = {"pruning/task_loss": task_loss / count, "pruning/regularization": regularization / count}
+        else:
+            window = {"pruning/regularization": 0.0 if last is None else last.item()}
         logs = {
             "pruning/threshold": self.threshold,
             "pruning/lambda": self.lambda_value,
-            "pruning/regularization": 0.0 if last is None else last.item(),
+            **window,
             "pruning/density_attention": mask_density(self.model, "attention").item(),
             "pruning/density_ffn": mask_density(self.model, "ffn").item(),
             "pruning/density": mask_density(self.model).item(),
@@ -249,12 +293,12 @@ def check_training_arguments(args, config: BlockPruningConfig) -> None:
     """
     check_parameters_not_sharded(args)
     distributed = getattr(args, "world_size", 1) > 1
-    if distributed and config.fill_after is not None and getattr(args, "ddp_find_unused_parameters", None) is False:
+    if distributed and config.fills and getattr(args, "ddp_find_unused_parameters", None) is False:
         raise ValueError(
             f"`fill_after={config.fill_after}` (the filled stage of hybrid-filled) freezes the mask scores during "
             "training, which DDP only allows with unused-parameter detection: leave `ddp_find_unused_parameters` "
             "unset (the Trainer's default is True) or set it to True, or run the filled stage as a second run "
-            "(`fill_after=None`, then fine-tune the saved compacted model)."
+            "(`fill_after=1.0`, then fine-tune the saved compacted model)."
         )
 
 

@@ -164,9 +164,11 @@ class BlockPruningCallback(TrainerCallback):
                 type(inner).__name__,
             )
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        """Set threshold and lambda for this optimizer step."""
+    def on_step_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        """Set threshold and lambda for this optimizer step (and the filled stage's learning rate)."""
         self.controller.update(state.global_step, state.max_steps)
+        if optimizer is not None:
+            self.controller.set_fill_learning_rate(optimizer, lr_scheduler)
 
     def on_step_end(self, args, state, control, **kwargs):
         """Stop on a non-finite loss or score (before any checkpoint), then keep a density target's masks on the
@@ -215,12 +217,14 @@ class BlockPruningCallback(TrainerCallback):
             loss = output[0] if isinstance(output, tuple) else output.get("loss")
             if torch.is_tensor(loss):
                 self.controller.record_loss(loss)
+                self.controller.record_terms(loss, None)
             return None
         loss = _loss_of(output)
         if self.distiller is not None:
             if isinstance(output, tuple):
                 raise RuntimeError("Distillation needs dict-like model outputs: do not set `return_dict=False`.")
             loss = self.distiller.loss(loss, output, kwargs)
+        self.controller.record_terms(loss, term)
         if term is not None:
             loss = loss + term
         if weight is not None:

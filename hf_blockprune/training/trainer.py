@@ -124,6 +124,7 @@ class BlockPruningTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Set the schedule for the current optimizer step, then train as usual."""
         self.pruning.update(self.state.global_step, self.state.max_steps)
+        self.pruning.set_fill_learning_rate(self.optimizer, self.lr_scheduler)
         return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -135,6 +136,7 @@ class BlockPruningTrainer(Trainer):
             if self.distiller is not None:
                 loss = self.distiller.loss(loss, outputs, teacher_inputs)
             term = self.pruning.regularization()
+            self.pruning.record_terms(loss, term)
             if term is not None:
                 loss = loss + term
             loss = loss * self._accumulation_weight(teacher_inputs, num_items_in_batch)
