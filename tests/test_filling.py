@@ -60,8 +60,7 @@ def test_filled_stage_within_one_run(route, tmp_path):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("route", ["trainer", "callback"])
-@pytest.mark.parametrize("fill_learning_rate", [None, 1e-4])
+@pytest.mark.parametrize(("route", "fill_learning_rate"), [("trainer", None), ("callback", 1e-4)])
 def test_resume_after_the_switch_equals_uninterrupted(route, fill_learning_rate, tmp_path):
     filled = {**FILLED, "fill_learning_rate": fill_learning_rate}
     args = dict(max_steps=60, save_strategy="steps", save_steps=52, logging_steps=10, lr_scheduler_type="linear")
