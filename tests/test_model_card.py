@@ -285,3 +285,23 @@ def test_push_to_hub_uploads_our_card(route, tmp_path, monkeypatch):
     assert card.data.tags == TAGS and card.data.datasets == ["glue"] and card.data.model_name == "repo"
     assert {r.metric_type: r.metric_value for r in card.data.eval_results} == _expected_metrics(metrics)
 
+
+
+def test_the_layout_figure_leaves_the_users_matplotlib_backend_and_figures_alone(tmp_path):
+    """A save inside a notebook must not switch its inline plots off (the figure was drawn with `pyplot` after
+    `matplotlib.use("Agg")`)."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    before = matplotlib.get_backend()
+    figure = plt.figure()
+    try:
+        matplotlib.use("svg")  # a backend that is neither the default nor Agg stands in for the notebook's
+        model_card.write_figure(tmp_path / "layout.png", [{"layer": "layer.0", "heads": [[0, 2]], "ffn_size": 3}],
+                                num_heads=4, ffn_total=8)
+        assert matplotlib.get_backend() == "svg"
+        assert plt.get_fignums() == [figure.number]
+        assert (tmp_path / "layout.png").read_bytes()[:4] == b"\x89PNG"
+    finally:
+        plt.close(figure)
+        matplotlib.use(before)

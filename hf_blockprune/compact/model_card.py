@@ -102,16 +102,17 @@ def original_sizes(model: nn.Module) -> tuple[int, int | None]:
 
 
 def write_figure(path: Path, rows: list[dict], num_heads: int, ffn_total: int | None) -> None:
-    """A per-layer picture: kept heads as filled cells (one row per attention block), FFN kept fraction as a bar."""
-    import matplotlib
+    """A per-layer picture: kept heads as filled cells (one row per attention block), FFN kept fraction as a bar.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a standalone `Figure` (not `pyplot`), so the user's matplotlib backend and open figures are left alone:
+    a save inside a notebook does not switch its inline plots off.
+    """
+    from matplotlib.figure import Figure
 
     labels = [f"{row['layer']}[{i}]" for row in rows for i in range(len(row["heads"]))]
     grid = [[1.0 if h in heads else 0.0 for h in range(num_heads)] for row in rows for heads in row["heads"]]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 0.35 * max(len(labels), 4) + 1.2),
-                                         gridspec_kw={"width_ratios": [3, 2]})
+    figure = Figure(figsize=(10, 0.35 * max(len(labels), 4) + 1.2))
+    left, right = figure.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     left.imshow(grid or [[0.0]], cmap="Greens", vmin=0, vmax=1, aspect="auto")
     left.set_yticks(range(len(labels)), labels, fontsize=7)
     left.set_xlabel("head")
@@ -125,7 +126,6 @@ def write_figure(path: Path, rows: list[dict], num_heads: int, ffn_total: int | 
     right.set_title("FFN neurons kept (fraction)")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def hub_id(candidate) -> str | None:
