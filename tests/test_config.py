@@ -30,7 +30,7 @@ from hf_blockprune import BlockPruningConfig
         ({"layers_pattern": "h", "ffn_modules": ["fc1"]}, "ffn_modules"),
         ({"layers_pattern": "h"}, "layers_pattern"),
         ({"fill_after": 0.5, "final_warmup": 0.3}, "fill_after"),
-        ({"fill_after": 1.0}, "fill_after"),
+        ({"fill_after": 1.5}, "fill_after"),
         ({"target_density": 0.0}, "target_density"),
         ({"target_density_attention": 1.5}, "target_density_attention"),
         ({"target_density_ffn": -0.1}, "target_density_ffn"),
