@@ -16,8 +16,8 @@ from hf_blockprune.training import callback as callback_module
 from conftest import tiny_dataset, tiny_model, training_args
 from helpers import make_trainer, preset_config, topk_density
 
-PRUNING_LOGS = {"pruning/threshold", "pruning/lambda", "pruning/regularization", "pruning/density_attention",
-                "pruning/density_ffn", "pruning/density"}
+PRUNING_LOGS = {"pruning/threshold", "pruning/lambda", "pruning/task_loss", "pruning/regularization",
+                "pruning/density_attention", "pruning/density_ffn", "pruning/density"}
 
 
 class QuestionAnsweringLikeTrainer(Trainer):
