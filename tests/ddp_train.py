@@ -1,6 +1,6 @@
 """Run by tests/test_distributed.py under `torch.distributed.run` or `accelerate launch` (2 CPU processes, gloo): a
-tiny BERT fine-pruned with a teacher and a target density, through the trainer or the callback. Every rank calls
-`save_model()` (compacted), then writes who it is (rank, world size, process id, backend), the compacted models it
+tiny BERT fine-pruned with a teacher, a target density and Fisher-initialized scores, through the trainer or the
+callback. Every rank calls `save_model()` (compacted), then writes who it is (rank, world size, process id, backend), the compacted models it
 wrote, its scores and masks, and the masked model's logits on fixed inputs."""
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def count_compactions() -> list[str]:
 
 def main(route: str, preset: str, out: str) -> None:
     """Train, save, dump this rank's state."""
-    config = BlockPruningConfig.from_preset(preset, target_density=0.4, **TINY_PRESETS.get(preset.split("-")[0], {}))
+    config = BlockPruningConfig.from_preset(preset, target_density=0.4, mask_init="fisher", calibration_examples=16,
+                                            **TINY_PRESETS.get(preset.split("-")[0], {}))
     model, teacher = tiny_model("bert"), tiny_model("bert", seed=1)
     args = training_args(out, max_steps=30, logging_steps=10)
     data = tiny_dataset("bert")

@@ -218,7 +218,8 @@ def test_load_best_model_at_end_loads_the_best_masked_checkpoint(dense_folder, t
 @pytest.mark.parametrize("config", [
     BlockPruningConfig.from_preset("struct", final_lambda=1.0),
     BlockPruningConfig.from_preset("struct", target_density=0.5),
-], ids=["lambda", "soft-target"])
+    BlockPruningConfig.from_preset("struct", pruning_method="topk", mask_init="fisher"),
+], ids=["lambda", "soft-target", "fisher-init"])
 def test_callback_refuses_a_regularization_the_sentence_transformer_loss_would_lack(config, dense_folder, tmp_path):
     model = SentenceTransformer(str(dense_folder), device="cpu")
     with pytest.raises(ValueError, match="BlockPruningTrainer, SentenceTransformerTrainer"):

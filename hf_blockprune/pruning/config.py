@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 PRUNING_METHODS = ("topk", "sigmoid_threshold")
+MASK_INITS = ("constant", "fisher")
 ATTENTION_GRANULARITIES = ("block", "head")
 FFN_GRANULARITIES = ("neuron", "block")
 
@@ -53,8 +54,8 @@ NO_PRUNING = "none"
 # flag) prunes nothing; the others (distillation, custom module names) are meaningful without pruning.
 PRUNING_FIELDS = (
     "pruning_method", "attention_granularity", "attention_block_size", "ffn_granularity", "ffn_block_size",
-    "initial_threshold", "final_threshold", "final_lambda", "mask_init_value", "fill_after", "target_density",
-    "target_density_attention", "target_density_ffn", "target_speedup",
+    "initial_threshold", "final_threshold", "final_lambda", "mask_init_value", "mask_init", "fill_after",
+    "target_density", "target_density_attention", "target_density_ffn", "target_speedup",
 )
 
 # Defaults for the fields a preset may set, applied last.
@@ -64,6 +65,7 @@ _FALLBACKS: dict[str, Any] = {
     "attention_block_size": [32, 32],
     "ffn_granularity": "neuron",
     "ffn_block_size": [32, 32],
+    "mask_init": "constant",
 }
 
 
@@ -114,6 +116,16 @@ class BlockPruningConfig:
             Initial value of every score: 0.0 (sigmoid 0.5 keeps every block at the start), or 0.5 with a target
             density and soft movement pruning (the threshold is then 0.5 throughout, i.e. a block is kept while its
             score is positive).
+        mask_init (`str`, *optional*, defaults to `"constant"`):
+            How the scores start: `"constant"` (every score at `mask_init_value`) or `"fisher"`: before the first
+            step, the Fisher information of every block's mask is measured on `calibration_examples` training
+            examples (the squared gradient of the loss with respect to the mask, summed over batches; see
+            `hf_blockprune.pruning.importance`), and each score starts at `mask_init_value + r`, `r` its importance
+            rank among the scores of its kind (attention or FFN) scaled to [-1, 1]. A short run then starts from a
+            sensible ranking instead of a tie. A resumed run keeps its checkpoint's scores.
+        calibration_examples (`int`, *optional*, defaults to 256):
+            Training examples (a seeded random subset, in batches of the training batch size) that
+            `mask_init="fisher"` measures the importance on.
         target_density (`float`, *optional*):
             Fraction of prunable weights to keep at the end, instead of a fixed `final_lambda`. Top-k keeps exactly
             that fraction of each matrix; soft movement pruning steers a Lagrange multiplier on the expected density
@@ -202,6 +214,15 @@ class BlockPruningConfig:
     )
     mask_scores_learning_rate: float = field(default=1e-2, metadata={"help": "Learning rate of the mask scores."})
     mask_init_value: float | None = field(default=None, metadata={"help": "Initial value of the mask scores."})
+    mask_init: str | None = field(
+        default=None,
+        metadata={"help": "How the scores start: constant (mask_init_value) or fisher (ranked by the Fisher "
+                          "information of each block's mask on calibration_examples training examples).",
+                  "choices": MASK_INITS},
+    )
+    calibration_examples: int = field(
+        default=256, metadata={"help": "Training examples mask_init=fisher measures the importance on."}
+    )
     fill_after: float | None = field(
         default=None,
         metadata={"help": "Hybrid-filled: fraction of training after which surviving heads are made dense again."},
@@ -349,6 +370,8 @@ class BlockPruningConfig:
             raise ValueError(f"`speedup_sequence_length` must be >= 1, got {self.speedup_sequence_length}.")
         if not self.target_rate > 0:
             raise ValueError(f"`target_rate` must be > 0, got {self.target_rate}.")
+        if not (isinstance(self.calibration_examples, int) and self.calibration_examples >= 1):
+            raise ValueError(f"`calibration_examples` must be an integer >= 1, got {self.calibration_examples!r}.")
 
     def _validate_distillation(self):
         if not 0.0 <= self.distillation_alpha <= 1.0:
@@ -388,6 +411,7 @@ class BlockPruningConfig:
     def _validate_choices(self):
         for name, choices in (
             ("pruning_method", PRUNING_METHODS),
+            ("mask_init", MASK_INITS),
             ("attention_granularity", ATTENTION_GRANULARITIES),
             ("ffn_granularity", FFN_GRANULARITIES),
         ):

@@ -11,6 +11,7 @@ from torch import nn
 from ..structure.wrappers import is_sentence_transformer, transformers_model
 from .config import BlockPruningConfig
 from .filling import fill_surviving_heads, is_filled
+from .importance import LossFunction, broadcast_scores, calibration_batches, initialize_scores, score_fisher
 from .losses import expected_density, mask_density
 from .model import TARGETS_ATTRIBUTE, block_scores, score_parameters, set_threshold
 from .schedule import cubic_lambda, cubic_threshold, schedule_progress
@@ -70,6 +71,28 @@ class PruningController:
                                per_stack=self.config.target_per_stack).to(device)
         owner.add_module(TARGETS_ATTRIBUTE, state)
         return state
+
+    def initialize_scores(self, dataloader, seed: int, step: int, loss_fn: LossFunction | None = None) -> None:
+        """With `mask_init="fisher"`, start the scores from the Fisher ranking of their blocks (see
+        `hf_blockprune.pruning.importance`), measured on `calibration_examples` examples of `dataloader`'s dataset.
+
+        Runs only at the start of a run (`step` 0): a resumed run keeps its checkpoint's scores. In a distributed run
+        every process measures the same examples and takes process 0's scores.
+
+        Args:
+            dataloader (`DataLoader`): the training dataloader (its dataset and collator are used).
+            seed (`int`): seed of the calibration subset (the run's seed).
+            step (`int`): optimizer steps already done.
+            loss_fn (`Callable`, *optional*): `(model, batch) -> loss`; defaults to the loss the model returns.
+        """
+        config = self.config
+        if not config.enabled or config.mask_init != "fisher" or step > 0 or dataloader is None:
+            return
+        batches = calibration_batches(dataloader, config.calibration_examples, seed)
+        initialize_scores(score_fisher(self.model, batches, loss_fn), config.mask_init_value)
+        broadcast_scores(self.model)
+        logger.info("Scores initialized from the Fisher information of %d calibration examples.",
+                    sum(len(next(iter(batch.values()))) for batch in batches))
 
     @property
     def soft_targets(self) -> bool:

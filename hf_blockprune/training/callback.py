@@ -121,8 +121,9 @@ class BlockPruningCallback(TrainerCallback):
         else:
             apply_block_pruning(model, self.pruning_config, score_scale=scale)
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        """Check that the pruning can work with this Trainer, then set the schedule for the first step."""
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        """Check that the pruning can work with this Trainer, initialize the scores (`mask_init="fisher"`), then set
+        the schedule for the first step."""
         if self.controller is None:
             raise RuntimeError(
                 "BlockPruningCallback was added after the Trainer was built, so its scores are not in the optimizer. "
@@ -130,6 +131,7 @@ class BlockPruningCallback(TrainerCallback):
             )
         self._check_optimizer(optimizer)
         self._warn_if_reporters_miss_logs(args)
+        self.controller.initialize_scores(train_dataloader, args.seed, state.global_step)
         self.controller.update(state.global_step, state.max_steps)
         checkpoint_on_save(model)  # checkpoints keep the scores, under a marked config
         self._training = True
@@ -273,8 +275,17 @@ def _refuse_loss_computed_outside_the_model(model, args, trainer, config: BlockP
     The callback adds its terms to the loss the model returns. Some Trainers compute the loss outside the model, from
     its logits or embeddings: with `label_smoothing_factor` > 0, with `compute_loss_func`, and always for
     sentence-transformers models (the Trainer applies its loss module to the embeddings). There the terms would be
-    silently missing, so the run is refused unless it needs none (top-k pruning without a teacher).
+    silently missing, so the run is refused unless it needs none (top-k pruning without a teacher). The Fisher
+    initialization of the scores (`mask_init="fisher"`) differentiates the loss the model returns, which a
+    sentence-transformers model does not: refused there too.
     """
+    if config.enabled and config.mask_init == "fisher" and is_sentence_transformer(model):
+        raise ValueError(
+            f"`mask_init='fisher'` measures the gradient of the loss the model returns, and {type(model).__name__} "
+            "returns embeddings (its Trainer's loss module computes the loss). Train with class PruningTrainer("
+            "BlockPruningTrainer, SentenceTransformerTrainer), which measures it through the Trainer's loss, or "
+            "leave `mask_init` at 'constant'."
+        )
     if not adds_loss_terms(config, teacher_model):
         return
     if is_sentence_transformer(model):

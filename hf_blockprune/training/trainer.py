@@ -17,11 +17,15 @@ from .distillation import Distiller, load_teacher
 
 
 class _AfterOptimizerStep(TrainerCallback):
-    """At every step end, before any checkpoint: stop on non-finite values, then re-place the cuts (see
-    `PruningController.check_finite` and `after_optimizer_step`)."""
+    """At train begin, initialize the scores (`mask_init="fisher"`); at every step end, before any checkpoint: stop on
+    non-finite values, then re-place the cuts (see `PruningController.check_finite` and `after_optimizer_step`)."""
 
-    def __init__(self, controller: PruningController):
+    def __init__(self, controller: PruningController, loss_fn):
         self.controller = controller
+        self.loss_fn = loss_fn
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.controller.initialize_scores(train_dataloader, args.seed, state.global_step, self.loss_fn)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.controller.check_finite(state.global_step, args.output_dir)
@@ -70,7 +74,7 @@ class BlockPruningTrainer(Trainer):
         self.pruning_config = pruning_config
         self.pruning = PruningController(self.model, pruning_config)
         teacher = teacher_model if teacher_model is not None else pruning_config.teacher_model
-        self.add_callback(_AfterOptimizerStep(self.pruning))
+        self.add_callback(_AfterOptimizerStep(self.pruning, lambda model, batch: self.compute_loss(model, batch)))
         self.distiller = None
         if teacher is not None:
             self.distiller = Distiller(load_teacher(teacher, self.model), pruning_config.distillation_alpha,
