@@ -1,7 +1,7 @@
 """Run by tests/test_distributed.py under `torch.distributed.run` or `accelerate launch` (2 CPU processes, gloo): a
 tiny BERT fine-pruned with a teacher, a target density and Fisher-initialized scores, through the trainer or the
-callback. Every rank calls `save_model()` (compacted), then writes who it is (rank, world size, process id, backend), the compacted models it
-wrote, its scores and masks, and the masked model's logits on fixed inputs."""
+callback. Every rank calls `save_model()` (compacted), then writes who it is (rank, world size, process id, backend),
+the compacted models it wrote, its scores and masks, and the masked model's logits on fixed inputs."""
 
 from __future__ import annotations
 
