@@ -1,7 +1,8 @@
 """Run by tests/test_distributed.py under `torch.distributed.run` or `accelerate launch` (2 CPU processes, gloo): a
-tiny BERT fine-pruned with a teacher, a target density and Fisher-initialized scores, through the trainer or the
-callback. Every rank calls `save_model()` (compacted), then writes who it is (rank, world size, process id, backend),
-the compacted models it wrote, its scores and masks, and the masked model's logits on fixed inputs."""
+tiny BERT fine-pruned with a teacher (logits and hidden states), a target density and Fisher-initialized scores,
+through the trainer or the callback. Every rank calls `save_model()` (compacted), then writes who it is (rank, world
+size, process id, backend), the compacted models it wrote, its scores and masks, and the masked model's logits on
+fixed inputs."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def count_compactions() -> list[str]:
 def main(route: str, preset: str, out: str) -> None:
     """Train, save, dump this rank's state."""
     config = BlockPruningConfig.from_preset(preset, target_density=0.4, mask_init="fisher", calibration_examples=16,
+                                            layer_distillation_weight=1.0,
                                             **TINY_PRESETS.get(preset.split("-")[0], {}))
     model, teacher = tiny_model("bert"), tiny_model("bert", seed=1)
     args = training_args(out, max_steps=30, logging_steps=10)

@@ -4,12 +4,19 @@ import math
 
 import pytest
 import torch
-from transformers import BartForConditionalGeneration, BertForQuestionAnswering, BertForSequenceClassification
+from transformers import BartForConditionalGeneration, BertForQuestionAnswering, BertForSequenceClassification, Trainer
 
 from hf_blockprune import BlockPruningCallback, BlockPruningTrainer
-from hf_blockprune.training.distillation import Distiller, check_teacher, distillation_term, kd_loss, load_teacher
+from hf_blockprune.training.distillation import (
+    Distiller,
+    check_teacher,
+    distillation_term,
+    kd_loss,
+    layer_distillation_loss,
+    load_teacher,
+)
 
-from conftest import tiny_config, tiny_dataset, tiny_model
+from conftest import tiny_config, tiny_dataset, tiny_model, training_args
 from helpers import make_trainer, preset_config
 
 
@@ -150,3 +157,92 @@ def test_regression_student_follows_its_teacher(route, tmp_path):
     before = gap()
     trainer.train()
     assert gap() < 0.5 * before
+
+
+def test_layer_distillation_is_the_mean_relative_distance_over_layers_and_non_padding_positions():
+    gen = torch.Generator().manual_seed(0)
+    teacher = tuple(torch.randn(2, 4, 3, generator=gen) for _ in range(3))
+    student = tuple(t + 0.1 * torch.randn(2, 4, 3, generator=gen) for t in teacher)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    keep = mask.bool()
+    expected = sum(((s[keep] - t[keep]) ** 2).sum() / (t[keep] ** 2).sum()
+                   for s, t in zip(student[1:], teacher[1:])) / 2  # the embeddings (index 0) are left out
+    got = layer_distillation_loss({"hidden_states": student}, {"hidden_states": teacher}, {"attention_mask": mask})
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    scaled = layer_distillation_loss({"hidden_states": tuple(3 * s for s in student)},
+                                     {"hidden_states": tuple(3 * t for t in teacher)}, {"attention_mask": mask})
+    assert scaled.item() == pytest.approx(got.item(), rel=1e-5)  # independent of the hidden states' scale
+    same = layer_distillation_loss({"hidden_states": teacher}, {"hidden_states": teacher}, {})
+    assert same.item() == 0.0
+
+
+@pytest.mark.parametrize("route", ["trainer", "callback"])
+@pytest.mark.parametrize("arch", ["bert", "bart", "llama"])
+def test_training_loss_adds_the_layer_distillation_term(route, arch, tmp_path):
+    teacher = tiny_model(arch, seed=5).eval()
+    config = preset_config("struct", arch, pruning_method="topk", distillation_alpha=0.5,
+                           layer_distillation_weight=2.0)
+    student = tiny_model(arch, seed=0)
+    rows = tiny_dataset(arch)[:4]
+    batch = {key: torch.stack([torch.as_tensor(r[key]) for r in rows]) for key in rows[0]}
+    with torch.no_grad():
+        plain = student.train()(**batch, output_hidden_states=True)
+        reference = teacher(**batch, output_hidden_states=True)
+        kd = distillation_term(plain, reference, batch["labels"], 2.0, shifted_labels=arch == "llama")
+        layers = layer_distillation_loss(plain, reference, batch)
+        expected = 0.5 * kd + 0.5 * plain.loss + 2.0 * layers
+    args = training_args(tmp_path)
+    if route == "trainer":
+        trainer = BlockPruningTrainer(model=student, args=args, train_dataset=tiny_dataset(arch),
+                                      pruning_config=config, teacher_model=teacher)
+    else:
+        trainer = Trainer(model=student, args=args, train_dataset=tiny_dataset(arch),
+                          callbacks=[BlockPruningCallback(config, teacher_model=teacher)])
+        next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, BlockPruningCallback))._training = True
+    loss = trainer.compute_loss(student.train(), dict(batch))
+    assert layers.item() > 1e-3
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("route", ["trainer", "callback"])
+def test_layer_distillation_brings_the_hidden_states_closer_to_the_teacher(route, tmp_path):
+    teacher = tiny_model("bert", seed=5).eval()
+    rows = tiny_dataset("bert")[:16]
+    batch = {key: torch.stack([torch.as_tensor(r[key]) for r in rows]) for key in ("input_ids", "attention_mask")}
+
+    def distance(weight):
+        config = preset_config("struct", pruning_method="topk", final_threshold=0.75, layer_distillation_weight=weight)
+        args = training_args(tmp_path / str(weight), max_steps=30)
+        if route == "trainer":
+            trainer = BlockPruningTrainer(model=tiny_model("bert"), args=args, train_dataset=tiny_dataset("bert"),
+                                          pruning_config=config, teacher_model=teacher)
+        else:
+            trainer = Trainer(model=tiny_model("bert"), args=args, train_dataset=tiny_dataset("bert"),
+                              callbacks=[BlockPruningCallback(config, teacher_model=teacher)])
+        trainer.train()
+        with torch.no_grad():
+            student = trainer.model.eval()(**batch, output_hidden_states=True)
+            return layer_distillation_loss(student, teacher(**batch, output_hidden_states=True), batch).item()
+
+    assert distance(5.0) < 0.5 * distance(0.0)
+
+
+@pytest.mark.parametrize("route", ["trainer", "callback"])
+def test_layer_distillation_needs_a_teacher_of_the_students_shape(route, tmp_path):
+    config = preset_config("struct", pruning_method="topk", layer_distillation_weight=1.0)
+    with pytest.raises(ValueError, match="no teacher is given"):
+        if route == "trainer":
+            make_trainer("trainer", "bert", config, tmp_path)
+        else:
+            BlockPruningCallback(config)
+    shape = tiny_config("bert")
+    shape.num_hidden_layers = 3
+    wider = BertForSequenceClassification(shape)
+    args = training_args(tmp_path)
+    with pytest.raises(ValueError, match="`num_hidden_layers` is 3"):
+        if route == "trainer":
+            BlockPruningTrainer(model=tiny_model("bert"), args=args, train_dataset=tiny_dataset("bert"),
+                                pruning_config=config, teacher_model=wider)
+        else:
+            Trainer(model=tiny_model("bert"), args=args, train_dataset=tiny_dataset("bert"),
+                    callbacks=[BlockPruningCallback(config, teacher_model=wider)])

@@ -146,6 +146,11 @@ class BlockPruningConfig:
             Weight of the distillation term: `alpha * KD + (1 - alpha) * task loss` (the paper's 0.9).
         distillation_temperature (`float`, *optional*, defaults to 2.0):
             Softmax temperature `T` of the distillation term (the paper's 2).
+        layer_distillation_weight (`float`, *optional*, defaults to 0.0):
+            Weight `beta` of layer-wise distillation (as in CoFi, Xia et al. 2022): `beta` times the mean, over the
+            layers, of the relative squared distance `||h_s - h_t||^2 / ||h_t||^2` between the student's and the
+            teacher's hidden states after each layer (non-padding positions), added to the loss. Needs a teacher
+            with the student's number of layers and hidden size (pruning keeps both). 0 switches it off.
         target_rate (`float`, *optional*, defaults to 0.05):
             Step size of the log-multiplier update per optimizer step: with a 10% relative density gap the
             multiplier grows by 0.5% per step, i.e. doubles in about 140 steps.
@@ -254,6 +259,11 @@ class BlockPruningConfig:
     )
     distillation_alpha: float = field(default=0.9, metadata={"help": "Weight of the distillation loss."})
     distillation_temperature: float = field(default=2.0, metadata={"help": "Distillation softmax temperature."})
+    layer_distillation_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of layer-wise distillation: the relative distance of the student's hidden states "
+                          "to the teacher's, after every layer (0: off)."},
+    )
     layers_pattern: str | None = field(
         default=None, metadata={"help": "Custom architectures: path suffix of the ModuleList of layers."}
     )
@@ -378,6 +388,8 @@ class BlockPruningConfig:
             raise ValueError(f"`distillation_alpha` must be in [0, 1], got {self.distillation_alpha}.")
         if not self.distillation_temperature > 0:
             raise ValueError(f"`distillation_temperature` must be > 0, got {self.distillation_temperature}.")
+        if not self.layer_distillation_weight >= 0:
+            raise ValueError(f"`layer_distillation_weight` must be >= 0, got {self.layer_distillation_weight}.")
 
     def _validate_finite(self):
         for item in fields(self):

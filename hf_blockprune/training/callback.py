@@ -17,7 +17,7 @@ from ..pruning.controller import PruningController, check_training_arguments, wa
 from ..pruning.model import apply_block_pruning, block_scores, is_block_pruned, score_parameters
 from ..structure.wrappers import is_sentence_transformer
 from .accumulation import loss_shifts_labels, micro_batch_weight
-from .distillation import Distiller, load_teacher
+from .distillation import Distiller, check_teacher_given
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class BlockPruningCallback(TrainerCallback):
             )
         self.pruning_config = pruning_config
         self.teacher_model = teacher_model if teacher_model is not None else pruning_config.teacher_model
+        check_teacher_given(pruning_config, self.teacher_model)
         self.distiller: Distiller | None = None
         self.controller: PruningController | None = None
         self._hooks = []
@@ -83,9 +84,7 @@ class BlockPruningCallback(TrainerCallback):
         self.controller = PruningController(model, self.pruning_config)
         checkpoint_on_save(model)  # already here: a resumed PEFT run loads its scores through the model (load_adapter)
         if self.teacher_model is not None:
-            config = self.pruning_config
-            self.distiller = Distiller(load_teacher(self.teacher_model, model), config.distillation_alpha,
-                                       config.distillation_temperature, model.config)
+            self.distiller = Distiller.from_config(self.teacher_model, model, self.pruning_config)
         hook = _RegularizationHook(self)
         self._hooks = [
             model.register_forward_pre_hook(hook.before, with_kwargs=True),
@@ -199,13 +198,17 @@ class BlockPruningCallback(TrainerCallback):
         _attach_run_card_data(model, args, state)
 
     def _hold_item_count(self, module, args, kwargs):
-        """Keep the Trainer's `num_items_in_batch` from the model, so its loss is a per-micro-batch mean."""
+        """Keep the Trainer's `num_items_in_batch` from the model, so its loss is a per-micro-batch mean; ask for the
+        hidden states when the distillation is layer-wise."""
         self._items_in_step = None
-        # without labels in the call the model computes no loss (the Trainer does, e.g. with label smoothing)
-        if not (module.training and self._training) or "num_items_in_batch" not in kwargs or "labels" not in kwargs:
+        if not (module.training and self._training):
             return None
         kwargs = dict(kwargs)
-        self._items_in_step = kwargs.pop("num_items_in_batch")
+        if self.distiller is not None and self.distiller.needs_hidden_states:
+            kwargs["output_hidden_states"] = True
+        # without labels in the call the model computes no loss (the Trainer does, e.g. with label smoothing)
+        if "num_items_in_batch" in kwargs and "labels" in kwargs:
+            self._items_in_step = kwargs.pop("num_items_in_batch")
         return args, kwargs
 
     def _add_regularization(self, module, args, kwargs, output):

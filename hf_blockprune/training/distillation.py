@@ -106,6 +106,51 @@ def distillation_term(student_outputs, teacher_outputs, labels: torch.Tensor | N
     return kd_loss(student_outputs["logits"], teacher_outputs["logits"], temperature, mask)
 
 
+# Output fields holding the hidden states after every layer (index 0: the embeddings), and the input field giving their
+# non-padding positions.
+HIDDEN_STATE_FIELDS = {
+    "hidden_states": "attention_mask",
+    "encoder_hidden_states": "attention_mask",
+    "decoder_hidden_states": "decoder_attention_mask",
+}
+
+
+def layer_distillation_loss(student_outputs, teacher_outputs, inputs: dict) -> torch.Tensor:
+    """Mean over layers of `||h_s - h_t||^2 / ||h_t||^2`, the relative squared distance between the student's and
+    the teacher's hidden states after each layer (`(B, T, D)` each; the embeddings are left out), over the positions
+    the attention mask keeps (all positions without one). An encoder-decoder contributes both stacks.
+
+    The ratio makes the term independent of the hidden states' scale (a pre-LayerNorm decoder's residual stream
+    grows with depth; a post-LayerNorm encoder's does not).
+
+    Raises:
+        `ValueError`: the outputs hold no hidden states, or the teacher's do not match the student's in number or
+            shape (layer-wise distillation needs a teacher with the student's layers and hidden size).
+    """
+    terms = []
+    for name, mask_name in HIDDEN_STATE_FIELDS.items():
+        student, teacher = student_outputs.get(name), teacher_outputs.get(name)
+        if student is None or teacher is None:
+            continue
+        if len(student) != len(teacher) or any(s.shape != t.shape for s, t in zip(student, teacher)):
+            raise ValueError(
+                f"Layer-wise distillation compares the hidden states layer by layer, but the teacher's {name} "
+                f"({len(teacher)} x {tuple(teacher[-1].shape)}) do not match the student's ({len(student)} x "
+                f"{tuple(student[-1].shape)}): use a teacher with the student's layers and hidden size, or "
+                "`layer_distillation_weight=0`."
+            )
+        mask = inputs.get(mask_name)
+        keep = mask.bool() if torch.is_tensor(mask) and mask.shape == student[-1].shape[:2] else None
+        for s, t in zip(student[1:], teacher[1:]):
+            s, t = s.float(), t.float()
+            if keep is not None:
+                s, t = s[keep], t[keep]  # (positions, D)
+            terms.append((s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12))
+    if not terms:
+        raise ValueError("Layer-wise distillation needs the hidden states in the outputs (`output_hidden_states`).")
+    return torch.stack(terms).mean()
+
+
 def _head_kind(model: nn.Module) -> str:
     name = type(model).__name__
     for suffix in ("ForQuestionAnswering", "ForSequenceClassification", "ForTokenClassification",
@@ -153,6 +198,20 @@ def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
         )
 
 
+def check_layer_distillation(student: nn.Module, teacher: nn.Module) -> None:
+    """Refuse layer-wise distillation from a teacher whose layer count or hidden size differs from the student's."""
+    for name in ("num_hidden_layers", "hidden_size"):
+        s_value = getattr(student.config, name, None)
+        t_value = getattr(teacher.config, name, None)
+        if s_value is not None and t_value is not None and s_value != t_value:
+            raise ValueError(
+                f"Layer-wise distillation (`layer_distillation_weight` > 0) matches hidden states layer by layer, but "
+                f"the teacher's `{name}` is {t_value} and the student's {s_value}: use a teacher with the student's "
+                "layers and hidden size (e.g. the dense model the student was pruned from), or set "
+                "`layer_distillation_weight=0`."
+            )
+
+
 def load_teacher(teacher: nn.Module | str | os.PathLike, student: nn.Module) -> nn.Module:
     """The teacher as a frozen model in eval mode on the student's device, checked against the student.
 
@@ -176,7 +235,7 @@ def load_teacher(teacher: nn.Module | str | os.PathLike, student: nn.Module) -> 
 
 
 class Distiller:
-    """Mixes the task loss with the teacher's: `alpha * KD + (1 - alpha) * task`.
+    """Mixes the task loss with the teacher's: `alpha * KD + (1 - alpha) * task (+ beta * layer-wise term)`.
 
     Args:
         teacher (`nn.Module`): a frozen teacher (see `load_teacher`).
@@ -184,23 +243,54 @@ class Distiller:
         temperature (`float`): softmax temperature.
         student_config (*optional*): the student's config, whose `problem_type` (set by transformers on the first
             forward with labels) selects the regression or multi-label losses.
+        layer_weight (`float`, *optional*, defaults to 0.0): `beta`, the weight of `layer_distillation_loss`; the
+            student's forward must then return its hidden states (`needs_hidden_states`).
 
     A causal-LM teacher (and so student) is distilled per token, on the positions whose next token is a label.
     """
 
-    def __init__(self, teacher: nn.Module, alpha: float, temperature: float, student_config=None):
+    def __init__(self, teacher: nn.Module, alpha: float, temperature: float, student_config=None,
+                 layer_weight: float = 0.0):
         self.teacher = teacher
         self.alpha = alpha
         self.temperature = temperature
         self.student_config = student_config
+        self.layer_weight = layer_weight
         self.shifted_labels = _head_kind(teacher) == "ForCausalLM"
+
+    @classmethod
+    def from_config(cls, teacher: nn.Module | str | os.PathLike, student: nn.Module, config) -> Distiller:
+        """The distiller a `BlockPruningConfig` asks for, with its teacher loaded and checked against `student`."""
+        teacher = load_teacher(teacher, student)
+        if config.layer_distillation_weight > 0:
+            check_layer_distillation(student, teacher)
+        return cls(teacher, config.distillation_alpha, config.distillation_temperature, student.config,
+                   config.layer_distillation_weight)
+
+    @property
+    def needs_hidden_states(self) -> bool:
+        """Whether the student's training forward must return its hidden states (layer-wise distillation)."""
+        return self.layer_weight > 0
 
     def loss(self, task_loss: torch.Tensor, student_outputs, inputs: dict) -> torch.Tensor:
         """Run the teacher on `inputs` (no gradients) and return the mixed loss."""
+        inputs = {key: value for key, value in inputs.items() if key != "output_hidden_states"}
         self.teacher.eval()
         with torch.no_grad():
-            teacher_outputs = self.teacher(**inputs)
+            teacher_outputs = self.teacher(**inputs, **({"output_hidden_states": True} if self.layer_weight else {}))
         problem_type = getattr(self.student_config, "problem_type", None)
         term = distillation_term(student_outputs, teacher_outputs, inputs.get("labels"), self.temperature,
                                  problem_type, self.shifted_labels)
-        return self.alpha * term + (1.0 - self.alpha) * task_loss
+        loss = self.alpha * term + (1.0 - self.alpha) * task_loss
+        if self.layer_weight:
+            loss = loss + self.layer_weight * layer_distillation_loss(student_outputs, teacher_outputs, inputs)
+        return loss
+
+
+def check_teacher_given(config, teacher) -> None:
+    """Refuse a config that distils layer by layer without a teacher."""
+    if teacher is None and config.layer_distillation_weight > 0:
+        raise ValueError(
+            "`layer_distillation_weight` > 0 distils the teacher's hidden states, but no teacher is given: pass "
+            "`teacher_model=` (or `pruning_config.teacher_model`), or set `layer_distillation_weight=0`."
+        )

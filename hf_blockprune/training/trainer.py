@@ -13,7 +13,7 @@ from ..pruning.model import apply_block_pruning, is_block_pruned, score_paramete
 from ..structure.wrappers import is_sentence_transformer
 from .accumulation import micro_batch_weight
 from .callback import create_or_keep_model_card
-from .distillation import Distiller, load_teacher
+from .distillation import Distiller, check_teacher_given
 
 
 class _AfterOptimizerStep(TrainerCallback):
@@ -65,6 +65,8 @@ class BlockPruningTrainer(Trainer):
                 "BlockPruningTrainer needs `pruning_config=BlockPruningConfig(...)` (e.g. "
                 "BlockPruningConfig.from_preset('hybrid'))."
             )
+        teacher = teacher_model if teacher_model is not None else pruning_config.teacher_model
+        check_teacher_given(pruning_config, teacher)
         super().__init__(*args, **kwargs)
         check_training_arguments(self.args, pruning_config)
         if self.model is None or self.model_init is not None:
@@ -73,12 +75,8 @@ class BlockPruningTrainer(Trainer):
             apply_block_pruning(self.model, pruning_config)
         self.pruning_config = pruning_config
         self.pruning = PruningController(self.model, pruning_config)
-        teacher = teacher_model if teacher_model is not None else pruning_config.teacher_model
         self.add_callback(_AfterOptimizerStep(self.pruning, lambda model, batch: self.compute_loss(model, batch)))
-        self.distiller = None
-        if teacher is not None:
-            self.distiller = Distiller(load_teacher(teacher, self.model), pruning_config.distillation_alpha,
-                                       pruning_config.distillation_temperature, self.model.config)
+        self.distiller = None if teacher is None else Distiller.from_config(teacher, self.model, pruning_config)
 
     def create_optimizer(self, model=None):
         """Build the Trainer's optimizer, then move the mask scores into a group of their own."""
@@ -134,6 +132,8 @@ class BlockPruningTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The Trainer's loss (a per-batch mean), mixed with distillation and plus the regularization in training."""
         teacher_inputs = dict(inputs)  # the Trainer pops `labels` when it computes the loss itself
+        if model.training and self.distiller is not None and self.distiller.needs_hidden_states:
+            inputs = {**inputs, "output_hidden_states": True}
         # the model gets no item count, so its loss is a per-micro-batch mean whatever its forward does with it
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=None)
         if model.training:
