@@ -166,3 +166,85 @@ def test_a_shared_cut_that_empties_a_stack_is_reported_loudly(tmp_path, caplog):
         trainer = _emptied_bart_run(tmp_path, per_stack=False)
     assert any("model.encoder.layers" in entry for entry in emptied_stacks(trainer.model))
     assert "Pruning removed ALL of model.encoder.layers" in caplog.text
+
+
+def _bounded_targets(model, ratio=1.0):
+    from hf_blockprune.pruning.targets import DensityTargets
+
+    targets = DensityTargets({"attention": 0.3, "ffn": 0.3}, rate=0.05, initial_lambda=1e-2, penalty_ratio=ratio)
+    model.add_module("block_pruning_targets", targets)
+    targets.track_task_gradients(model)
+    return targets
+
+
+def test_the_tracked_task_gradient_is_the_scores_gradient_without_the_penalty():
+    model = hf_blockprune.apply_block_pruning(tiny_model("bert"), preset_config("hybrid", target_density=0.3)).train()
+    targets = _bounded_targets(model)
+    targets.log_lambda.fill_(2.0)
+    rows = tiny_dataset("bert")[:8]
+    batch = {"input_ids": torch.stack([r["input_ids"] for r in rows]),
+             "labels": torch.tensor([r["labels"] for r in rows])}
+    for _ in range(2):  # two micro-batches: the task gradient sums like the scores' gradient
+        (model(**batch).loss * 0.5 + targets.penalty(model)).backward()
+    scores = [m for m in model.modules() if isinstance(m, BlockScores)]
+    params = [m.scores for m in scores]
+    penalty = torch.autograd.grad(targets.penalty(model), params)
+    for module, extra in zip(scores, penalty):
+        torch.testing.assert_close(module.task_gradient, module.scores.grad - 2 * extra, atol=1e-6, rtol=1e-4)
+
+
+def test_the_penalty_gradient_norm_is_the_expected_densitys_gradient():
+    from hf_blockprune.pruning.losses import expected_density
+
+    model = hf_blockprune.apply_block_pruning(tiny_model("bert"), preset_config("hybrid", target_density=0.3))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, BlockScores):
+                module.scores.normal_()
+    targets = _bounded_targets(model)
+    for group in ("attention", "ffn"):
+        params = [m.scores for m in model.modules() if isinstance(m, BlockScores) and m.kind == group]
+        grads = torch.autograd.grad(expected_density(model, group), params)
+        want = torch.cat([g.flatten() for g in grads]).norm()
+        torch.testing.assert_close(targets._penalty_gradient_norm(model, group), want, atol=1e-9, rtol=1e-5)
+
+
+@pytest.mark.parametrize("route", ["trainer", "callback"])
+def test_the_multiplier_stays_bounded_on_a_run_whose_target_is_reached_late(route, tmp_path):
+    """Slow scores cannot follow the schedule: dual ascent alone runs the multiplier up to its clip; the bound holds
+    the penalty's pull to the task's, and the cut still realizes the target."""
+    def run(ratio, folder):
+        config = preset_config("struct", target_density_attention=0.25, target_density_ffn=0.1,
+                               target_penalty_ratio=ratio, mask_scores_learning_rate=1e-3, initial_warmup=0.0,
+                               final_warmup=0.2)
+        trainer = make_trainer(route, "bert", config, tmp_path / folder, max_steps=150, logging_steps=5)
+        trainer.train()
+        logs = [e for e in trainer.state.log_history if "pruning/lambda_attention" in e]
+        return trainer, logs
+
+    free, free_logs = run(0.0, "free")
+    bounded, logs = run(1.0, "bounded")
+    assert all("pruning/lambda_bound_attention" not in entry for entry in free_logs)
+    for entry in logs:  # the logged bound already holds the step's new task gradient, the multiplier the previous one
+        for group in ("attention", "ffn"):
+            assert entry[f"pruning/lambda_{group}"] <= entry[f"pruning/lambda_bound_{group}"] * 1.25
+    worst_free = max(max(e["pruning/lambda_attention"], e["pruning/lambda_ffn"]) for e in free_logs)
+    worst = max(max(e["pruning/lambda_attention"], e["pruning/lambda_ffn"]) for e in logs)
+    assert worst_free > 100 * worst
+    for trainer in (free, bounded):
+        assert mask_density(trainer.model, "attention").item() == pytest.approx(0.25, abs=0.01)
+        assert mask_density(trainer.model, "ffn").item() == pytest.approx(0.1, abs=0.02)
+
+
+def test_resume_keeps_the_running_task_gradient_norm(tmp_path):
+    args = dict(max_steps=40, save_strategy="steps", save_steps=20, logging_steps=10)
+    full = make_trainer("callback", "bert", preset_config("struct", target_density=0.3), tmp_path / "full", **args)
+    full.train()
+    resumed = make_trainer("callback", "bert", preset_config("struct", target_density=0.3), tmp_path / "r", **args)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-20"))
+    a, b = full.model.block_pruning_targets, resumed.model.block_pruning_targets
+    assert torch.all(a.task_gradient_norm > 0)
+    torch.testing.assert_close(a.task_gradient_norm, b.task_gradient_norm, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(a.log_lambda, b.log_lambda, atol=1e-6, rtol=0)
+    for x, y in zip(masks(full.model), masks(resumed.model)):
+        assert torch.equal(x, y)

@@ -8,6 +8,7 @@ from typing import Any
 
 PRUNING_METHODS = ("topk", "sigmoid_threshold")
 MASK_INITS = ("constant", "fisher")
+SPEEDUP_COST_MODELS = ("flops", "latency")
 ATTENTION_GRANULARITIES = ("block", "head")
 FFN_GRANULARITIES = ("neuron", "block")
 
@@ -137,8 +138,22 @@ class BlockPruningConfig:
         target_speedup (`float`, *optional*):
             Wished speedup on the FLOPs cost model (`hf_blockprune.compact.flops`), turned into one target density for
             attention and FFN at the start of training; not with the target densities.
+            The cost counts what compaction keeps: with blocks inside heads (`hybrid`) or neurons (`block`), the cut
+            is placed on the heads and neurons that keep a surviving block (a head costs its whole size while any of
+            its value and output blocks survives), so the saved model has the asked cost.
         speedup_sequence_length (`int`, *optional*, defaults to 128):
             Sequence length at which `target_speedup` is computed (attention scores grow with its square).
+        speedup_cost_model (`str`, *optional*, defaults to `"flops"`):
+            What `target_speedup` is a ratio of: `"flops"` (the FLOPs cost model, the same on every machine) or
+            `"latency"`: time measured on the training device when training starts, at `speedup_batch_size` x
+            `speedup_sequence_length` tokens (a table of compacted variants of the model, see
+            `hf_blockprune.compact.latency`; saved as `latency_table.json` in the output directory), so that the
+            saved model is `target_speedup` times faster in measured time at that shape on that kind of device.
+        speedup_batch_size (`int`, *optional*, defaults to 1):
+            Batch size the latency table is measured at (`speedup_cost_model="latency"`).
+        latency_table (`str`, *optional*):
+            Path of a latency table saved by an earlier run (or `hf_blockprune.compact.latency.LatencyTable.save`)
+            to use instead of measuring one.
         teacher_model (`str`, *optional*):
             Path or Hub id of a dense teacher fine-tuned on the same task, to distil from while pruning (or pass a
             model as `teacher_model=` to the trainer or callback).
@@ -154,6 +169,12 @@ class BlockPruningConfig:
         target_rate (`float`, *optional*, defaults to 0.05):
             Step size of the log-multiplier update per optimizer step: with a 10% relative density gap the
             multiplier grows by 0.5% per step, i.e. doubles in about 140 steps.
+        target_penalty_ratio (`float`, *optional*, defaults to 1.0):
+            With a target and soft movement pruning: the most the penalty may pull on the scores, as a multiple of
+            the task loss's pull (gradient norms over each group's scores); the multiplier is held below it. It keeps
+            the multiplier from running away while the expected density lags the schedule (the scores cannot move
+            faster than their learning rate), so the task, not the penalty, ranks the scores (see
+            `hf_blockprune.pruning.targets`). 0 removes the bound.
         target_per_stack (`bool`, *optional*, defaults to `True`):
             In a model with several layer stacks (an encoder and a decoder), each stack meets the target density
             on its own (one score cut per stack), so that no stack can lose all its blocks; `False` shares one cut
@@ -249,7 +270,21 @@ class BlockPruningConfig:
     speedup_sequence_length: int = field(
         default=128, metadata={"help": "Sequence length for the target_speedup cost model."}
     )
+    speedup_cost_model: str = field(
+        default="flops",
+        metadata={"help": "What target_speedup is a ratio of: flops (cost model) or latency (measured on the training "
+                          "device at speedup_batch_size x speedup_sequence_length).", "choices": SPEEDUP_COST_MODELS},
+    )
+    speedup_batch_size: int = field(default=1, metadata={"help": "Batch size of the latency cost model."})
+    latency_table: str | None = field(
+        default=None, metadata={"help": "A saved latency table to use instead of measuring one."}
+    )
     target_rate: float = field(default=0.05, metadata={"help": "Step size of the density controller."})
+    target_penalty_ratio: float = field(
+        default=1.0,
+        metadata={"help": "Bound of the density multiplier: the penalty's pull on the scores at most this times the "
+                          "task loss's (0: no bound)."},
+    )
     target_per_stack: bool = field(
         default=True,
         metadata={"help": "With several layer stacks (encoder, decoder): each stack meets the target on its own."},
@@ -378,8 +413,18 @@ class BlockPruningConfig:
             raise ValueError(f"`mask_scores_learning_rate` must be > 0, got {self.mask_scores_learning_rate}.")
         if self.speedup_sequence_length < 1:
             raise ValueError(f"`speedup_sequence_length` must be >= 1, got {self.speedup_sequence_length}.")
+        if self.speedup_batch_size < 1:
+            raise ValueError(f"`speedup_batch_size` must be >= 1, got {self.speedup_batch_size}.")
+        if self.speedup_cost_model not in SPEEDUP_COST_MODELS:
+            raise ValueError(
+                f"`speedup_cost_model` must be one of {list(SPEEDUP_COST_MODELS)}, got {self.speedup_cost_model!r}."
+            )
+        if self.latency_table is not None and self.speedup_cost_model != "latency":
+            raise ValueError("`latency_table` is the latency cost model's table: set `speedup_cost_model='latency'`.")
         if not self.target_rate > 0:
             raise ValueError(f"`target_rate` must be > 0, got {self.target_rate}.")
+        if not self.target_penalty_ratio >= 0:
+            raise ValueError(f"`target_penalty_ratio` must be >= 0 (0: no bound), got {self.target_penalty_ratio}.")
         if not (isinstance(self.calibration_examples, int) and self.calibration_examples >= 1):
             raise ValueError(f"`calibration_examples` must be an integer >= 1, got {self.calibration_examples!r}.")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -12,10 +13,11 @@ from ..structure.wrappers import is_sentence_transformer, transformers_model
 from .config import BlockPruningConfig
 from .filling import fill_surviving_heads, is_filled
 from .importance import LossFunction, broadcast_scores, calibration_batches, initialize_scores, score_fisher
+from .layer import MaskedLinear
 from .losses import expected_density, mask_density
-from .model import TARGETS_ATTRIBUTE, block_scores, score_parameters, set_threshold
+from .model import TARGETS_ATTRIBUTE, block_scores, prunable_layers, score_parameters, set_threshold
 from .schedule import cubic_lambda, cubic_threshold, schedule_progress
-from .targets import DensityTargets
+from .targets import DensityTargets, UnitSet, head_alive_scores, neuron_alive_scores
 
 logger = logging.getLogger(__name__)
 
@@ -56,21 +58,86 @@ class PruningController:
 
     def _attach_targets(self) -> DensityTargets:
         owner = self._targets_owner()
+        ratio = self.config.target_penalty_ratio if self.config.pruning_method == "sigmoid_threshold" else 0.0
         existing = getattr(owner, TARGETS_ATTRIBUTE, None)
         if existing is not None:
+            existing.penalty_ratio = ratio or None
+            existing.units = self._unit_sets()
+            existing.track_task_gradients(self.model)
             return existing
-        if self.config.target_speedup is not None:
+        if self.config.target_speedup is None:
+            targets = self.config.density_targets()
+        elif self.config.speedup_cost_model == "latency":
+            targets = {"attention": 1.0, "ffn": 1.0}  # measured when training starts (`resolve_latency_targets`)
+        else:
             from ..compact.flops import densities_for_speedup
 
             targets = densities_for_speedup(self.model, self.config.target_speedup,
                                             self.config.speedup_sequence_length)
-        else:
-            targets = self.config.density_targets()
         device = next(self.model.parameters()).device
         state = DensityTargets(targets, self.config.target_rate, initial_lambda=1e-2,
-                               per_stack=self.config.target_per_stack).to(device)
+                               per_stack=self.config.target_per_stack, penalty_ratio=ratio or None,
+                               units=self._unit_sets()).to(device)
         owner.add_module(TARGETS_ATTRIBUTE, state)
+        state.track_task_gradients(self.model)
         return state
+
+    def _unit_sets(self) -> dict[str, list[UnitSet]]:
+        """With `target_speedup` and blocks inside heads or neurons: the units to cut on (see `UnitSet`), each with
+        its FLOPs at `speedup_sequence_length` as its cost."""
+        config = self.config
+        if config.target_speedup is None:
+            return {}
+        from ..compact.flops import attention_flops, ffn_flops
+
+        length = config.speedup_sequence_length
+        units: dict[str, list[UnitSet]] = {}
+        for layer in prunable_layers(self.model):
+            stack = layer.name.rpartition(".")[0]
+            if config.attention_granularity == "block":
+                for attention in (a for a in layer.attentions if isinstance(a.query, MaskedLinear)):
+                    modules = [m.scores_module for m in (attention.query, attention.key, attention.value,
+                                                         attention.output)]
+                    cost = sum(attention_flops(attention, length)) / attention.num_heads
+                    units.setdefault("attention", []).append(
+                        UnitSet(stack, modules, functools.partial(head_alive_scores, attention), cost))
+            if config.ffn_granularity == "block" and layer.has_ffn and isinstance(layer.ffn_output, MaskedLinear):
+                modules = [m.scores_module for m in (*layer.ffn_inputs, layer.ffn_output)]
+                cost = ffn_flops(layer, length) / layer.ffn_input.out_features
+                units.setdefault("ffn", []).append(
+                    UnitSet(stack, modules, functools.partial(neuron_alive_scores, layer), cost))
+        return units
+
+    def resolve_latency_targets(self, step: int, output_dir: str | None = None) -> None:
+        """With `speedup_cost_model="latency"`, at the start of a run (`step` 0): measure the latency table (or load
+        `latency_table`) and set the densities that meet `target_speedup` in measured time.
+
+        Process 0 measures (and writes `latency_table.json` into `output_dir`) and every process takes its
+        densities, so all cut alike. A resumed run keeps the densities saved in its checkpoint.
+        """
+        config = self.config
+        if self.targets is None or config.target_speedup is None or config.speedup_cost_model != "latency":
+            return
+        if step > 0:
+            return
+        from ..compact.latency import LatencyTable, densities_for_latency, measure_latency_table
+
+        model = self._targets_owner()
+        values = torch.zeros(2, dtype=torch.float64)
+        if _process_index() == 0:
+            if config.latency_table is not None:
+                table = LatencyTable.load(config.latency_table)
+            else:
+                table = measure_latency_table(model, config.speedup_batch_size, config.speedup_sequence_length)
+                if output_dir:
+                    os.makedirs(output_dir, exist_ok=True)
+                    table.save(os.path.join(output_dir, "latency_table.json"))
+            density = densities_for_latency(table, model, config.target_speedup)
+            values = torch.tensor([density["attention"], density["ffn"]], dtype=torch.float64)
+        values = _broadcast(values, next(model.parameters()).device)
+        self.targets.set_final_targets({"attention": float(values[0]), "ffn": float(values[1])})
+        logger.info("target_speedup %.2f in measured time: densities %.3f (attention) and %.3f (FFN).",
+                    config.target_speedup, float(values[0]), float(values[1]))
 
     def initialize_scores(self, dataloader, seed: int, step: int, loss_fn: LossFunction | None = None) -> None:
         """With `mask_init="fisher"`, start the scores from the Fisher ranking of their blocks (see
@@ -129,10 +196,12 @@ class PruningController:
         runs between steps (evaluation, the logged densities, checkpoints, the masks compacted at the end) must see
         the scheduled density: this re-places the cuts at `step`, the optimizer steps done so far. Training itself
         is unchanged, as the next `update` places the same cuts. No effect with top-k, fixed lambda, or once filled.
+        It also folds the step's task gradient into the multipliers' bound (`DensityTargets.end_step`).
         """
         if not self.soft_targets or is_filled(self.model):
             return
         config = self.config
+        self.targets.end_step(self.model)
         progress = schedule_progress(step, max(total_steps, 1), config.initial_warmup, config.final_warmup)
         self.targets.set_cuts(self.model, progress)
 
@@ -244,6 +313,21 @@ class PruningController:
         if self.targets is not None:
             logs.update(self.targets.metrics(self.model, self.progress))
         return logs
+
+
+def _process_index() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def _broadcast(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`values` of process 0 on every process (as is without `torch.distributed`)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    moved = values.to(device)
+    torch.distributed.broadcast(moved, 0)
+    return moved.cpu()
 
 
 def emptied_stacks(model: nn.Module) -> list[str]:

@@ -58,6 +58,8 @@ class BlockScores(nn.Module):
         self._scale_value = float(score_scale)
         self.filled_value = False
         self.weights_per_block = 0.0  # filled in by the layers that use these scores
+        # dL/dM summed over the masks' uses since the last reset, while tracked (see `track_task_gradient`)
+        self.register_buffer("task_gradient", None, persistent=False)
         self.register_load_state_dict_post_hook(BlockScores._sync_mirrors)
 
     @staticmethod
@@ -75,7 +77,18 @@ class BlockScores(nn.Module):
 
     def mask(self) -> torch.Tensor:
         """The {0, 1} mask over the grid, with a straight-through gradient to the scores."""
-        return binarize(self.effective_scores(), self.method, self.score_cut, self._threshold_value)
+        mask = binarize(self.effective_scores(), self.method, self.score_cut, self._threshold_value)
+        if self.task_gradient is not None and mask.requires_grad:
+            mask.register_hook(self._add_task_gradient)
+        return mask
+
+    def _add_task_gradient(self, grad: torch.Tensor) -> None:
+        self.task_gradient.add_(grad.detach().to(self.task_gradient.dtype))
+
+    def track_task_gradient(self, enabled: bool = True) -> None:
+        """Sum, into the `task_gradient` buffer, the gradient that reaches the scores through the masks (the loss's
+        gradient without the regularization, which acts on `sigmoid(scores)` directly); `False` stops and drops it."""
+        self.task_gradient = torch.zeros_like(self.scores, dtype=torch.float32) if enabled else None
 
     def set_threshold(self, value: float) -> None:
         """Set the threshold (kept fraction for top-k; bound on `sigmoid(score)` otherwise) used by `mask()`."""

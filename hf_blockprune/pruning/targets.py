@@ -29,16 +29,33 @@ and two mechanisms replace the fixed `lambda` and the fixed threshold:
    equally fast at any target. The penalty pushes the scores of blocks whose task gradient is weak below those of
    useful blocks, which is what the cut then removes; the expected and realized densities are both logged.
 
+3. **Bound.** The expected density cannot follow the schedule faster than the scores move: with Adam a score moves
+   at most about its learning rate per step, however strong the penalty. While it lags, dual ascent alone keeps
+   raising `lambda_k` (it was seen at 500-1,400, the penalty then hundreds of times the task loss) and, once the
+   density has caught up, takes hundreds of steps to come down: meanwhile the penalty, not the task, ranks the
+   scores, and the expected density overshoots below the target. So `lambda_k` is also held to
+
+       lambda_k  <=  ratio * ||g_task,k|| / ||dE_k / dS||
+
+   with `g_task,k` the task loss's gradient on the group's scores (what reaches them through the masks, a running
+   mean of its norm over the last steps) and `dE_k / dS` the penalty's own gradient per unit of `lambda_k`: the
+   penalty's pull on the scores is never more than `ratio` times the task's. Adam normalizes every score's step, so
+   scores whose task gradient is weak still go at full speed, while those the task needs keep their ranking.
+   `ratio=None` removes the bound.
+
 The multipliers are buffers of a small module attached to the model and the cuts are buffers of the scores, so
 checkpoints save them and a resumed run continues exactly. So is the step of the last multiplier update: the cuts are
 re-placed before every forward pass (every micro-batch of a gradient accumulation, and the first step after a resume)
-while the multipliers move exactly once per optimizer step, whoever calls `update` and however often. Everything runs
-on the device, with no host sync.
+while the multipliers move exactly once per optimizer step, whoever calls `update` and however often. The task
+gradient's running norm is a buffer too, updated at the end of every optimizer step (averaged over the processes of a
+distributed run, so that every process bounds alike). Everything runs on the device, with no host sync.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -46,6 +63,8 @@ from torch import nn
 from .layer import BlockScores
 
 LOG_LAMBDA_RANGE = (math.log(1e-6), math.log(1e4))
+# weight of the newest step in the running norm of the task gradient (about the last 10 steps)
+TASK_GRADIENT_MOMENTUM = 0.1
 
 
 def _group_modules(model: nn.Module, kind: str | None) -> list[BlockScores]:
@@ -79,11 +98,69 @@ def weighted_score_cut(modules: list[BlockScores], density: float) -> torch.Tens
     scores = torch.cat([m.effective_scores().detach().flatten() for m in modules])
     weights = torch.cat([torch.full((m.scores.numel(),), float(m.weights_per_block), device=scores.device)
                          for m in modules])
+    return weighted_cut(scores, weights, density)
+
+
+@torch.no_grad()
+def weighted_cut(scores: torch.Tensor, weights: torch.Tensor, density: float) -> torch.Tensor:
+    """The cut keeping the highest `scores` up to `density` of the total `weights` (1-D tensors of one length)."""
     ordered, order = torch.sort(scores, descending=True)
     kept_weight = torch.cumsum(weights[order], 0)
     kept = (kept_weight <= density * kept_weight[-1] * (1 + 1e-6)).sum()
     padded = torch.cat([ordered[:1] + 1.0, ordered, ordered[-1:] - 1.0])  # (n + 2,)
     return (padded[kept] + padded[kept + 1]) / 2
+
+
+@dataclass
+class UnitSet:
+    """The heads of one attention block, or the neurons of one FFN, under a cut placed on what compaction keeps.
+
+    With blocks inside heads (`hybrid`) or inside neurons (`block`), the blocks' weight density is not the cost of the
+    compacted model: a head costs its whole size while one value block and one output block of it survive. A target
+    on the cost (`target_speedup`) is then met by ranking the units by `alive()`, the score their best surviving
+    blocks must exceed for compaction to keep them, and cutting at the cost-weighted quantile: the cut keeps exactly
+    the units whose cost fits. The blocks of the unit's projections are cut at the same value.
+
+    Args:
+        stack (`str`): the layer stack the unit's layer belongs to.
+        modules (`list[BlockScores]`): the scores of the unit's projections (all get the cut).
+        alive (`Callable[[], torch.Tensor]`): `(units,)` alive scores.
+        cost (`float`): the cost of one unit (the cost model's, e.g. FLOPs of one head at the target's sequence
+            length).
+    """
+
+    stack: str
+    modules: list[BlockScores]
+    alive: Callable[[], torch.Tensor]
+    cost: float
+
+
+def _row_scores(linear) -> torch.Tensor:
+    """`(out,)`: per output row of a masked projection, the highest effective score of its blocks."""
+    grid = linear.weight_mask(linear.scores_module.effective_scores().detach())  # (R, C)
+    return grid.amax(dim=1).repeat_interleave(linear.out_features // grid.shape[0])
+
+
+def _column_scores(linear) -> torch.Tensor:
+    """`(in,)`: per input column of a masked projection, the highest effective score of its blocks."""
+    grid = linear.weight_mask(linear.scores_module.effective_scores().detach())  # (R, C)
+    return grid.amax(dim=0).repeat_interleave(linear.in_features // grid.shape[1])
+
+
+def head_alive_scores(attention) -> torch.Tensor:
+    """`(num_heads,)`: per query slot, the smallest of the best value-row score of its key/value head and the best
+    output-column score of its own (compaction keeps a head while both survive, `report.dead_heads`)."""
+    d = attention.head_dim
+    values = _row_scores(attention.value).view(attention.num_kv_heads, d).amax(dim=1)
+    outputs = _column_scores(attention.output).view(attention.num_heads, d).amax(dim=1)
+    return torch.minimum(values.repeat_interleave(attention.group), outputs)
+
+
+def neuron_alive_scores(layer) -> torch.Tensor:
+    """`(intermediate,)`: per FFN neuron, the smallest of its best input-row score (over the input projections) and
+    its best output-column score (compaction keeps a neuron while both survive)."""
+    rows = torch.stack([_row_scores(linear) for linear in layer.ffn_inputs]).amax(dim=0)
+    return torch.minimum(rows, _column_scores(layer.ffn_output))
 
 
 def _group_sums(model: nn.Module, kind: str | None, values) -> torch.Tensor:
@@ -105,25 +182,41 @@ class DensityTargets(nn.Module):
         initial_lambda (`float`): starting multiplier.
         per_stack (`bool`, *optional*, defaults to `True`): place one cut per layer stack (encoder, decoder) so that
             each stack meets the target on its own; `False`: one cut for the whole group.
+        penalty_ratio (`float`, *optional*): the bound's `ratio` (see the module docstring); `None`: no bound.
+        units (`dict[str, list[UnitSet]]`, *optional*): groups whose cut is placed on the units compaction keeps
+            (see `UnitSet`), and their units; the other groups are cut on the blocks' weights.
     """
 
-    def __init__(self, targets: dict[str, float], rate: float, initial_lambda: float, per_stack: bool = True):
+    def __init__(self, targets: dict[str, float], rate: float, initial_lambda: float, per_stack: bool = True,
+                 penalty_ratio: float | None = None, units: dict[str, list[UnitSet]] | None = None):
         super().__init__()
         self.per_stack = per_stack
+        self.penalty_ratio = penalty_ratio
+        self.units = dict(units or {})
         self._partitions: dict[str, list[list[BlockScores]]] = {}
         self._partition_key: dict[str, tuple] = {}
         self.groups = list(targets)
         self.targets = dict(targets)
         self.rate = rate
+        # the final targets, saved: a latency-model target is measured once, at the start of the run
+        self.register_buffer("final_targets", torch.tensor([targets[g] for g in self.groups], dtype=torch.float64))
         self.register_buffer("log_lambda", torch.full((len(self.groups),), math.log(initial_lambda)))
         # the optimizer step whose multiplier update is done (0: none yet, as step 0 has no previous masks to follow)
         self.register_buffer("updated_step", torch.tensor(0, dtype=torch.long))
         self._updated_step = 0
+        # running norm of the task gradient on each group's scores; -1: no step measured yet
+        self.register_buffer("task_gradient_norm", torch.full((len(self.groups),), -1.0))
         self.register_load_state_dict_post_hook(DensityTargets._sync_step)
 
     @staticmethod
     def _sync_step(module, incompatible_keys):
         module._updated_step = int(module.updated_step)
+        module.targets = dict(zip(module.groups, module.final_targets.tolist()))
+
+    def set_final_targets(self, targets: dict[str, float]) -> None:
+        """Replace the final target of each group (e.g. once the latency table gives them)."""
+        self.targets = {group: float(targets[group]) for group in self.groups}
+        self.final_targets.copy_(torch.tensor([self.targets[g] for g in self.groups], dtype=torch.float64))
 
     @staticmethod
     def _kind(group: str) -> str | None:
@@ -138,10 +231,39 @@ class DensityTargets(nn.Module):
         """Set each group's score cut so that its realized density is its scheduled target at `progress`."""
         scheduled = self.scheduled(progress)
         for group in self.groups:
+            if group in self.units:
+                self._set_unit_cuts(self.units[group], scheduled[group])
+                continue
             for modules in self._cut_sets(model, group):
                 cut = weighted_score_cut(modules, scheduled[group])
                 for module in modules:
                     module.set_score_cut(cut)
+
+    def _unit_partition(self, units: list[UnitSet]) -> list[list[UnitSet]]:
+        if not self.per_stack:
+            return [units]
+        stacks: dict[str, list[UnitSet]] = {}
+        for unit in units:
+            stacks.setdefault(unit.stack, []).append(unit)
+        return list(stacks.values())
+
+    @torch.no_grad()
+    def _set_unit_cuts(self, units: list[UnitSet], density: float) -> None:
+        """One cut per stack on the units' alive scores, keeping `density` of their cost (see `UnitSet`)."""
+        for part in self._unit_partition(units):
+            alive = [unit.alive() for unit in part]
+            costs = torch.cat([torch.full_like(scores, unit.cost) for unit, scores in zip(part, alive)])
+            cut = weighted_cut(torch.cat(alive), costs, density)
+            for module in {id(m): m for unit in part for m in unit.modules}.values():
+                module.set_score_cut(cut)
+
+    @torch.no_grad()
+    def unit_density(self, group: str) -> float:
+        """The cost fraction of the units compaction would keep now (a group cut on units)."""
+        alive = [(unit.alive() > unit.modules[0].score_cut).float() for unit in self.units[group]]
+        costs = [unit.cost for unit in self.units[group]]
+        kept = sum(float(flags.sum()) * cost for flags, cost in zip(alive, costs))
+        return kept / sum(flags.numel() * cost for flags, cost in zip(alive, costs))
 
     def _cut_sets(self, model: nn.Module, group: str) -> list[list[BlockScores]]:
         """The sets of scores that share one cut: the group, or the group within each layer stack."""
@@ -171,7 +293,59 @@ class DensityTargets(nn.Module):
         for index, group in enumerate(self.groups):
             expected = _group_sums(model, self._kind(group), lambda s: torch.sigmoid(s.effective_scores()))
             gap = (expected - scheduled[group]) / max(scheduled[group], 1e-3)
-            self.log_lambda[index] = (self.log_lambda[index] + self.rate * gap).clamp(*LOG_LAMBDA_RANGE)
+            log_lambda = self.log_lambda[index] + self.rate * gap
+            if self.penalty_ratio is not None:
+                log_lambda = torch.minimum(log_lambda, self._log_bound(model, index, group))
+            self.log_lambda[index] = log_lambda.clamp(*LOG_LAMBDA_RANGE)
+
+    def _penalty_gradient_norm(self, model: nn.Module, group: str) -> torch.Tensor:
+        """`||dE_k / dS||`: the norm of the expected density's gradient over the group's scores (per unit lambda)."""
+        modules = _group_modules(model, self._kind(group))
+        total = sum(m.scores.numel() * m.weights_per_block for m in modules)
+        squares = [((m.weights_per_block / total) * torch.sigmoid(m.effective_scores().detach())
+                    * (1 - torch.sigmoid(m.effective_scores().detach()))).pow(2).sum() for m in modules]
+        return torch.stack(squares).sum().sqrt()
+
+    def _log_bound(self, model: nn.Module, index: int, group: str) -> torch.Tensor:
+        """`log(ratio * ||g_task|| / ||dE/dS||)`; no bound (the range's top) before any task gradient is measured."""
+        norm = self.task_gradient_norm[index]
+        bound = torch.log(self.penalty_ratio * norm.clamp_min(0) / self._penalty_gradient_norm(model, group)
+                          .clamp_min(1e-30))
+        return torch.where(norm < 0, torch.full_like(bound, LOG_LAMBDA_RANGE[1]), bound)
+
+    def track_task_gradients(self, model: nn.Module) -> None:
+        """Make every score of the targeted groups sum the task gradient (see `BlockScores.track_task_gradient`);
+        needed by the bound only."""
+        if self.penalty_ratio is None:
+            return
+        for group in self.groups:
+            for module in _group_modules(model, self._kind(group)):
+                if module.task_gradient is None:
+                    module.track_task_gradient(True)
+
+    @torch.no_grad()
+    def end_step(self, model: nn.Module) -> None:
+        """After an optimizer step: fold the step's task gradient into each group's running norm, then reset it.
+
+        In a distributed run the gradients are first averaged over the processes (each holds its own batch's), as
+        DDP averages the parameters' gradients.
+        """
+        if self.penalty_ratio is None:
+            return
+        for index, group in enumerate(self.groups):
+            modules = [m for m in _group_modules(model, self._kind(group)) if m.task_gradient is not None]
+            if not modules:
+                continue
+            gradient = torch.cat([m.task_gradient.flatten() for m in modules])
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(gradient)
+                gradient /= torch.distributed.get_world_size()
+            norm = gradient.norm().to(self.task_gradient_norm.dtype)
+            previous = self.task_gradient_norm[index]
+            mixed = (1 - TASK_GRADIENT_MOMENTUM) * previous + TASK_GRADIENT_MOMENTUM * norm
+            self.task_gradient_norm[index] = torch.where(previous < 0, norm, mixed)
+            for module in modules:
+                module.task_gradient.zero_()
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
         """`sum_k lambda_k * E_k`, differentiable in the scores."""
@@ -194,4 +368,8 @@ class DensityTargets(nn.Module):
                 model, kind, lambda s: torch.sigmoid(s.effective_scores())).item()
             logs[f"pruning/realized_density_{group}"] = _group_sums(model, kind, lambda s: s.mask()).item()
             logs[f"pruning/lambda_{group}"] = self.log_lambda[index].exp().item()
+            if self.penalty_ratio is not None:
+                logs[f"pruning/lambda_bound_{group}"] = self._log_bound(model, index, group).exp().item()
+            if group in self.units:
+                logs[f"pruning/kept_cost_{group}"] = self.unit_density(group)
         return logs

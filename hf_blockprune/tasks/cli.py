@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
-import statistics
 import sys
-import time
 import typing
 from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from transformers.utils import logging as hf_logging
 from ..compact.checkpoints import load_masked_checkpoint
 from ..compact.compaction import compact_model
 from ..compact.flops import predicted_speedup
+from ..compact.latency import median_latencies, timing_inputs
 from ..compact.model_card import layer_rows, original_sizes, write_figure
 from ..compact.saving import (
     architecture_class,
@@ -165,15 +165,10 @@ def run_compact(args: argparse.Namespace) -> int:
 
 
 def _bench_inputs(config, batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and seq > limit:
-        raise CliError(f"--seq {seq} exceeds the model's max_position_embeddings ({limit}).")
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(min(5, config.vocab_size - 1), config.vocab_size, (batch, seq), generator=generator)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if getattr(config, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = ids
-    return inputs
+    try:
+        return timing_inputs(config, batch, seq, seed)
+    except ValueError as error:
+        raise CliError(str(error)) from None
 
 
 @contextlib.contextmanager
@@ -196,31 +191,9 @@ def _library_progress_bars(enabled: bool):
 
 def measure(models: dict[str, nn.Module], inputs: dict[str, torch.Tensor], rounds: int, warmup: int,
             disable_tqdm: bool = False) -> dict:
-    """Median latency (seconds) of each model, timed round-robin with a rotating start after `warmup` calls each.
-
-    Args:
-        models (`dict[str, nn.Module]`): the models to time, by name.
-        inputs (`dict[str, torch.Tensor]`): the keyword inputs of every call.
-        rounds (`int`): timed calls per model.
-        warmup (`int`): untimed calls per model first.
-        disable_tqdm (`bool`, *optional*, defaults to `False`): hide the progress bars.
-
-    Returns:
-        `dict[str, float]`: the median latency of each model, in seconds.
-    """
-    names = list(models)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    with torch.inference_mode():
-        for _ in tqdm(range(warmup), desc="warmup", unit="round", disable=disable_tqdm):
-            for name in names:
-                models[name](**inputs)
-        for index in tqdm(range(rounds), desc="timing", unit="round", disable=disable_tqdm):
-            shift = index % len(names)
-            for name in names[shift:] + names[:shift]:
-                start = time.perf_counter()
-                models[name](**inputs)
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    """Median latency (seconds) of each model, timed round-robin with a rotating start after `warmup` calls each
+    (`hf_blockprune.compact.latency.median_latencies`, with progress bars unless `disable_tqdm`)."""
+    return median_latencies(models, inputs, rounds, warmup, functools.partial(tqdm, disable=disable_tqdm))
 
 
 def run_bench(args: argparse.Namespace) -> int:

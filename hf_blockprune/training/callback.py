@@ -130,6 +130,7 @@ class BlockPruningCallback(TrainerCallback):
             )
         self._check_optimizer(optimizer)
         self._warn_if_reporters_miss_logs(args)
+        self.controller.resolve_latency_targets(state.global_step, args.output_dir)
         self.controller.initialize_scores(train_dataloader, args.seed, state.global_step)
         self.controller.update(state.global_step, state.max_steps)
         checkpoint_on_save(model)  # checkpoints keep the scores, under a marked config

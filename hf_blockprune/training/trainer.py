@@ -25,6 +25,7 @@ class _AfterOptimizerStep(TrainerCallback):
         self.loss_fn = loss_fn
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.controller.resolve_latency_targets(state.global_step, args.output_dir)
         self.controller.initialize_scores(train_dataloader, args.seed, state.global_step, self.loss_fn)
 
     def on_step_end(self, args, state, control, **kwargs):
