@@ -89,6 +89,19 @@ def _evaluating(model: nn.Module):
             module.training = training
 
 
+@contextlib.contextmanager
+def _requiring_grad(parameters: list[torch.Tensor]):
+    """`parameters` require gradients inside the block (a frozen weight's importance is measured too)."""
+    frozen = [p for p in parameters if not p.requires_grad]
+    for parameter in frozen:
+        parameter.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(False)
+
+
 def _squared_gradients(model: nn.Module, batches: Iterable[dict], parameters: list[torch.Tensor],
                        reduce: Callable[[list[torch.Tensor | None]], list[torch.Tensor]],
                        loss_fn: LossFunction | None) -> list[torch.Tensor]:
@@ -96,7 +109,7 @@ def _squared_gradients(model: nn.Module, batches: Iterable[dict], parameters: li
     loss_fn = loss_fn or model_loss
     device = parameters[0].device
     totals = None
-    with _evaluating(model):
+    with _evaluating(model), _requiring_grad(parameters):
         for batch in batches:
             loss = loss_fn(model, _to_device(dict(batch), device))
             grads = torch.autograd.grad(loss, parameters, allow_unused=True)
@@ -128,6 +141,40 @@ def score_fisher(model: nn.Module, batches: Iterable[dict],
         return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, parameters)]
 
     return list(zip(modules, _squared_gradients(model, batches, parameters, zeros_for_unused, loss_fn)))
+
+
+def unit_fisher(model: nn.Module, layers: list, batches: Iterable[dict],
+                loss_fn: LossFunction | None = None) -> dict[tuple[int, int | None], torch.Tensor]:
+    """The Fisher information of every head and FFN neuron, with its mask on the output projection's input columns
+    (see the module docstring): `dL/dm_u = sum over u's columns of W * dL/dW` at `m = 1`.
+
+    Args:
+        model (`nn.Module`): the model (masked or not: a masked projection's weight is its base layer's).
+        layers (`list[PrunableLayer]`): `prunable_layers(model)`.
+        batches (iterable of `dict`): calibration batches with labels.
+        loss_fn (`Callable`, *optional*): `(model, batch) -> loss`; defaults to the loss the model returns.
+
+    Returns:
+        `dict`: `(layer index, attention index) -> (num_heads,)` for every attention block with heads, and
+        `(layer index, None) -> (intermediate,)` for every FFN with neurons.
+    """
+    keys, weights, widths = [], [], []
+    for index, layer in enumerate(layers):
+        for position, attention in enumerate(layer.attentions):
+            if attention.real_heads:
+                keys.append((index, position))
+                weights.append(attention.output.weight)
+                widths.append(attention.head_dim)
+        if layer.has_ffn and layer.ffn_input.out_features and not layer.ffn_placeholder:
+            keys.append((index, None))
+            weights.append(layer.ffn_output.weight)
+            widths.append(1)
+
+    def per_unit(grads):
+        return [(w.detach() * (torch.zeros_like(w) if g is None else g)).sum(0).view(-1, width).sum(1)
+                for w, g, width in zip(weights, grads, widths)]
+
+    return dict(zip(keys, _squared_gradients(model, batches, weights, per_unit, loss_fn)))
 
 
 def _centered_ranks(values: torch.Tensor) -> torch.Tensor:
