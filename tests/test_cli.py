@@ -16,6 +16,7 @@ import torch
 from transformers import BertTokenizer, TrainingArguments
 
 import hf_blockprune
+from hf_blockprune.compact.flops import predicted_speedup
 from hf_blockprune.pruning.config import BlockPruningConfig
 from hf_blockprune.pruning.model import LAYOUT_ATTRIBUTE
 from hf_blockprune.tasks.cli import PruneArguments, build_parser, main, measure, training_arguments
@@ -345,3 +346,27 @@ def test_measure_shows_progress_unless_disabled(capsys, disable_tqdm):
     latency = measure(models, {"input": torch.ones(1, 3)}, rounds=3, warmup=1, disable_tqdm=disable_tqdm)
     assert latency.keys() == {"a", "b"} and all(value > 0 for value in latency.values())
     assert ("timing" in capsys.readouterr().err) != disable_tqdm
+
+
+def test_prune_one_shot_cuts_a_fine_tuned_model_to_the_target_without_training(workspace, tmp_path, capsys):
+    code = main([
+        "prune", "--one_shot", "--model", str(workspace / "base"), "--train_file", str(workspace / "train.csv"),
+        "--validation_file", str(workspace / "dev.csv"), "--output_dir", str(tmp_path / "out"), "--max_seq_length",
+        "16", "--use_cpu", "--pruning_preset", "struct", "--target_speedup", "2", "--speedup_sequence_length", "16",
+        "--calibration_examples", "24", "--per_device_train_batch_size", "8",
+    ])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "validation accuracy" in out and "compacted model saved" in out
+    assert not (tmp_path / "out" / "trainer_state.json").exists()  # nothing was trained
+    dense = tiny_model("bert")
+    pruned = hf_blockprune.from_pretrained(str(tmp_path / "out"))
+    assert predicted_speedup(dense, pruned, 16) >= 2.0
+
+
+def test_prune_one_shot_needs_a_target_speedup(workspace, tmp_path, capsys):
+    code = main(["prune", "--one_shot", "--model", str(workspace / "base"), "--train_file",
+                 str(workspace / "train.csv"), "--output_dir", str(tmp_path / "out"), "--pruning_preset", "struct",
+                 "--target_density", "0.5", "--use_cpu"])
+    assert code != 0
+    assert "--target_speedup" in capsys.readouterr().err

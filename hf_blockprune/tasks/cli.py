@@ -38,6 +38,7 @@ from ..compact.latency import median_latencies, timing_inputs
 from ..compact.model_card import layer_rows, original_sizes, write_figure
 from ..compact.saving import (
     architecture_class,
+    compact_on_save,
     dense_config,
     from_pretrained,
     is_masked_checkpoint,
@@ -251,6 +252,11 @@ class PruneArguments:
             Train on a shuffled subset of this size.
         max_eval_samples (`int`, *optional*):
             Evaluate on a shuffled subset of this size.
+        one_shot (`bool`, *optional*, defaults to `False`):
+            Prune without training (`hf_blockprune.compact.one_shot.prune_one_shot`): `--model` must be fine-tuned on
+            the task; its heads and neurons are ranked on `--calibration_examples` training examples, cut to
+            `--target_speedup` (`--speedup_cost_model`), rescaled by least squares and compacted. No training flag
+            applies but the batch sizes, `--seed`, `--use_cpu` and `--push_to_hub`.
     """
 
     _argument_group_name = "task and data"
@@ -278,6 +284,11 @@ class PruneArguments:
     doc_stride: int = field(default=128, metadata={"help": "QA: tokens shared by consecutive windows."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Train on a shuffled subset."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on a shuffled subset."})
+    one_shot: bool = field(
+        default=False,
+        metadata={"help": "Prune a fine-tuned --model without training: calibrate on --calibration_examples "
+                          "training examples, cut to --target_speedup, rescale and compact (minutes on a CPU)."},
+    )
 
 
 # `prune` saves masked checkpoints only when asked (`TrainingArguments` alone saves every 500 steps): this default
@@ -372,8 +383,11 @@ def _prune_classifier(task, training_args, model_path, tokenizer, pruning_config
     num_labels = max(int(label) for label in raw["train"][label_column]) + 1
     tokenized = data.tokenize_classification(raw, tokenizer, text_columns, label_column, task.max_seq_length)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
-    trainer = _trainer(training_args, model, tokenizer, tokenized, pruning_config, compute_metrics=_accuracy)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if task.one_shot:
+        trainer = _one_shot_trainer(training_args, model, tokenizer, tokenized, pruning_config, _accuracy)
+    else:
+        trainer = _trainer(training_args, model, tokenizer, tokenized, pruning_config, compute_metrics=_accuracy)
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = {"accuracy": trainer.evaluate()["eval_accuracy"]}
     trainer.save_model()  # writes the compacted model, and pushes it with --push_to_hub
     return metrics, len(tokenized["validation"])
@@ -388,14 +402,41 @@ def _prune_qa(task, training_args, model_path, tokenizer, pruning_config):
     features = raw["validation"].map(lambda b: qa.prepare_validation_features(b, tokenizer, length, stride),
                                      batched=True, remove_columns=raw["validation"].column_names)
     model = transformers.AutoModelForQuestionAnswering.from_pretrained(model_path)
-    trainer = _trainer(training_args, model, tokenizer, {"train": train, "validation": None}, pruning_config)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    splits = {"train": train, "validation": None}
+    if task.one_shot:
+        trainer = _one_shot_trainer(training_args, model, tokenizer, splits, pruning_config)
+    else:
+        trainer = _trainer(training_args, model, tokenizer, splits, pruning_config)
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     start, end = trainer.predict(features.remove_columns(["example_id", "offset_mapping"])).predictions[:2]
     examples = tqdm(raw["validation"], desc="answers", unit="example", disable=training_args.disable_tqdm)
     answers = qa.postprocess_predictions(examples, features, start, end)
     references = {example["id"]: example["answers"]["text"] for example in raw["validation"]}
     trainer.save_model()  # writes the compacted model, and pushes it with --push_to_hub
     return qa.squad_metrics(answers, references), len(raw["validation"])
+
+
+def _one_shot_trainer(training_args, model, tokenizer, splits, pruning_config, compute_metrics=None):
+    """Prune `model` to `--target_speedup` without training (`prune_one_shot`) and return a Trainer over the compacted
+    model (for evaluation and `save_model`, which writes the compacted folder)."""
+    from ..compact.latency import LatencyTable
+    from ..compact.one_shot import prune_one_shot
+    from ..pruning.importance import calibration_batches
+
+    if pruning_config.target_speedup is None:
+        raise CliError("--one_shot cuts to a speed: give --target_speedup (e.g. 1.5).")
+    trainer = _trainer(training_args, model, tokenizer, splits, BlockPruningConfig(pruning_preset="none"),
+                       compute_metrics)
+    batches = calibration_batches(trainer.get_train_dataloader(), pruning_config.calibration_examples,
+                                  training_args.seed)
+    table = LatencyTable.load(pruning_config.latency_table) if pruning_config.latency_table else None
+    prune_one_shot(
+        trainer.model, batches, pruning_config.target_speedup, seq_len=pruning_config.speedup_sequence_length,
+        cost_model=pruning_config.speedup_cost_model, batch_size=pruning_config.speedup_batch_size,
+        latency_table=table, config=pruning_config if pruning_config.layers_pattern else None,
+    )
+    compact_on_save(trainer.model)
+    return trainer
 
 
 def _trainer(training_args, model, tokenizer, splits, pruning_config, compute_metrics=None):
