@@ -56,7 +56,8 @@ NO_PRUNING = "none"
 PRUNING_FIELDS = (
     "pruning_method", "attention_granularity", "attention_block_size", "ffn_granularity", "ffn_block_size",
     "initial_threshold", "final_threshold", "final_lambda", "mask_init_value", "mask_init", "fill_after",
-    "target_density", "target_density_attention", "target_density_ffn", "target_speedup",
+    "target_density", "target_density_attention", "target_density_ffn", "target_speedup", "snapshot_densities",
+    "snapshot_speedups",
 )
 
 # Defaults for the fields a preset may set, applied last.
@@ -154,6 +155,14 @@ class BlockPruningConfig:
         latency_table (`str`, *optional*):
             Path of a latency table saved by an earlier run (or `hf_blockprune.compact.latency.LatencyTable.save`)
             to use instead of measuring one.
+        snapshot_densities (`list[float]`, *optional*):
+            Also save the model compacted, into `<output_dir>/snapshot-density-<d>`, the first time the target's
+            schedule reaches each of these densities (several sparsity levels from one run; see
+            `hf_blockprune.training.snapshots`). Needs `target_density` or `target_speedup`; each value between the
+            final target and 1.
+        snapshot_speedups (`list[float]`, *optional*):
+            The same at the densities where the cost model gives these speedups, into
+            `<output_dir>/snapshot-speedup-<s>x`. Needs `target_speedup`; each value in (1, `target_speedup`].
         teacher_model (`str`, *optional*):
             Path or Hub id of a dense teacher fine-tuned on the same task, to distil from while pruning (or pass a
             model as `teacher_model=` to the trainer or callback).
@@ -289,6 +298,14 @@ class BlockPruningConfig:
         default=True,
         metadata={"help": "With several layer stacks (encoder, decoder): each stack meets the target on its own."},
     )
+    snapshot_densities: list[float] | None = field(
+        default=None,
+        metadata={"help": "Also save compacted snapshots when the schedule reaches these densities."},
+    )
+    snapshot_speedups: list[float] | None = field(
+        default=None,
+        metadata={"help": "Also save compacted snapshots when the schedule reaches these speedups (target_speedup)."},
+    )
     teacher_model: str | None = field(
         default=None, metadata={"help": "Path or Hub id of a dense teacher to distil from."}
     )
@@ -330,6 +347,7 @@ class BlockPruningConfig:
         self._validate_block_sizes()
         self._validate_schedule()
         self._validate_targets()
+        self._validate_snapshots()
         self._validate_custom_modules()
         self._validate_fill_learning_rate()
 
@@ -398,6 +416,32 @@ class BlockPruningConfig:
             if self.target_density is not None or per_kind:
                 raise ValueError("`target_speedup` sets the target densities itself; do not also give them.")
         self._validate_distillation()
+
+    def _validate_snapshots(self):
+        densities, speedups = self.snapshot_densities or [], self.snapshot_speedups or []
+        if not (densities or speedups):
+            return
+        if not self.has_target:
+            raise ValueError(
+                "`snapshot_densities` / `snapshot_speedups` are taken as the schedule of a target passes them: set "
+                "`target_density` or `target_speedup`."
+            )
+        if densities and self.target_density is None and self.target_speedup is None:
+            raise ValueError(
+                "`snapshot_densities` need one target density for all blocks (`target_density` or `target_speedup`), "
+                "not separate attention and FFN targets."
+            )
+        for value in densities:
+            floor = self.target_density or 0.0
+            if not floor <= value < 1.0:
+                raise ValueError(f"A snapshot density must be in [target_density, 1) = [{floor:g}, 1), got {value}.")
+        if speedups and self.target_speedup is None:
+            raise ValueError("`snapshot_speedups` need `target_speedup` (the schedule is a speedup's).")
+        for value in speedups:
+            if not 1.0 < value <= self.target_speedup:
+                raise ValueError(
+                    f"A snapshot speedup must be in (1, target_speedup] = (1, {self.target_speedup:g}], got {value}."
+                )
 
     def _validate_fractions(self):
         """The fields with defaults, checked whether or not the config prunes."""

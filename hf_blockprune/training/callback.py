@@ -18,6 +18,7 @@ from ..pruning.model import apply_block_pruning, block_scores, is_block_pruned, 
 from ..structure.wrappers import is_sentence_transformer
 from .accumulation import loss_shifts_labels, micro_batch_weight
 from .distillation import Distiller, check_teacher_given
+from .snapshots import Snapshots
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class BlockPruningCallback(TrainerCallback):
         self._training = False
         self._items_in_step = None  # the Trainer's num_items_in_batch for the current micro-batch, kept from the model
         self._logs_first = False  # whether on_log runs before the reporting integrations
+        self.snapshots: Snapshots | None = None
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         """Mask the model before the Trainer builds the optimizer; make the Trainer's `create_model_card` keep the
@@ -132,6 +134,8 @@ class BlockPruningCallback(TrainerCallback):
         self._warn_if_reporters_miss_logs(args)
         self.controller.resolve_latency_targets(state.global_step, args.output_dir)
         self.controller.initialize_scores(train_dataloader, args.seed, state.global_step)
+        self.snapshots = Snapshots(self.controller)
+        self.snapshots.prepare(model, args.output_dir)
         self.controller.update(state.global_step, state.max_steps)
         checkpoint_on_save(model)  # checkpoints keep the scores, under a marked config
         self._training = True
@@ -172,11 +176,14 @@ class BlockPruningCallback(TrainerCallback):
         if optimizer is not None:
             self.controller.set_fill_learning_rate(optimizer, lr_scheduler)
 
-    def on_step_end(self, args, state, control, **kwargs):
-        """Stop on a non-finite loss or score (before any checkpoint), then keep a density target's masks on the
-        scheduled density between steps (for evaluation, logs, saving)."""
+    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        """Stop on a non-finite loss or score (before any checkpoint), keep a density target's masks on the
+        scheduled density between steps (for evaluation, logs, saving), then save the snapshots due."""
         self.controller.check_finite(state.global_step, args.output_dir)
         self.controller.after_optimizer_step(state.global_step, state.max_steps)
+        if self.snapshots is not None:
+            self.snapshots.after_step(model, state.global_step, state.max_steps, args.output_dir, processing_class,
+                                      state.is_world_process_zero)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         """Add the `pruning/*` values to training logs (in place: the callbacks after this one get the same dict) and

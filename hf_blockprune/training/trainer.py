@@ -14,23 +14,29 @@ from ..structure.wrappers import is_sentence_transformer
 from .accumulation import micro_batch_weight
 from .callback import create_or_keep_model_card
 from .distillation import Distiller, check_teacher_given
+from .snapshots import Snapshots
 
 
 class _AfterOptimizerStep(TrainerCallback):
-    """At train begin, initialize the scores (`mask_init="fisher"`); at every step end, before any checkpoint: stop on
-    non-finite values, then re-place the cuts (see `PruningController.check_finite` and `after_optimizer_step`)."""
+    """At train begin, set the latency targets, initialize the scores (`mask_init="fisher"`) and plan the snapshots;
+    at every step end, before any checkpoint: stop on non-finite values, re-place the cuts (see
+    `PruningController.check_finite` and `after_optimizer_step`), then save the snapshots due."""
 
     def __init__(self, controller: PruningController, loss_fn):
         self.controller = controller
         self.loss_fn = loss_fn
+        self.snapshots = Snapshots(controller)
 
-    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         self.controller.resolve_latency_targets(state.global_step, args.output_dir)
         self.controller.initialize_scores(train_dataloader, args.seed, state.global_step, self.loss_fn)
+        self.snapshots.prepare(model, args.output_dir)
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         self.controller.check_finite(state.global_step, args.output_dir)
         self.controller.after_optimizer_step(state.global_step, state.max_steps)
+        self.snapshots.after_step(model, state.global_step, state.max_steps, args.output_dir, processing_class,
+                                  state.is_world_process_zero)
 
 
 class BlockPruningTrainer(Trainer):
