@@ -21,6 +21,7 @@ import sys
 from .compact import sentence_transformers as _sentence_transformers  # noqa: F401  (registers its saver)
 from .compact.checkpoints import load_masked_checkpoint
 from .compact.compaction import compact_model
+from .compact.one_shot import prune_one_shot
 from .compact.saving import export_dense, from_pretrained, save_compacted
 from .pruning.config import BlockPruningConfig
 from .pruning.model import apply_block_pruning, is_block_pruned, remove_block_pruning
@@ -79,6 +80,7 @@ __all__ = [
     "from_pretrained",
     "is_block_pruned",
     "load_masked_checkpoint",
+    "prune_one_shot",
     "remove_block_pruning",
     "save_compacted",
     "sparsity_report",
