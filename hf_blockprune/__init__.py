@@ -1,7 +1,7 @@
 """hf_blockprune: block movement pruning (Lagunas et al., 2021) for the Hugging Face Trainer.
 
 The package has the shape of its architecture (each subpackage imports only from those listed before it, except
-`pruning.controller`, which reads the cost model of `compact.flops`):
+`pruning.controller`, which reads the cost models of `compact.flops` and `compact.latency`):
 
 - `structure`: what a layer looks like (`architectures`, the saved loader `modeling_blockprune`);
 - `pruning`: config, scores and masked layers, masking a model, schedule, regularization, targets, controller;

@@ -30,14 +30,16 @@ def test_accuracy_speed_benchmark_quick(tmp_path):
                  "--output", str(tmp_path / "out" / "result"))
     results = json.loads((tmp_path / "out" / "result.json").read_text())
     kinds = [r["kind"] for r in results["runs"]]
-    assert kinds == ["dense", "hybrid-filled", "struct", "truncated"]
+    assert kinds == ["dense", "one-shot", "hybrid-filled", "struct", "truncated"]
     for record in results["runs"]:
         assert 0.0 <= record["dev_accuracy"] <= 1.0 and record["measured_speedup"] > 0
+        assert record["measured_speedup_batch1"] > 0
     dense, *others = results["runs"]
     assert all(r["parameters"] < dense["parameters"] for r in others if r["kind"] != "hybrid-filled")
     assert (tmp_path / "out" / "result.png").stat().st_size > 0
     table = (tmp_path / "out" / "result.md").read_text()
-    assert "| dense |" in table and "Targets:" in table and table in stdout
+    assert "| dense |" in table and "Targets:" in table and "one-shot" in table and table in stdout
+    assert results["runs"][1]["flops_speedup"] >= 1.5  # the one-shot cut reaches its target
 
 
 def test_speed_benchmark_quick():

@@ -17,7 +17,7 @@ from transformers import TrainingArguments
 
 import hf_blockprune
 from hf_blockprune import BlockPruningConfig
-from hf_blockprune.pruning.controller import check_training_arguments
+from hf_blockprune.training.arguments import check_training_arguments
 
 from conftest import tiny_dataset
 

@@ -11,8 +11,9 @@ import hf_blockprune
 PACKAGE = Path(hf_blockprune.__file__).parent
 # Each subpackage imports only from itself and those before it.
 LAYERS = ["structure", "pruning", "compact", "training", "tasks"]
-# The density controller turns a target speedup into densities with the cost model of what compaction keeps.
-ALLOWED_UPWARD = {("pruning.controller", "compact.flops")}
+# The density controller turns a target speedup into densities with the cost models (FLOPs, measured latency) of what
+# compaction keeps.
+ALLOWED_UPWARD = {("pruning.controller", "compact.flops"), ("pruning.controller", "compact.latency")}
 
 
 def _module_name(path: Path) -> str:
