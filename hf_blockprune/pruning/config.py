@@ -101,6 +101,11 @@ class BlockPruningConfig:
             output projection; `"block"`: one score per `ffn_block_size` block of each FFN matrix.
         ffn_block_size (`list[int]`, *optional*, defaults to `[32, 32]`):
             `(rows, cols)` of an FFN block when `ffn_granularity="block"`.
+        ffn_round_to (`int`, *optional*, defaults to 1):
+            Keep a multiple of this many FFN neurons in every layer (e.g. 8 or 64, the tile of an accelerator's
+            matrix units): each layer's count is rounded to the nearest multiple, the highest-scored neurons kept (a
+            layer that keeps all its neurons keeps them all). Densities and targets then land within half a multiple
+            per layer. Neuron granularity only.
         initial_threshold (`float`, *optional*):
             Threshold during the initial warmup (top-k: 1.0, sigmoid: 0.0).
         final_threshold (`float`, *optional*):
@@ -238,6 +243,9 @@ class BlockPruningConfig:
     ffn_block_size: list[int] | None = field(
         default=None, metadata={"help": "FFN block shape as two ints when ffn_granularity=block."}
     )
+    ffn_round_to: int = field(
+        default=1, metadata={"help": "Keep a multiple of this many FFN neurons per layer (e.g. 8; 1: any count)."}
+    )
     initial_threshold: float | None = field(default=None, metadata={"help": "Threshold before the cubic schedule."})
     final_threshold: float | None = field(default=None, metadata={"help": "Threshold at the end of the schedule."})
     initial_warmup: float = field(
@@ -337,6 +345,8 @@ class BlockPruningConfig:
     def __post_init__(self):
         self._validate_finite()
         if self._resolve_no_pruning():
+            if self.ffn_round_to != 1:
+                raise ValueError("`ffn_round_to` rounds the kept FFN neurons: it needs a pruning preset.")
             self._validate_fractions()
             self._validate_distillation()
             self._validate_custom_modules()
@@ -345,6 +355,7 @@ class BlockPruningConfig:
         self._resolve_defaults()
         self._validate_choices()
         self._validate_block_sizes()
+        self._validate_rounding()
         self._validate_schedule()
         self._validate_targets()
         self._validate_snapshots()
@@ -518,6 +529,15 @@ class BlockPruningConfig:
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"`{name}` must be one of {list(choices)}, got {getattr(self, name)!r}.")
+
+    def _validate_rounding(self):
+        if not (isinstance(self.ffn_round_to, int) and self.ffn_round_to >= 1):
+            raise ValueError(f"`ffn_round_to` must be an integer >= 1, got {self.ffn_round_to!r}.")
+        if self.ffn_round_to > 1 and self.ffn_granularity != "neuron":
+            raise ValueError(
+                f"`ffn_round_to={self.ffn_round_to}` rounds the kept FFN neurons, which needs "
+                "`ffn_granularity='neuron'` (blocks do not remove whole neurons)."
+            )
 
     def _validate_block_sizes(self):
         for name in ("attention_block_size", "ffn_block_size"):

@@ -23,6 +23,18 @@ def _logit(probability: float) -> float:
     return math.log(probability / (1.0 - probability))
 
 
+def round_kept(mask: torch.Tensor, scores: torch.Tensor, multiple: int) -> torch.Tensor:
+    """`mask` (1-D, {0, 1}) changed to keep the `round(kept / multiple) * multiple` highest `scores` (all of them
+    when `mask` keeps all), with `mask`'s gradient (straight through). No host sync."""
+    kept = mask.detach().sum()
+    rounded = torch.round(kept / multiple) * multiple
+    count = torch.where(kept == mask.numel(), kept, rounded)
+    ranks = torch.empty_like(scores, dtype=torch.long)
+    ranks[torch.argsort(scores, descending=True, stable=True)] = torch.arange(scores.numel(), device=scores.device)
+    target = (ranks < count).to(mask.dtype)
+    return mask + (target - mask).detach()
+
+
 class BlockScores(nn.Module):
     """Learnable scores over a grid of blocks, and the binary mask they give.
 
@@ -34,6 +46,10 @@ class BlockScores(nn.Module):
     `value = raw + (c - 1) * raw.detach()` (numerically `c * raw`, gradient 1 with respect to `raw`). Adam-family
     optimizers take steps of a size independent of the gradient's scale, so the scores then move `c` times faster than
     the optimizer's learning rate: this gives them their own learning rate without an extra optimizer group.
+
+    With `round_to = m > 1` (1-D scores: FFN neurons), the mask keeps a multiple of `m` entries: the count the
+    method gives, rounded to the nearest multiple (all entries stay when all are kept), the highest scores first; the
+    gradient still goes straight through to the scores.
 
     Args:
         grid_shape (`tuple[int, ...]`): shape of the score grid.
@@ -58,6 +74,7 @@ class BlockScores(nn.Module):
         self._scale_value = float(score_scale)
         self.filled_value = False
         self.weights_per_block = 0.0  # filled in by the layers that use these scores
+        self.round_to = 1  # keep a multiple of this many entries (see the class docstring); set from the config
         # dL/dM summed over the masks' uses since the last reset, while tracked (see `track_task_gradient`)
         self.register_buffer("task_gradient", None, persistent=False)
         self.register_load_state_dict_post_hook(BlockScores._sync_mirrors)
@@ -78,6 +95,8 @@ class BlockScores(nn.Module):
     def mask(self) -> torch.Tensor:
         """The {0, 1} mask over the grid, with a straight-through gradient to the scores."""
         mask = binarize(self.effective_scores(), self.method, self.score_cut, self._threshold_value)
+        if self.round_to > 1:
+            mask = round_kept(mask, self.effective_scores().detach(), self.round_to)
         if self.task_gradient is not None and mask.requires_grad:
             mask.register_hook(self._add_task_gradient)
         return mask

@@ -470,6 +470,7 @@ def _masked_ffn(layer: PrunableLayer, config, score_scale) -> list[MaskedLinear]
     linears = [*layer.ffn_inputs, layer.ffn_output]
     if config.ffn_granularity == "neuron":
         shared = _new_scores((layer.ffn_input.out_features,), config, "ffn", score_scale, layer.ffn_input)
+        shared.round_to = getattr(config, "ffn_round_to", 1)
         views = ["rows"] * len(layer.ffn_inputs) + ["cols"]
         return [_wrap(lin, shared, view, owns=i == 0) for i, (lin, view) in enumerate(zip(linears, views))]
     paths = layer.ffn_paths().values()

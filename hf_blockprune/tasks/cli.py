@@ -454,7 +454,7 @@ def _trainer(training_args, model, tokenizer, splits, pruning_config, compute_me
 # the checkpoint does not record its config); the others only matter while training.
 LAYOUT_FIELDS = (
     "pruning_preset", "pruning_method", "attention_granularity", "attention_block_size", "ffn_granularity",
-    "ffn_block_size", "layers_pattern", "attention_modules", "ffn_modules", "num_heads_attribute",
+    "ffn_block_size", "ffn_round_to", "layers_pattern", "attention_modules", "ffn_modules", "num_heads_attribute",
     "num_kv_heads_attribute",
 )
 
