@@ -33,15 +33,24 @@ sequence of 128 tokens (`hf_blockprune.compact.flops`), and the CPU inference sp
 over `--rounds`.
 
 Outputs: `<output>.json` (settings, every record, elapsed minutes), `<output>.md` (the tables and the targets) and
-`<output>.png` (accuracy vs. measured speedup). Trained models are kept in `--work_dir`, so an interrupted run resumes
-where it stopped (delete the folder to start over).
+`<output>.png` (accuracy vs. measured speedup).
+
+Resuming: every finished run leaves its record (accuracy, structure, and its speed, timed against the dense model in
+the same process right after it is made) in `<output>.records/`, keyed by a fingerprint of everything it depends on:
+the benchmark's settings, the run's resolved `BlockPruningConfig`, and the teacher (a digest of its dev predictions).
+A later invocation, even on another machine of the same kind, reuses a record whose fingerprint matches and runs the
+others, so a run of several hours can be finished across sessions; the dense model is retrained where `--work_dir`
+does not hold it, and records made with a different teacher are not reused. Delete the records to start over.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
+import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -152,6 +161,9 @@ class Benchmark:
         self.args = args
         self.work = Path(args.work_dir)
         self.work.mkdir(parents=True, exist_ok=True)
+        self.records = Path(args.records or f"{args.output}.records")
+        self.records.mkdir(parents=True, exist_ok=True)
+        self.teacher = None  # (dense model, its record) once stage 1 has run
         self.tokenizer = AutoTokenizer.from_pretrained(offline_minilm_path())
         self.collator = DataCollatorWithPadding(self.tokenizer)
         self.data = self._tokenized(args.train_size)
@@ -182,43 +194,97 @@ class Benchmark:
         trainer = self._trainer(Trainer, model.eval(), self.work / "eval", 1, 1e-5)
         return trainer.evaluate()["eval_accuracy"]
 
-    def _cached(self, name: str):
-        folder = self.work / name
-        record_file = folder / "record.json"
-        if not record_file.is_file():
-            return None, folder
-        record = json.loads(record_file.read_text())
-        loader = hf_blockprune.from_pretrained if record["kind"] not in ("dense", "truncated") else \
-            AutoModelForSequenceClassification.from_pretrained
-        print(f"[{name}] reloaded from {folder}", flush=True)
-        return (loader(str(folder / "model")).eval(), record), folder
+    def _fingerprint(self, **run) -> dict:
+        """What a run's result depends on: the shared settings, the teacher, and `run`'s own settings."""
+        a = self.args
+        shared = {"train_size": a.train_size, "max_length": a.max_length, "seed": a.seed, "quick": a.quick}
+        if self.teacher is not None:
+            shared["teacher"] = self.teacher[1]["predictions_digest"]
+        return {**shared, **run}
 
-    def _finish(self, name: str, folder: Path, model: nn.Module, record: dict, minutes: float):
-        record.update(name=name, train_minutes=round(minutes, 2))
+    def _reuse(self, name: str, fingerprint: dict) -> dict | None:
+        """A record of an earlier invocation with this fingerprint (under any name: equal settings, equal run)."""
+        for path in sorted(self.records.glob("*.json")):
+            record = json.loads(path.read_text())
+            if record.get("fingerprint") == fingerprint:
+                print(f"[{name}] reused the record of {record['name']} ({path})", flush=True)
+                return {**record, "name": name, "reused_from": record.get("reused_from", record["name"])}
+        return None
+
+    def _speed(self, name: str, model: nn.Module) -> dict:
+        """`model`'s speed against the dense model's, both timed here, interleaved (batch 32 and batch 1)."""
+        dense = self.teacher[0]
+        if model is dense:
+            return {"latency_ms": None, "latency_ms_batch1": None, "measured_speedup": 1.0,
+                    "measured_speedup_batch1": 1.0}
+        rounds = self.args.rounds
+        timed = {batch: measure({"dense": dense, name: model}, batch, rounds * (2 if batch == 1 else 1),
+                                self.args.seed) for batch in (SPEED_BATCH, 1)}
+        return {"latency_ms": timed[SPEED_BATCH][name] * 1000, "latency_ms_batch1": timed[1][name] * 1000,
+                "dense_latency_ms": timed[SPEED_BATCH]["dense"] * 1000,
+                "dense_latency_ms_batch1": timed[1]["dense"] * 1000,
+                "measured_speedup": timed[SPEED_BATCH]["dense"] / timed[SPEED_BATCH][name],
+                "measured_speedup_batch1": timed[1]["dense"] / timed[1][name]}
+
+    def _finish(self, name: str, model: nn.Module, record: dict, minutes: float, fingerprint: dict):
+        """Evaluate, measure and time a model just made; write its record."""
+        model = model.eval()
+        record.update(name=name, train_minutes=round(minutes, 2), commit=_commit(), fingerprint=fingerprint)
         record["dev_accuracy"] = self.evaluate(model)
-        (folder / "record.json").write_text(json.dumps(record, indent=2))
+        dense = self.teacher[0] if self.teacher is not None else model
+        record.update(parameters=sum(p.numel() for p in model.parameters()),
+                      encoder_parameters=encoder_parameters(model), gflops=model_flops(model, SPEED_SEQ).total / 1e9,
+                      flops_speedup=model_flops(dense, SPEED_SEQ).total / model_flops(model, SPEED_SEQ).total,
+                      **kept_structure(model))
+        if self.teacher is not None:
+            record.update(self._speed(name, model))
+        (self.records / f"{_slug(name)}.json").write_text(json.dumps(record, indent=2))
         print(json.dumps(record), flush=True)
-        return model.eval(), record
+        return record
 
-    def dense(self):
-        """Stage 1: the dense fine-tune, which is the teacher."""
-        cached, folder = self._cached("dense")
-        if cached:
-            return cached
-        torch.manual_seed(self.args.seed)
-        model = AutoModelForSequenceClassification.from_pretrained(offline_minilm_path(), num_labels=2)
+    def dense(self) -> dict:
+        """Stage 1: the dense fine-tune, which is the teacher (reloaded from `work_dir` where it is there)."""
+        fingerprint = self._fingerprint(kind="dense", teacher_epochs=self.args.teacher_epochs,
+                                        teacher_lr=self.args.teacher_lr)
+        folder = self.work / "dense"
         start = time.perf_counter()
-        trainer = self._trainer(Trainer, model, folder, self.args.teacher_epochs, self.args.teacher_lr)
-        trainer.train()
-        trainer.save_model(str(folder / "model"))
-        return self._finish("dense", folder, trainer.model, {"kind": "dense"}, (time.perf_counter() - start) / 60)
+        if (folder / "model" / "config.json").is_file():
+            print(f"[dense] reloaded from {folder}", flush=True)
+            model, minutes = AutoModelForSequenceClassification.from_pretrained(str(folder / "model")), None
+        else:
+            torch.manual_seed(self.args.seed)
+            model = AutoModelForSequenceClassification.from_pretrained(offline_minilm_path(), num_labels=2)
+            trainer = self._trainer(Trainer, model, folder, self.args.teacher_epochs, self.args.teacher_lr)
+            trainer.train()
+            trainer.save_model(str(folder / "model"))
+            model, minutes = trainer.model, (time.perf_counter() - start) / 60
+        model.eval()
+        predictions = self._trainer(Trainer, model, self.work / "eval", 1, 1e-5).predict(self.data["validation"])
+        digest = hashlib.sha256(np.argmax(predictions.predictions, -1).astype(np.int64).tobytes()).hexdigest()[:16]
+        earlier_file = self.records / "dense.json"
+        earlier = json.loads(earlier_file.read_text()) if earlier_file.is_file() else None
+        earlier = earlier if earlier is not None and earlier.get("fingerprint") == fingerprint else None
+        if minutes is None and earlier is not None:
+            minutes = earlier["train_minutes"]
+        if earlier is not None and earlier["predictions_digest"] != digest:
+            print("[dense] this teacher's dev predictions differ from the recorded one's: the records made with "
+                  "that teacher are not reused", flush=True)
+        record = self._finish("dense", model, {"kind": "dense", "predictions_digest": digest}, minutes or 0.0,
+                              fingerprint)
+        self.teacher = (model, {**record, "measured_speedup": 1.0, "measured_speedup_batch1": 1.0})
+        (self.records / "dense.json").write_text(json.dumps(self.teacher[1], indent=2))
+        return self.teacher[1]
 
     def one_shot(self, teacher: nn.Module, speedup: float, cost_model: str = "flops", batch_size: int = SPEED_BATCH):
         """Stage 2: prune a copy of the dense model to `speedup` without training."""
         name = f"one-shot {speedup:g}x" + (f" (latency, batch {batch_size})" if cost_model == "latency" else "")
-        cached, folder = self._cached(name)
+        fingerprint = self._fingerprint(kind="one-shot", target_speedup=speedup, cost_model=cost_model,
+                                        cost_batch_size=batch_size if cost_model == "latency" else None,
+                                        calibration_examples=self.args.calibration_examples)
+        cached = self._reuse(name, fingerprint)
         if cached:
             return cached
+        folder = self.work / _slug(name)
         start = time.perf_counter()
         loader = self._trainer(Trainer, teacher, folder, 1, 1e-5).get_train_dataloader()
         batches = calibration_batches(loader, self.args.calibration_examples, self.args.seed)
@@ -229,7 +295,7 @@ class Benchmark:
         record = {"kind": "one-shot", "target_speedup": speedup, "cost_model": cost_model,
                   "cost_batch_size": batch_size if cost_model == "latency" else None,
                   "calibration_examples": self.args.calibration_examples}
-        return self._finish(name, folder, model, record, (time.perf_counter() - start) / 60)
+        return self._finish(name, model, record, (time.perf_counter() - start) / 60, fingerprint)
 
     def latency_table(self, model: nn.Module, batch_size: int) -> LatencyTable:
         """The latency table of the dense model at `batch_size` x 128 (measured once, kept in `work_dir`)."""
@@ -245,16 +311,22 @@ class Benchmark:
         """Stage 3: fine-prune a copy of the dense model to `speedup` on the cost model, distilling from it."""
         name = f"pruned {preset} {speedup:g}x" + (f" {label}" if label else "") + \
             (f" seed {seed}" if seed is not None else "")
-        cached, folder = self._cached(name)
+        seed = self.args.seed if seed is None else seed
+        config = BlockPruningConfig(pruning_preset=preset, target_speedup=speedup,
+                                    speedup_sequence_length=SPEED_SEQ, **levers)
+        resolved = {k: v for k, v in config.to_dict().items() if k != "latency_table"}  # a path on this machine
+        fingerprint = self._fingerprint(kind=preset, config=resolved, run_seed=seed, long=long,
+                                        epochs=1.0 if long else self.args.prune_epochs, lr=self.args.prune_lr)
+        cached = self._reuse(name, fingerprint)
         if cached:
             return cached
-        seed = self.args.seed if seed is None else seed
+        folder = self.work / _slug(name)
         torch.manual_seed(seed)
         if levers.get("speedup_cost_model") == "latency":
             levers["latency_table"] = str(self.work / f"latency_table_batch{levers['speedup_batch_size']}.json")
             self.latency_table(teacher, levers["speedup_batch_size"])
-        config = BlockPruningConfig(pruning_preset=preset, target_speedup=speedup,
-                                    speedup_sequence_length=SPEED_SEQ, **levers)
+            config = BlockPruningConfig(pruning_preset=preset, target_speedup=speedup,
+                                        speedup_sequence_length=SPEED_SEQ, **levers)
         start = time.perf_counter()
         epochs = 1.0 if long else self.args.prune_epochs
         trainer = self._trainer(BlockPruningTrainer, student_copy(teacher), folder, epochs, self.args.prune_lr,
@@ -273,22 +345,25 @@ class Benchmark:
                   "targets_used": dict(trainer.model.block_pruning_targets.targets),
                   "max_multiplier": max(lambdas) if lambdas else None,
                   "heads_pruned": sum(len(h) for layer in report for h in layer["heads_pruned"])}
-        return self._finish(name, folder, model, record, (time.perf_counter() - start) / 60)
+        return self._finish(name, model, record, (time.perf_counter() - start) / 60, fingerprint)
 
     def truncated(self, teacher: nn.Module, layers: int):
         """Stage 4: the first `layers` layers of the dense model, fine-tuned with the same teacher."""
         name = f"truncated {layers} layers"
-        cached, folder = self._cached(name)
+        fingerprint = self._fingerprint(kind="truncated", layers=layers, epochs=self.args.prune_epochs,
+                                        lr=self.args.truncate_lr)
+        cached = self._reuse(name, fingerprint)
         if cached:
             return cached
+        folder = self.work / _slug(name)
         torch.manual_seed(self.args.seed)
         start = time.perf_counter()
         trainer = self._trainer(DistillingTrainer, truncated(teacher, layers), folder,
                                 self.args.prune_epochs, self.args.truncate_lr, teacher=teacher)
         trainer.train()
         trainer.save_model(str(folder / "model"))
-        return self._finish(name, folder, trainer.model, {"kind": "truncated", "layers": layers},
-                            (time.perf_counter() - start) / 60)
+        return self._finish(name, trainer.model, {"kind": "truncated", "layers": layers},
+                            (time.perf_counter() - start) / 60, fingerprint)
 
     def stages(self, dense: nn.Module):
         """Every stage after the dense one, as `(group, thunk)` in the order they run."""
@@ -319,32 +394,31 @@ class Benchmark:
         return stages
 
     def run(self) -> dict:
-        """Every stage, then the timing; returns the results."""
+        """Every stage (each timed against the dense model as it finishes); returns the results."""
         started = time.perf_counter()
-        dense, dense_record = self.dense()
-        models, records = {"dense": dense}, [{**dense_record, "group": "main"}]
+        dense_record = self.dense()
+        dense = self.teacher[0]
+        records = [{**dense_record, "group": "main"}]
         for group, stage in self.stages(dense):
-            model, record = stage()
-            models[record["name"]], records = model, records + [{**record, "group": group}]
-        latency = {batch: measure(models, batch, self.args.rounds * (2 if batch == 1 else 1), self.args.seed)
-                   for batch in (SPEED_BATCH, 1)}
-        dense_flops = model_flops(dense, SPEED_SEQ).total
+            records.append({**stage(), "group": group})
         for record in records:
-            model = models[record["name"]]
-            record.update(
-                parameters=sum(p.numel() for p in model.parameters()), encoder_parameters=encoder_parameters(model),
-                gflops=model_flops(model, SPEED_SEQ).total / 1e9,
-                latency_ms=latency[SPEED_BATCH][record["name"]] * 1000,
-                latency_ms_batch1=latency[1][record["name"]] * 1000,
-                measured_speedup=latency[SPEED_BATCH]["dense"] / latency[SPEED_BATCH][record["name"]],
-                measured_speedup_batch1=latency[1]["dense"] / latency[1][record["name"]],
-                flops_speedup=dense_flops / model_flops(model, SPEED_SEQ).total,
-                accuracy_drop_points=(dense_record["dev_accuracy"] - record["dev_accuracy"]) * 100,
-                **kept_structure(model),
-            )
+            record["accuracy_drop_points"] = (dense_record["dev_accuracy"] - record["dev_accuracy"]) * 100
         return {"settings": vars(self.args), "threads": torch.get_num_threads(), "torch": torch.__version__,
                 "elapsed_minutes": round((time.perf_counter() - started) / 60, 1),
                 "train_minutes": round(sum(r["train_minutes"] for r in records), 1), "runs": records}
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-")
+
+
+def _commit() -> str | None:
+    """The git commit the benchmark runs from (recorded with every run), or None outside a checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def measure(models: dict[str, nn.Module], batch: int, rounds: int, seed: int) -> dict[str, float]:
@@ -414,8 +488,9 @@ def render(results: dict) -> str:
         f"SST-2 dev (872 sentences), MiniLM-L6-H384. Dense teacher: {s['train_size']} training sentences x "
         f"{s['teacher_epochs']} epochs; pruned and truncated students: the same sentences x {s['prune_epochs']} "
         "epochs "
-        f"with distillation (alpha 0.9, T 2) from it. Speed: CPU, {results['threads']} threads, sequence {SPEED_SEQ}, "
-        f"median of {s['rounds']} interleaved rounds at batch {SPEED_BATCH} ({2 * s['rounds']} at batch 1). Training "
+        f"with distillation (alpha 0.9, T 2) from it. Speed: CPU, {results['threads']} threads, sequence {SPEED_SEQ}; "
+        "each model timed against the dense one in the same process right after it was made, median of "
+        f"{s['rounds']} interleaved rounds at batch {SPEED_BATCH} ({2 * s['rounds']} at batch 1). Training "
         f"time, all runs: {results['train_minutes']} min; this invocation: {results['elapsed_minutes']} min.",
     ]
     header = ("| model | dev acc. | drop (pts) | heads kept | FFN kept | params (encoder) | GFLOPs | FLOPs speedup "
@@ -494,7 +569,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_length", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work_dir", default="/tmp/hf_blockprune_accuracy_speed_sst2")
+    parser.add_argument("--work_dir", default="/tmp/hf_blockprune_accuracy_speed_sst2",
+                        help="the trained models (the dense one is reloaded from here)")
+    parser.add_argument("--records", default=None,
+                        help="the finished runs' records, reused when their fingerprint matches "
+                             "(default: <output>.records)")
     parser.add_argument("--output", default="benchmarks/results/accuracy_speed_sst2")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run of a few minutes")
     args = parser.parse_args(argv)

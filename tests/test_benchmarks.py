@@ -40,6 +40,17 @@ def test_accuracy_speed_benchmark_quick(tmp_path):
     table = (tmp_path / "out" / "result.md").read_text()
     assert "| dense |" in table and "Targets:" in table and "one-shot" in table and table in stdout
     assert results["runs"][1]["flops_speedup"] >= 1.5  # the one-shot cut reaches its target
+    assert sorted(p.name for p in (tmp_path / "out" / "result.records").glob("*.json")) == sorted(
+        f"{r['name'].replace(' ', '-')}.json" for r in results["runs"])
+
+    # a second invocation (the dense model still in work_dir) reuses every record: nothing is trained again
+    stdout = run("accuracy_speed_sst2.py", "--quick", "--work_dir", str(tmp_path / "work"),
+                 "--output", str(tmp_path / "out" / "again"), "--records", str(tmp_path / "out" / "result.records"))
+    again = json.loads((tmp_path / "out" / "again.json").read_text())
+    assert stdout.count("reused the record") == len(results["runs"]) - 1
+    assert [(r["name"], r["dev_accuracy"], r["measured_speedup"]) for r in again["runs"][1:]] == [
+        (r["name"], r["dev_accuracy"], r["measured_speedup"]) for r in results["runs"][1:]]
+    assert again["runs"][0]["dev_accuracy"] == dense["dev_accuracy"]
 
 
 def test_speed_benchmark_quick():

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import Trainer, TrainerCallback
 
-from hf_blockprune import apply_block_pruning
+from hf_blockprune import BlockPruningCallback, apply_block_pruning
 from hf_blockprune.pruning.importance import (
     _centered_ranks,
     calibration_batches,
@@ -14,7 +14,6 @@ from hf_blockprune.pruning.importance import (
     model_loss,
     score_fisher,
 )
-from hf_blockprune.pruning.model import block_scores
 
 from conftest import tiny_dataset, tiny_model, training_args
 from helpers import effective_scores, make_trainer, masks, preset_config
@@ -132,7 +131,53 @@ def test_a_model_without_its_own_loss_is_refused_with_the_reason():
         model_loss(model, batch)
 
 
-def test_block_scores_are_untouched_by_a_constant_init(tmp_path):
-    config = preset_config("struct", target_density=0.5)
-    trainer = make_trainer("trainer", "bert", config, tmp_path, max_steps=1)
-    assert all(torch.all(s.effective_scores() == 0.5) for s in block_scores(trainer.model))
+@pytest.mark.parametrize("route", ["trainer", "callback"])
+def test_a_constant_init_starts_every_score_at_mask_init_value_and_fisher_is_the_default(route, tmp_path):
+    config = preset_config("struct", target_density=0.5, mask_init="constant")
+    trainer = make_trainer(route, "bert", config, tmp_path, max_steps=1)
+    started = []
+
+    class Record(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            started.append(effective_scores(model))
+
+    trainer.add_callback(Record())
+    trainer.train()
+    assert all(torch.all(scores == 0.5) for scores in started[0])
+    assert preset_config("struct").mask_init == "fisher" and preset_config("struct").mask_init_defaulted
+
+
+class _UnsupervisedLoss(Trainer):
+    """A Trainer subclass with a loss of its own on unlabelled batches, so the model returns none."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        loss = outputs.logits.pow(2).mean()
+        return (loss, outputs) if return_outputs else loss
+
+
+def _unlabelled_trainer(config, output_dir):
+    data = [{key: value for key, value in row.items() if key != "labels"} for row in tiny_dataset("bert")]
+    return _UnsupervisedLoss(model=tiny_model("bert"), args=training_args(output_dir, max_steps=1),
+                             train_dataset=data, callbacks=[BlockPruningCallback(config)])
+
+
+def test_a_defaulted_fisher_init_falls_back_to_constant_where_the_model_returns_no_loss(tmp_path, caplog):
+    # top-k pruning without a teacher adds no term to the loss, so the callback trains a model that returns none
+    config = preset_config("struct", pruning_method="topk", calibration_examples=16)
+    trainer = _unlabelled_trainer(config, tmp_path / "defaulted")
+    started = []
+
+    class Record(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            started.append(effective_scores(model))
+
+    trainer.add_callback(Record())
+    with caplog.at_level("WARNING", logger="hf_blockprune"):
+        trainer.train()
+    assert all(torch.all(scores == scores.flatten()[0]) for scores in started[0])  # a tie: no ranking
+    assert "scores start at a constant" in caplog.text and config.mask_init == "constant"
+
+    asked = preset_config("struct", pruning_method="topk", calibration_examples=16, mask_init="fisher")
+    with pytest.raises(ValueError, match="returned no loss"):
+        _unlabelled_trainer(asked, tmp_path / "asked").train()
