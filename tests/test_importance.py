@@ -181,3 +181,15 @@ def test_a_defaulted_fisher_init_falls_back_to_constant_where_the_model_returns_
     asked = preset_config("struct", pruning_method="topk", calibration_examples=16, mask_init="fisher")
     with pytest.raises(ValueError, match="returned no loss"):
         _unlabelled_trainer(asked, tmp_path / "asked").train()
+
+
+def test_fisher_with_accumulation_groups_equals_the_fisher_of_the_larger_batches():
+    # the importance depends on the optimizer step's batch, not on how gradient accumulation splits it
+    model = apply_block_pruning(tiny_model("bert"), preset_config("hybrid"))
+    small, large = _batches(count=4, size=8), _batches(count=2, size=16)
+    for (_, a), (_, b) in zip(score_fisher(model, small, group=2), score_fisher(model, large)):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4)
+    ungrouped = score_fisher(model, small)
+    assert any(not torch.allclose(a, b) for (_, a), (_, b) in zip(ungrouped, score_fisher(model, large)))
+    with pytest.raises(ValueError, match="at least 1"):
+        score_fisher(model, small, group=0)

@@ -146,7 +146,8 @@ class PruningController:
         logger.info("target_speedup %.2f in measured time: densities %.3f (attention) and %.3f (FFN).",
                     config.target_speedup, float(values[0]), float(values[1]))
 
-    def initialize_scores(self, dataloader, seed: int, step: int, loss_fn: LossFunction | None = None) -> None:
+    def initialize_scores(self, dataloader, seed: int, step: int, loss_fn: LossFunction | None = None,
+                          group: int = 1) -> None:
         """With `mask_init="fisher"`, start the scores from the Fisher ranking of their blocks (see
         `hf_blockprune.pruning.importance`), measured on `calibration_examples` examples of `dataloader`'s dataset.
 
@@ -160,13 +161,15 @@ class PruningController:
             seed (`int`): seed of the calibration subset (the run's seed).
             step (`int`): optimizer steps already done.
             loss_fn (`Callable`, *optional*): `(model, batch) -> loss`; defaults to the loss the model returns.
+            group (`int`, *optional*, defaults to 1): gradient accumulation steps x processes: the calibration
+                batches' gradients are averaged in groups of that many before squaring, as one optimizer step's.
         """
         config = self.config
         if not config.enabled or config.mask_init != "fisher" or step > 0 or dataloader is None:
             return
         batches = calibration_batches(dataloader, config.calibration_examples, seed)
         try:
-            importance = score_fisher(self.model, batches, loss_fn)
+            importance = score_fisher(self.model, batches, loss_fn, group)
         except ModelReturnsNoLoss:
             if not getattr(config, "mask_init_defaulted", False):
                 raise

@@ -108,30 +108,49 @@ def _requiring_grad(parameters: list[torch.Tensor]):
 
 def _squared_gradients(model: nn.Module, batches: Iterable[dict], parameters: list[torch.Tensor],
                        reduce: Callable[[list[torch.Tensor | None]], list[torch.Tensor]],
-                       loss_fn: LossFunction | None) -> list[torch.Tensor]:
-    """`sum_batches reduce(dL/dparameters) ** 2`, elementwise, with the model in eval mode."""
+                       loss_fn: LossFunction | None, group: int = 1) -> list[torch.Tensor]:
+    """`sum_groups reduce(dL/dparameters) ** 2`, elementwise, with the model in eval mode, `dL/dparameters` the mean
+    gradient of `group` consecutive batches (the optimizer step's batch under gradient accumulation)."""
+    if group < 1:
+        raise ValueError(f"`group` must be at least 1, got {group}.")
     loss_fn = loss_fn or model_loss
     device = parameters[0].device
-    totals = None
+    totals, pending, count = None, None, 0
+
+    def flush():
+        nonlocal totals, pending, count
+        squared = [(value / count) ** 2 for value in reduce(pending)]
+        totals = squared if totals is None else [t + s for t, s in zip(totals, squared)]
+        pending, count = None, 0
+
     with _evaluating(model), _requiring_grad(parameters):
         for batch in batches:
             loss = loss_fn(model, _to_device(dict(batch), device))
-            grads = torch.autograd.grad(loss, parameters, allow_unused=True)
-            squared = [value.detach().float() ** 2 for value in reduce(list(grads))]
-            totals = squared if totals is None else [t + s for t, s in zip(totals, squared)]
+            grads = [None if g is None else g.detach().float()
+                     for g in torch.autograd.grad(loss, parameters, allow_unused=True)]
+            pending = grads if pending is None else [
+                g if p is None else (p if g is None else p + g) for p, g in zip(pending, grads)]
+            count += 1
+            if count == group:
+                flush()
+        if count:
+            flush()
     if totals is None:
         raise ValueError("No calibration batch was given: pass at least one batch.")
     return totals
 
 
-def score_fisher(model: nn.Module, batches: Iterable[dict],
-                 loss_fn: LossFunction | None = None) -> list[tuple[BlockScores, torch.Tensor]]:
+def score_fisher(model: nn.Module, batches: Iterable[dict], loss_fn: LossFunction | None = None,
+                 group: int = 1) -> list[tuple[BlockScores, torch.Tensor]]:
     """The Fisher information of every block mask of a masked model (see the module docstring).
 
     Args:
         model (`nn.Module`): a model masked by `apply_block_pruning`.
         batches (iterable of `dict`): collated batches with labels, on any device.
         loss_fn (`Callable`, *optional*): `(model, batch) -> loss`; defaults to the loss the model returns.
+        group (`int`, *optional*, defaults to 1): batches whose mean gradient is squared together: a training run's
+            gradient accumulation steps times its processes, so that the importance depends on the optimizer
+            step's batch only, not on how it is split into micro-batches.
 
     Returns:
         `list[tuple[BlockScores, torch.Tensor]]`: each score module with a float tensor of its scores' shape.
@@ -144,7 +163,7 @@ def score_fisher(model: nn.Module, batches: Iterable[dict],
     def zeros_for_unused(grads):
         return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, parameters)]
 
-    return list(zip(modules, _squared_gradients(model, batches, parameters, zeros_for_unused, loss_fn)))
+    return list(zip(modules, _squared_gradients(model, batches, parameters, zeros_for_unused, loss_fn, group)))
 
 
 def unit_fisher(model: nn.Module, layers: list, batches: Iterable[dict],

@@ -134,7 +134,8 @@ class BlockPruningCallback(TrainerCallback):
         self._check_optimizer(optimizer)
         self._warn_if_reporters_miss_logs(args)
         self.controller.resolve_latency_targets(state.global_step, args.output_dir)
-        self.controller.initialize_scores(train_dataloader, args.seed, state.global_step)
+        self.controller.initialize_scores(train_dataloader, args.seed, state.global_step,
+                                          group=args.gradient_accumulation_steps * args.world_size)
         self.snapshots = Snapshots(self.controller)
         self.snapshots.prepare(model, args.output_dir)
         self.controller.update(state.global_step, state.max_steps)

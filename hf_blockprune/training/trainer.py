@@ -30,7 +30,8 @@ class _AfterOptimizerStep(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         self.controller.resolve_latency_targets(state.global_step, args.output_dir)
-        self.controller.initialize_scores(train_dataloader, args.seed, state.global_step, self.loss_fn)
+        self.controller.initialize_scores(train_dataloader, args.seed, state.global_step, self.loss_fn,
+                                          args.gradient_accumulation_steps * args.world_size)
         self.snapshots.prepare(model, args.output_dir)
 
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
