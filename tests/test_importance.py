@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import Trainer, TrainerCallback
 
-from hf_blockprune import BlockPruningCallback, apply_block_pruning
+from hf_blockprune import apply_block_pruning
 from hf_blockprune.pruning.importance import (
     _centered_ranks,
     calibration_batches,
@@ -132,7 +132,7 @@ def test_a_model_without_its_own_loss_is_refused_with_the_reason():
 
 
 @pytest.mark.parametrize("route", ["trainer", "callback"])
-def test_a_constant_init_starts_every_score_at_mask_init_value_and_fisher_is_the_default(route, tmp_path):
+def test_a_constant_init_starts_every_score_at_mask_init_value_and_is_the_default(route, tmp_path):
     config = preset_config("struct", target_density=0.5, mask_init="constant")
     trainer = make_trainer(route, "bert", config, tmp_path, max_steps=1)
     started = []
@@ -144,43 +144,26 @@ def test_a_constant_init_starts_every_score_at_mask_init_value_and_fisher_is_the
     trainer.add_callback(Record())
     trainer.train()
     assert all(torch.all(scores == 0.5) for scores in started[0])
-    assert preset_config("struct").mask_init == "fisher" and preset_config("struct").mask_init_defaulted
+    assert preset_config("struct").mask_init == "constant"
 
 
-class _UnsupervisedLoss(Trainer):
-    """A Trainer subclass with a loss of its own on unlabelled batches, so the model returns none."""
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
-        loss = outputs.logits.pow(2).mean()
-        return (loss, outputs) if return_outputs else loss
-
-
-def _unlabelled_trainer(config, output_dir):
-    data = [{key: value for key, value in row.items() if key != "labels"} for row in tiny_dataset("bert")]
-    return _UnsupervisedLoss(model=tiny_model("bert"), args=training_args(output_dir, max_steps=1),
-                             train_dataset=data, callbacks=[BlockPruningCallback(config)])
-
-
-def test_a_defaulted_fisher_init_falls_back_to_constant_where_the_model_returns_no_loss(tmp_path, caplog):
-    # top-k pruning without a teacher adds no term to the loss, so the callback trains a model that returns none
-    config = preset_config("struct", pruning_method="topk", calibration_examples=16)
-    trainer = _unlabelled_trainer(config, tmp_path / "defaulted")
+@pytest.mark.parametrize("route", ["trainer", "callback"])
+def test_with_a_fixed_lambda_every_block_starts_kept_and_ranked(route, tmp_path):
+    # soft movement with a fixed lambda: the cut stays at the constant start, so no Fisher-ranked score goes below it
+    config = preset_config("hybrid", final_lambda=10.0, mask_init="fisher", calibration_examples=16)
+    trainer = make_trainer(route, "bert", config, tmp_path, max_steps=1)
     started = []
 
     class Record(TrainerCallback):
         def on_step_begin(self, args, state, control, model=None, **kwargs):
-            started.append(effective_scores(model))
+            started.append((effective_scores(model), masks(model)))
 
     trainer.add_callback(Record())
-    with caplog.at_level("WARNING", logger="hf_blockprune"):
-        trainer.train()
-    assert all(torch.all(scores == scores.flatten()[0]) for scores in started[0])  # a tie: no ranking
-    assert "scores start at a constant" in caplog.text and config.mask_init == "constant"
-
-    asked = preset_config("struct", pruning_method="topk", calibration_examples=16, mask_init="fisher")
-    with pytest.raises(ValueError, match="returned no loss"):
-        _unlabelled_trainer(asked, tmp_path / "asked").train()
+    trainer.train()
+    scores, kept = started[0]
+    assert all(torch.all(mask == 1) for mask in kept)
+    values = torch.cat([s.flatten() for s in scores])
+    assert values.min().item() >= config.mask_init_value - 1e-6 and values.max().item() > config.mask_init_value + 1
 
 
 def test_fisher_with_accumulation_groups_equals_the_fisher_of_the_larger_batches():

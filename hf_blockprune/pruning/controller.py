@@ -12,14 +12,7 @@ from torch import nn
 from ..structure.wrappers import is_sentence_transformer, transformers_model
 from .config import BlockPruningConfig
 from .filling import fill_surviving_heads, is_filled
-from .importance import (
-    LossFunction,
-    ModelReturnsNoLoss,
-    broadcast_scores,
-    calibration_batches,
-    initialize_scores,
-    score_fisher,
-)
+from .importance import LossFunction, broadcast_scores, calibration_batches, initialize_scores, score_fisher
 from .layer import MaskedLinear
 from .losses import expected_density, mask_density
 from .model import TARGETS_ATTRIBUTE, block_scores, prunable_layers, score_parameters, set_threshold
@@ -151,9 +144,7 @@ class PruningController:
         """With `mask_init="fisher"`, start the scores from the Fisher ranking of their blocks (see
         `hf_blockprune.pruning.importance`), measured on `calibration_examples` examples of `dataloader`'s dataset.
 
-        Runs only at the start of a run (`step` 0): a resumed run keeps its checkpoint's scores. Where `mask_init`
-        was left to its default and the model returns no loss on the calibration batches, the scores keep their
-        constant start (with a warning); asked for explicitly, that is an error. In a distributed run
+        Runs only at the start of a run (`step` 0): a resumed run keeps its checkpoint's scores. In a distributed run
         every process measures the same examples and takes process 0's scores.
 
         Args:
@@ -168,18 +159,10 @@ class PruningController:
         if not config.enabled or config.mask_init != "fisher" or step > 0 or dataloader is None:
             return
         batches = calibration_batches(dataloader, config.calibration_examples, seed)
-        try:
-            importance = score_fisher(self.model, batches, loss_fn, group)
-        except ModelReturnsNoLoss:
-            if not getattr(config, "mask_init_defaulted", False):
-                raise
-            # Every process sees the same batches, so all of them take this branch (no collective is left waiting).
-            logger.warning("The model returned no loss on the calibration batches, so the scores start at a constant "
-                           "(mask_init='constant'); pass labels the model computes its loss from to start them from "
-                           "the Fisher ranking.")
-            config.mask_init = "constant"
-            return
-        initialize_scores(importance, config.mask_init_value)
+        importance = score_fisher(self.model, batches, loss_fn, group)
+        # with a fixed lambda the soft-movement cut does not move with a target: start every block above it
+        above = config.pruning_method == "sigmoid_threshold" and self.targets is None
+        initialize_scores(importance, config.mask_init_value, above=above)
         broadcast_scores(self.model)
         logger.info("Scores initialized from the Fisher information of %d calibration examples.",
                     sum(len(next(iter(batch.values()))) for batch in batches))

@@ -214,8 +214,9 @@ def _centered_ranks(values: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def initialize_scores(importance: list[tuple[BlockScores, torch.Tensor]], init_value: float,
-                      spread: float = 1.0) -> None:
-    """Start each score at `init_value + spread * r`, `r` its Fisher rank among all scores of its kind, in [-1, 1].
+                      spread: float = 1.0, above: bool = False) -> None:
+    """Start each score at `init_value + spread * r`, `r` its Fisher rank among all scores of its kind, in [-1, 1]
+    (with `above`, at `init_value + spread * (r + 1)`: none below `init_value`).
 
     Attention and FFN scores are ranked apart (each kind spans the whole range), across all layers, so that layers
     compete as they do for a shared score cut. The scores' effective values are set (the callback's reparametrized
@@ -225,6 +226,8 @@ def initialize_scores(importance: list[tuple[BlockScores, torch.Tensor]], init_v
         importance (`list[tuple[BlockScores, torch.Tensor]]`): from `score_fisher`.
         init_value (`float`): the centre (the config's `mask_init_value`).
         spread (`float`, *optional*, defaults to 1.0): half-width of the range.
+        above (`bool`, *optional*, defaults to False): shift the range to start at `init_value`, for a fixed cut at
+            the constant start (soft movement with a fixed lambda), so that every block starts kept.
     """
     for kind in sorted({module.kind for module, _ in importance}):
         pairs = [(module, values) for module, values in importance if module.kind == kind]
@@ -232,7 +235,7 @@ def initialize_scores(importance: list[tuple[BlockScores, torch.Tensor]], init_v
         offset = 0
         for module, values in pairs:
             count = values.numel()
-            value = init_value + spread * ranks[offset:offset + count].view_as(values)
+            value = init_value + spread * (ranks[offset:offset + count].view_as(values) + (1.0 if above else 0.0))
             module.scores.copy_((value / module._scale_value).to(module.scores.device, module.scores.dtype))
             offset += count
 

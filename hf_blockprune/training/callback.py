@@ -290,13 +290,9 @@ def _refuse_loss_computed_outside_the_model(model, args, trainer, config: BlockP
     sentence-transformers models (the Trainer applies its loss module to the embeddings). There the terms would be
     silently missing, so the run is refused unless it needs none (top-k pruning without a teacher). The Fisher
     initialization of the scores (`mask_init="fisher"`) differentiates the loss the model returns, which a
-    sentence-transformers model does not: refused there when asked for, the constant start used when defaulted.
+    sentence-transformers model does not: refused there too.
     """
     if config.enabled and config.mask_init == "fisher" and is_sentence_transformer(model):
-        if config.mask_init_defaulted:
-            logger.info("Scores start at a constant: the Fisher initialization needs the model's own loss.")
-            config.mask_init = "constant"
-            return _refuse_loss_computed_outside_the_model(model, args, trainer, config, teacher_model)
         raise ValueError(
             f"`mask_init='fisher'` measures the gradient of the loss the model returns, and {type(model).__name__} "
             "returns embeddings (its Trainer's loss module computes the loss). Train with class PruningTrainer("
