@@ -221,8 +221,13 @@ class Benchmark:
             return {"latency_ms": None, "latency_ms_batch1": None, "measured_speedup": 1.0,
                     "measured_speedup_batch1": 1.0}
         rounds = self.args.rounds
-        timed = {batch: measure({"dense": dense, name: model}, batch, rounds * (2 if batch == 1 else 1),
-                                self.args.seed) for batch in (SPEED_BATCH, 1)}
+        flag = self.work / "TIMING"  # while it exists, a model is being timed: other work on the machine can pause
+        flag.write_text(name)
+        try:
+            timed = {batch: measure({"dense": dense, name: model}, batch, rounds * (2 if batch == 1 else 1),
+                                    self.args.seed) for batch in (SPEED_BATCH, 1)}
+        finally:
+            flag.unlink(missing_ok=True)
         return {"latency_ms": timed[SPEED_BATCH][name] * 1000, "latency_ms_batch1": timed[1][name] * 1000,
                 "dense_latency_ms": timed[SPEED_BATCH]["dense"] * 1000,
                 "dense_latency_ms_batch1": timed[1]["dense"] * 1000,
