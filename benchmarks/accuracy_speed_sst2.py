@@ -42,6 +42,7 @@ the benchmark's settings, the run's resolved `BlockPruningConfig`, and the teach
 A later invocation, even on another machine of the same kind, reuses a record whose fingerprint matches and runs the
 others, so a run of several hours can be finished across sessions; the dense model is retrained where `--work_dir`
 does not hold it, and records made with a different teacher are not reused. Delete the records to start over.
+`--report` writes the tables from the records alone (running nothing, leaving out what is not recorded yet).
 """
 
 from __future__ import annotations
@@ -256,6 +257,12 @@ class Benchmark:
                                         teacher_lr=self.args.teacher_lr)
         folder = self.work / "dense"
         start = time.perf_counter()
+        if self.args.report:  # the recorded teacher, without its model: nothing is run
+            earlier = json.loads((self.records / "dense.json").read_text())
+            if earlier.get("fingerprint") != fingerprint:
+                raise SystemExit(f"--report: no dense record with these settings in {self.records}")
+            self.teacher = (None, earlier)
+            return earlier
         if (folder / "model" / "config.json").is_file():
             print(f"[dense] reloaded from {folder}", flush=True)
             model, minutes = AutoModelForSequenceClassification.from_pretrained(str(folder / "model")), None
@@ -290,7 +297,7 @@ class Benchmark:
                                         cost_batch_size=batch_size if cost_model == "latency" else None,
                                         calibration_examples=self.args.calibration_examples)
         cached = self._reuse(name, fingerprint)
-        if cached:
+        if cached or self.args.report:
             return cached
         folder = self.work / _slug(name)
         start = time.perf_counter()
@@ -326,7 +333,7 @@ class Benchmark:
         fingerprint = self._fingerprint(kind=preset, config=resolved, run_seed=seed, long=long,
                                         epochs=1.0 if long else self.args.prune_epochs, lr=self.args.prune_lr)
         cached = self._reuse(name, fingerprint)
-        if cached:
+        if cached or self.args.report:
             return cached
         folder = self.work / _slug(name)
         torch.manual_seed(seed)
@@ -361,7 +368,7 @@ class Benchmark:
         fingerprint = self._fingerprint(kind="truncated", layers=layers, epochs=self.args.prune_epochs,
                                         lr=self.args.truncate_lr)
         cached = self._reuse(name, fingerprint)
-        if cached:
+        if cached or self.args.report:
             return cached
         folder = self.work / _slug(name)
         torch.manual_seed(self.args.seed)
@@ -410,7 +417,9 @@ class Benchmark:
         dense = self.teacher[0]
         records = [{**dense_record, "group": "main"}]
         for group, stage in self.stages(dense):
-            records.append({**stage(), "group": group})
+            record = stage()
+            if record is not None:  # None: not recorded yet, with --report
+                records.append({**record, "group": group})
         for record in records:
             record["accuracy_drop_points"] = (dense_record["dev_accuracy"] - record["dev_accuracy"]) * 100
         return {"settings": vars(self.args), "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -587,6 +596,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the finished runs' records, reused when their fingerprint matches "
                              "(default: <output>.records)")
     parser.add_argument("--output", default="benchmarks/results/accuracy_speed_sst2")
+    parser.add_argument("--report", action="store_true",
+                        help="write the tables from the records found, running nothing (the runs not recorded yet "
+                             "are left out)")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run of a few minutes")
     args = parser.parse_args(argv)
     if args.quick:

@@ -52,6 +52,14 @@ def test_accuracy_speed_benchmark_quick(tmp_path):
         (r["name"], r["dev_accuracy"], r["measured_speedup"]) for r in results["runs"][1:]]
     assert again["runs"][0]["dev_accuracy"] == dense["dev_accuracy"]
 
+    # --report writes the tables from the records alone: without the models, nothing run
+    run("accuracy_speed_sst2.py", "--quick", "--report", "--work_dir", str(tmp_path / "empty"),
+        "--output", str(tmp_path / "out" / "report"), "--records", str(tmp_path / "out" / "result.records"))
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [(r["name"], r["dev_accuracy"]) for r in report["runs"]] == [
+        (r["name"], r["dev_accuracy"]) for r in results["runs"]]
+    assert not (tmp_path / "empty" / "dense").exists()
+
 
 def test_speed_benchmark_quick():
     stdout = run("speed.py", "--quick")
