@@ -327,6 +327,8 @@ class Benchmark:
         name = f"pruned {preset} {speedup:g}x" + (f" {label}" if label else "") + \
             (f" seed {seed}" if seed is not None else "")
         seed = self.args.seed if seed is None else seed
+        if levers.get("speedup_cost_model") == "latency":  # measured below, once the run is known to be needed
+            levers["latency_table"] = str(self.work / f"latency_table_batch{levers['speedup_batch_size']}.json")
         config = BlockPruningConfig(pruning_preset=preset, target_speedup=speedup,
                                     speedup_sequence_length=SPEED_SEQ, **levers)
         resolved = {k: v for k, v in config.to_dict().items() if k != "latency_table"}  # a path on this machine
@@ -338,10 +340,7 @@ class Benchmark:
         folder = self.work / _slug(name)
         torch.manual_seed(seed)
         if levers.get("speedup_cost_model") == "latency":
-            levers["latency_table"] = str(self.work / f"latency_table_batch{levers['speedup_batch_size']}.json")
             self.latency_table(teacher, levers["speedup_batch_size"])
-            config = BlockPruningConfig(pruning_preset=preset, target_speedup=speedup,
-                                        speedup_sequence_length=SPEED_SEQ, **levers)
         start = time.perf_counter()
         epochs = 1.0 if long else self.args.prune_epochs
         trainer = self._trainer(BlockPruningTrainer, student_copy(teacher), folder, epochs, self.args.prune_lr,

@@ -33,21 +33,17 @@ from .model import block_scores
 LossFunction = Callable[[nn.Module, dict], torch.Tensor]
 
 
-class ModelReturnsNoLoss(ValueError):
-    """A calibration batch gave no loss: the batches hold no labels, or the model's loss is computed outside it."""
-
-
 def model_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """The loss the model computes itself from `batch` (which must hold the labels).
 
     Raises:
-        `ModelReturnsNoLoss` (a `ValueError`): the model returns no loss (no labels in the batch, or a model
-            whose loss is computed outside it, such as a sentence-transformers model).
+        `ValueError`: the model returns no loss (no labels in the batch, or a model whose loss is computed outside
+            it, such as a sentence-transformers model).
     """
     outputs = model(**batch)
     loss = outputs.get("loss") if hasattr(outputs, "get") else (outputs[0] if isinstance(outputs, tuple) else None)
     if not torch.is_tensor(loss) or loss.dim() != 0:
-        raise ModelReturnsNoLoss(
+        raise ValueError(
             f"{type(model).__name__} returned no loss on a calibration batch: the importance of the blocks is the "
             "gradient of the training loss, so the batches must hold labels and the model must compute its loss "
             "(with BlockPruningTrainer, its `compute_loss` is used instead)."
