@@ -1,5 +1,6 @@
 """Gradient accumulation equals the larger batch, and a resumed run equals the uninterrupted one, for every
-combination of route (trainer, callback), method (top-k, soft movement) and regularization (fixed, target)."""
+combination of route (trainer, callback), method (top-k, soft movement) and regularization (fixed, target; and a
+target speedup cut on heads, soft movement only)."""
 
 import itertools
 
@@ -12,12 +13,16 @@ from hf_blockprune.training.accumulation import labelled_items, micro_batch_weig
 from helpers import effective_scores, make_trainer, masks, preset_config
 
 COMBINATIONS = list(itertools.product(["trainer", "callback"], ["topk", "sigmoid_threshold"], ["fixed", "target"]))
+# a target speedup with blocks inside heads: the cut is placed on the heads, and the kept heads keep every block
+COMBINATIONS += [(route, "sigmoid_threshold", "speedup") for route in ("trainer", "callback")]
 
 
 def _config(method, regularization):
     overrides = dict(pruning_method=method, mask_scores_learning_rate=0.05, initial_warmup=0.1, final_warmup=0.1)
     if regularization == "target":
         overrides["target_density"] = 0.4
+    elif regularization == "speedup":
+        overrides.update(target_speedup=2.0, speedup_sequence_length=12)
     elif method == "topk":
         overrides["final_threshold"] = 0.3
     else:
@@ -66,7 +71,7 @@ def test_resume_equals_uninterrupted_with_accumulation(route, method, regulariza
     _assert_same_run(full, resumed, atol=1e-6)
     for key in ("pruning/threshold", "pruning/lambda", "pruning/density"):
         assert _last(resumed, key) == pytest.approx(_last(full, key), abs=1e-6)
-    if regularization == "target" and method == "sigmoid_threshold":
+    if regularization in ("target", "speedup") and method == "sigmoid_threshold":
         torch.testing.assert_close(full.model.block_pruning_targets.log_lambda,
                                    resumed.model.block_pruning_targets.log_lambda, atol=1e-6, rtol=0)
 

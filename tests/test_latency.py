@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_blockprune import apply_block_pruning, compact_model
+from hf_blockprune import apply_block_pruning, compact_model, load_masked_checkpoint
 from hf_blockprune.compact import latency as latency_module
 from hf_blockprune.compact.flops import predicted_speedup
 from hf_blockprune.compact.latency import (
@@ -17,13 +17,14 @@ from hf_blockprune.compact.latency import (
     measure_latency_table,
     timing_inputs,
 )
+from hf_blockprune.pruning.controller import PruningController
 from hf_blockprune.pruning.layer import BlockScores
 from hf_blockprune.pruning.model import block_scores, prunable_layers, set_threshold
-from hf_blockprune.pruning.report import dead_heads, ffn_neurons_alive
+from hf_blockprune.pruning.report import dead_heads, ffn_neurons_alive, weight_mask
 from hf_blockprune.pruning.targets import head_alive_scores, neuron_alive_scores
 
 from conftest import tiny_model
-from helpers import make_trainer, preset_config
+from helpers import make_trainer, masks, model_inputs, model_outputs, preset_config
 
 
 def _linear_table(model, dense=1.0, per_head=0.01, per_neuron=0.001) -> LatencyTable:
@@ -177,8 +178,14 @@ def test_alive_scores_above_the_cut_are_what_compaction_keeps(arch, seed, cut, p
 @pytest.mark.parametrize("preset", ["hybrid", "block"])
 def test_a_target_speedup_with_blocks_is_met_by_what_compaction_keeps(route, preset, tmp_path):
     config = preset_config(preset, target_speedup=2.0, speedup_sequence_length=12)
-    trainer = make_trainer(route, "bert", config, tmp_path, max_steps=60, logging_steps=10)
+    trainer = make_trainer(route, "bert", config, tmp_path, max_steps=60, logging_steps=10, save_strategy="steps",
+                           save_steps=60)
     trainer.train()
+    _assert_kept_units_are_whole(trainer.model)
+    # the checkpoint holds the floors: the masked model rebuilt from it has the trained masks
+    rebuilt = load_masked_checkpoint(tmp_path / "checkpoint-60")
+    for a, b in zip(masks(trainer.model), masks(rebuilt)):
+        assert torch.equal(a, b)
     last = [entry for entry in trainer.state.log_history if "pruning/kept_cost_attention" in entry][-1]
     targets = trainer.model.block_pruning_targets.targets
     # the cut keeps the most units whose cost fits: below the target by less than one unit (a head of 8, a neuron)
@@ -186,3 +193,49 @@ def test_a_target_speedup_with_blocks_is_met_by_what_compaction_keeps(route, pre
     if preset == "block":
         assert targets["ffn"] - 1 / 74 < last["pruning/kept_cost_ffn"] <= targets["ffn"]
     assert predicted_speedup(trainer.model, trainer.model, 12) >= 2.0 * 0.995
+
+
+def _assert_kept_units_are_whole(model) -> None:
+    """Every head and FFN neuron compaction keeps has all of its blocks (none is a zero inside a kept unit)."""
+    for layer in prunable_layers(model):
+        for attention in layer.attentions:
+            d, dead = attention.head_dim, set(dead_heads(attention))
+            query, key, value, output = (weight_mask(linear) for linear in (attention.query, attention.key,
+                                                                           attention.value, attention.output))
+            for slot in (s for s in range(attention.num_heads) if s not in dead):
+                kv = slot // attention.group
+                assert query[slot * d:(slot + 1) * d].all() and output[:, slot * d:(slot + 1) * d].all()
+                assert key[kv * d:(kv + 1) * d].all() and value[kv * d:(kv + 1) * d].all()
+        alive = ffn_neurons_alive(layer)
+        for linear in layer.ffn_inputs:
+            assert weight_mask(linear)[alive].all()
+        assert weight_mask(layer.ffn_output)[:, alive].all()
+
+
+@settings(max_examples=20, deadline=None)
+@given(arch=st.sampled_from(["bert", "llama", "bart"]), seed=st.integers(0, 10_000), progress=st.floats(0.0, 1.0),
+       preset=st.sampled_from(["hybrid", "block"]))
+def test_the_units_a_speedup_cut_keeps_keep_every_block_and_compact_exactly(arch, seed, progress, preset):
+    config = preset_config(preset, arch, target_speedup=2.5, speedup_sequence_length=12)
+    model = apply_block_pruning(tiny_model(arch), config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for scores in block_scores(model):
+            scores.scores.copy_(torch.randn(scores.scores.shape, generator=gen))
+    targets = PruningController(model, config).targets
+    targets.set_cuts(model, progress)
+    _assert_kept_units_are_whole(model)
+    # the kept cost is still what the cut asked for: the floor only refills blocks of units it counted as kept
+    for group in targets.units:
+        assert targets.unit_density(group) <= targets.scheduled(progress)[group] + 1e-6
+    model.eval()
+    inputs = model_inputs(arch)
+    expected = model_outputs(model, inputs)
+    for a, b in zip(expected, model_outputs(compact_model(copy.deepcopy(model)), inputs)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_topk_with_a_target_speedup_and_blocks_is_refused():
+    with pytest.raises(ValueError, match="pruning_method='sigmoid_threshold'"):
+        preset_config("hybrid", pruning_method="topk", target_speedup=2.0)
+    preset_config("struct", pruning_method="topk", target_speedup=2.0)  # whole heads and neurons: fine

@@ -150,7 +150,9 @@ class BlockPruningConfig:
             attention and FFN at the start of training; not with the target densities.
             The cost counts what compaction keeps: with blocks inside heads (`hybrid`) or neurons (`block`), the cut
             is placed on the heads and neurons that keep a surviving block (a head costs its whole size while any of
-            its value and output blocks survives), so the saved model has the asked cost.
+            its value and output blocks survives), so the saved model has the asked cost; a kept head or neuron
+            keeps all of its blocks. Not with `pruning_method="topk"` and blocks (refused: top-k cannot place that
+            cut).
         speedup_sequence_length (`int`, *optional*, defaults to 128):
             Sequence length at which `target_speedup` is computed (attention scores grow with its square).
         speedup_cost_model (`str`, *optional*, defaults to `"flops"`):
@@ -407,6 +409,14 @@ class BlockPruningConfig:
         names = ("target_density", "target_density_attention", "target_density_ffn", "target_speedup")
         return any(getattr(self, name) is not None for name in names)
 
+    def cuts_on_units(self, kind: str) -> bool:
+        """Whether the `kind` (`"attention"` or `"ffn"`) blocks are cut on the units compaction keeps: a
+        `target_speedup` with blocks inside heads or neurons (see `hf_blockprune.pruning.targets.UnitSet`). A unit
+        kept by that cut keeps all of its blocks, since it costs its whole size in the compacted model."""
+        granularity = self.attention_granularity if kind == "attention" else self.ffn_granularity
+        return (self.enabled and self.target_speedup is not None and self.pruning_method == "sigmoid_threshold"
+                and granularity == "block")
+
     def density_targets(self) -> dict[str, float]:
         """The final target per group: `{"all": t}` or `{"attention": a, "ffn": f}` (either may be absent)."""
         if self.target_density is not None:
@@ -430,6 +440,16 @@ class BlockPruningConfig:
                 raise ValueError(f"`target_speedup` must be > 1, got {self.target_speedup}.")
             if self.target_density is not None or per_kind:
                 raise ValueError("`target_speedup` sets the target densities itself; do not also give them.")
+            blocks = [kind for kind, granularity in (("attention", self.attention_granularity),
+                                                      ("ffn", self.ffn_granularity)) if granularity == "block"]
+            if self.pruning_method == "topk" and blocks:
+                raise ValueError(
+                    f"`target_speedup` with pruning_method='topk' and {' and '.join(blocks)} blocks cannot keep its "
+                    "promise: top-k keeps a fraction of the blocks of each matrix, and compaction keeps every head or "
+                    "neuron with a surviving block, so the saved model would be much slower than asked. Use "
+                    "pruning_method='sigmoid_threshold' (the presets' default: the cut is then placed on the heads "
+                    "and neurons compaction keeps), or head/neuron granularity (`struct`), or a `target_density`."
+                )
         self._validate_distillation()
 
     def _validate_snapshots(self):

@@ -17,7 +17,7 @@ from .layer import MaskedLinear
 from .losses import expected_density, mask_density
 from .model import TARGETS_ATTRIBUTE, block_scores, prunable_layers, score_parameters, set_threshold
 from .schedule import cubic_lambda, cubic_threshold, schedule_progress
-from .targets import DensityTargets, UnitSet, head_alive_scores, neuron_alive_scores
+from .targets import DensityTargets, UnitSet, head_alive_scores, keep_heads, keep_neurons, neuron_alive_scores
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class PruningController:
         """With `target_speedup` and blocks inside heads or neurons: the units to cut on (see `UnitSet`), each with
         its FLOPs at `speedup_sequence_length` as its cost."""
         config = self.config
-        if config.target_speedup is None:
+        if not (config.cuts_on_units("attention") or config.cuts_on_units("ffn")):
             return {}
         from ..compact.flops import attention_flops, ffn_flops
 
@@ -94,18 +94,20 @@ class PruningController:
         units: dict[str, list[UnitSet]] = {}
         for layer in prunable_layers(self.model):
             stack = layer.name.rpartition(".")[0]
-            if config.attention_granularity == "block":
+            if config.cuts_on_units("attention"):
                 for attention in (a for a in layer.attentions if isinstance(a.query, MaskedLinear)):
                     modules = [m.scores_module for m in (attention.query, attention.key, attention.value,
                                                          attention.output)]
                     cost = sum(attention_flops(attention, length)) / attention.num_heads
                     units.setdefault("attention", []).append(
-                        UnitSet(stack, modules, functools.partial(head_alive_scores, attention), cost))
-            if config.ffn_granularity == "block" and layer.has_ffn and isinstance(layer.ffn_output, MaskedLinear):
+                        UnitSet(stack, modules, functools.partial(head_alive_scores, attention), cost,
+                                functools.partial(keep_heads, attention)))
+            if config.cuts_on_units("ffn") and layer.has_ffn and isinstance(layer.ffn_output, MaskedLinear):
                 modules = [m.scores_module for m in (*layer.ffn_inputs, layer.ffn_output)]
                 cost = ffn_flops(layer, length) / layer.ffn_input.out_features
                 units.setdefault("ffn", []).append(
-                    UnitSet(stack, modules, functools.partial(neuron_alive_scores, layer), cost))
+                    UnitSet(stack, modules, functools.partial(neuron_alive_scores, layer), cost,
+                            functools.partial(keep_neurons, layer)))
         return units
 
     def resolve_latency_targets(self, step: int, output_dir: str | None = None) -> None:

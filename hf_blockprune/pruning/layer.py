@@ -47,6 +47,11 @@ class BlockScores(nn.Module):
     optimizers take steps of a size independent of the gradient's scale, so the scores then move `c` times faster than
     the optimizer's learning rate: this gives them their own learning rate without an extra optimizer group.
 
+    With a unit floor (`use_unit_floor()`: blocks inside heads or neurons under a `target_speedup`, see
+    `hf_blockprune.pruning.targets.UnitSet`), the mask is 1 wherever the `unit_floor` buffer is: the blocks of the
+    heads and neurons the cut on units keeps, which compaction keeps whole. The buffer is set with every cut and saved
+    with the scores; the gradient still goes straight through to every score.
+
     With `round_to = m > 1` (1-D scores: FFN neurons), the mask keeps a multiple of `m` entries: the count the
     method gives, rounded to the nearest multiple (all entries stay when all are kept), the highest scores first; the
     gradient still goes straight through to the scores.
@@ -68,6 +73,8 @@ class BlockScores(nn.Module):
         self.register_buffer("threshold", torch.tensor(float(threshold)))
         self.register_buffer("score_cut", torch.tensor(_logit(threshold)))
         self.register_buffer("score_scale", torch.tensor(float(score_scale)))
+        # 1 on the blocks a cut on units keeps whatever their own score (None: no such cut; see `use_unit_floor`)
+        self.register_buffer("unit_floor", None)
         # 1 once the filled stage has zeroed the masked weights: saved, so a resumed run does not zero them again
         self.register_buffer("filled", torch.tensor(0.0))
         self._threshold_value = float(threshold)
@@ -95,11 +102,25 @@ class BlockScores(nn.Module):
     def mask(self) -> torch.Tensor:
         """The {0, 1} mask over the grid, with a straight-through gradient to the scores."""
         mask = binarize(self.effective_scores(), self.method, self.score_cut, self._threshold_value)
+        if self.unit_floor is not None:
+            mask = mask + (torch.maximum(mask, self.unit_floor.to(mask.dtype)) - mask).detach()
         if self.round_to > 1:
             mask = round_kept(mask, self.effective_scores().detach(), self.round_to)
         if self.task_gradient is not None and mask.requires_grad:
             mask.register_hook(self._add_task_gradient)
         return mask
+
+    def use_unit_floor(self) -> None:
+        """Give these scores a unit floor (all zeros until a cut on units sets it, see the class docstring)."""
+        self.unit_floor = torch.zeros_like(self.scores, dtype=torch.float32, requires_grad=False)
+
+    @torch.no_grad()
+    def set_unit_floor(self, floor: torch.Tensor) -> None:
+        """Set the unit floor (score-shaped, {0, 1}) to `floor` (giving these scores one if they had none); no host
+        sync."""
+        if self.unit_floor is None:
+            self.use_unit_floor()
+        self.unit_floor.copy_(floor)
 
     def _add_task_gradient(self, grad: torch.Tensor) -> None:
         self.task_gradient.add_(grad.detach().to(self.task_gradient.dtype))

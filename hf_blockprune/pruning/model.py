@@ -334,8 +334,10 @@ def _wrap(linear: nn.Linear, scores: BlockScores, view: str, owns: bool) -> Mask
 def _new_scores(grid, config: BlockPruningConfig, kind: str, score_scale: float, like: nn.Linear) -> BlockScores:
     scores = BlockScores(
         grid, config.pruning_method, kind, config.mask_init_value, config.initial_threshold, score_scale
-    )
-    return scores.to(like.weight.device)
+    ).to(like.weight.device)
+    if len(grid) == 2 and config.cuts_on_units(kind):  # blocks inside heads or neurons, cut on those units
+        scores.use_unit_floor()
+    return scores
 
 
 def _block_grid(linear: nn.Linear, block_size: list[int], field_name: str, path: str) -> tuple[int, int]:

@@ -119,7 +119,9 @@ class UnitSet:
     compacted model: a head costs its whole size while one value block and one output block of it survive. A target
     on the cost (`target_speedup`) is then met by ranking the units by `alive()`, the score their best surviving
     blocks must exceed for compaction to keep them, and cutting at the cost-weighted quantile: the cut keeps exactly
-    the units whose cost fits. The blocks of the unit's projections are cut at the same value.
+    the units whose cost fits. The blocks of the unit's projections are cut at the same value, and a unit the cut
+    keeps keeps all of its blocks (`keep` sets the scores' unit floor, see `BlockScores`): compaction keeps it whole,
+    so its cost is paid whatever its blocks' scores, and a zero block inside it would cost accuracy for no speed.
 
     Args:
         stack (`str`): the layer stack the unit's layer belongs to.
@@ -127,12 +129,15 @@ class UnitSet:
         alive (`Callable[[], torch.Tensor]`): `(units,)` alive scores.
         cost (`float`): the cost of one unit (the cost model's, e.g. FLOPs of one head at the target's sequence
             length).
+        keep (`Callable[[torch.Tensor], None]`): given the `(units,)` flags of the kept units, sets the unit floor
+            of `modules` to their blocks.
     """
 
     stack: str
     modules: list[BlockScores]
     alive: Callable[[], torch.Tensor]
     cost: float
+    keep: Callable[[torch.Tensor], None]
 
 
 def _row_scores(linear) -> torch.Tensor:
@@ -161,6 +166,40 @@ def neuron_alive_scores(layer) -> torch.Tensor:
     its best output-column score (compaction keeps a neuron while both survive)."""
     rows = torch.stack([_row_scores(linear) for linear in layer.ffn_inputs]).amax(dim=0)
     return torch.minimum(rows, _column_scores(layer.ffn_output))
+
+
+@torch.no_grad()
+def _set_floor(linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
+    """Set the unit floor of a block-masked projection (which owns its scores, a `(R, C)` grid) to the blocks that
+    hold a kept output row (`rows`, `(out,)`) or a kept input column (`cols`, `(in,)`), both {0, 1}."""
+    module = linear.scores_module
+    n_rows, n_cols = module.scores.shape
+    if rows is not None:
+        floor = rows.view(n_rows, -1).amax(dim=1, keepdim=True).expand(n_rows, n_cols)
+    else:
+        floor = cols.view(n_cols, -1).amax(dim=1)[None, :].expand(n_rows, n_cols)
+    module.set_unit_floor(floor)
+
+
+def keep_heads(attention, kept: torch.Tensor) -> None:
+    """Set the unit floors of an attention's projections from `kept` (`(num_heads,)` bool, per query slot): the
+    query rows and output columns of the kept heads, the key and value rows of the key/value heads serving one."""
+    d = attention.head_dim
+    kept = kept.float()
+    kv = kept.view(attention.num_kv_heads, attention.group).amax(dim=1).repeat_interleave(d)
+    _set_floor(attention.query, rows=kept.repeat_interleave(d))
+    _set_floor(attention.key, rows=kv)
+    _set_floor(attention.value, rows=kv)
+    _set_floor(attention.output, cols=kept.repeat_interleave(d))
+
+
+def keep_neurons(layer, kept: torch.Tensor) -> None:
+    """Set the unit floors of an FFN's projections from `kept` (`(intermediate,)` bool): the input rows and the
+    output columns of the kept neurons."""
+    kept = kept.float()
+    for linear in layer.ffn_inputs:
+        _set_floor(linear, rows=kept)
+    _set_floor(layer.ffn_output, cols=kept)
 
 
 def _group_sums(model: nn.Module, kind: str | None, values) -> torch.Tensor:
@@ -256,6 +295,8 @@ class DensityTargets(nn.Module):
             cut = weighted_cut(torch.cat(alive), costs, density)
             for module in {id(m): m for unit in part for m in unit.modules}.values():
                 module.set_score_cut(cut)
+            for unit, scores in zip(part, alive):
+                unit.keep(scores > cut)
 
     @torch.no_grad()
     def unit_density(self, group: str) -> float:
