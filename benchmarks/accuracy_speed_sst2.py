@@ -536,18 +536,27 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    styles = {"dense": ("k", "*"), "hybrid-filled": ("tab:blue", "o"), "struct": ("tab:green", "s"),
-              "one-shot": ("tab:purple", "^"), "truncated": ("tab:red", "x")}
-    for kind, (color, marker) in styles.items():
-        runs = sorted((r for r in results["runs"] if r["kind"] == kind and r["group"] in ("main", "one-shot")),
-                      key=lambda r: r["measured_speedup"])
+    seed = results["settings"]["seed"]
+
+    def of_kind(kind):
+        return lambda r: r["kind"] == kind and r["group"] in ("main", "one-shot")
+
+    series = [  # label, color, marker, which runs
+        ("dense (teacher)", "k", "*", of_kind("dense")),
+        ("hybrid-filled + distillation", "tab:blue", "o", of_kind("hybrid-filled")),
+        ("struct + distillation", "tab:green", "s", of_kind("struct")),
+        ("struct + distillation, Fisher init, layer KD", "tab:olive", "D",
+         lambda r: r["group"] == "ablation" and r.get("label") == HIGH and r.get("seed") == seed),
+        ("one-shot (no training)", "tab:purple", "^", of_kind("one-shot")),
+        ("first k layers + distillation", "tab:red", "x", of_kind("truncated")),
+    ]
+    for label, color, marker, chosen in series:
+        runs = sorted((r for r in results["runs"] if chosen(r)), key=lambda r: r["measured_speedup"])
         if runs:
-            label = {"truncated": "first k layers + distillation", "dense": "dense (teacher)",
-                     "one-shot": "one-shot (no training)"}.get(kind, f"{kind} + distillation")
             ax.plot([r["measured_speedup"] for r in runs], [100 * r["dev_accuracy"] for r in runs],
                     color=color, marker=marker, label=label, linestyle="-" if len(runs) > 1 else "")
             for r in runs:
-                if kind == "truncated":
+                if r["kind"] == "truncated":
                     ax.annotate(f"k={r['layers']}", (r["measured_speedup"], 100 * r["dev_accuracy"]),
                                 textcoords="offset points", xytext=(4, -10), fontsize=8)
     dense = next(r for r in results["runs"] if r["kind"] == "dense")
@@ -556,7 +565,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylabel("SST-2 dev accuracy (%)")
     ax.set_title("MiniLM-L6-H384 on SST-2: block pruning vs. layer truncation")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
