@@ -71,7 +71,7 @@ from transformers import (
 import hf_blockprune
 from hf_blockprune import BlockPruningConfig, BlockPruningTrainer, prune_one_shot, save_compacted
 from hf_blockprune.compact.flops import model_flops
-from hf_blockprune.compact.latency import LatencyTable, measure_latency_table
+from hf_blockprune.compact.latency import TABLE_VERSION, LatencyTable, measure_latency_table
 from hf_blockprune.pruning.importance import calibration_batches
 from hf_blockprune.pruning.report import sparsity_report
 from hf_blockprune.tasks.cli import measure as bench_latencies
@@ -295,7 +295,8 @@ class Benchmark:
         name = f"one-shot {speedup:g}x" + (f" (latency, batch {batch_size})" if cost_model == "latency" else "")
         fingerprint = self._fingerprint(kind="one-shot", target_speedup=speedup, cost_model=cost_model,
                                         cost_batch_size=batch_size if cost_model == "latency" else None,
-                                        calibration_examples=self.args.calibration_examples)
+                                        calibration_examples=self.args.calibration_examples,
+                                        **_table_version(cost_model))
         cached = self._reuse(name, fingerprint)
         if cached or self.args.report:
             return cached
@@ -312,9 +313,13 @@ class Benchmark:
                   "calibration_examples": self.args.calibration_examples}
         return self._finish(name, model, record, (time.perf_counter() - start) / 60, fingerprint)
 
+    def _table_path(self, batch_size: int) -> Path:
+        """Where the latency table at `batch_size` is kept (one file per way of measuring it)."""
+        return self.work / f"latency_table_v{TABLE_VERSION}_batch{batch_size}.json"
+
     def latency_table(self, model: nn.Module, batch_size: int) -> LatencyTable:
         """The latency table of the dense model at `batch_size` x 128 (measured once, kept in `work_dir`)."""
-        path = self.work / f"latency_table_batch{batch_size}.json"
+        path = self._table_path(batch_size)
         if path.is_file():
             return LatencyTable.load(path)
         table = measure_latency_table(model, batch_size, SPEED_SEQ, rounds=self.args.rounds)
@@ -328,12 +333,13 @@ class Benchmark:
             (f" seed {seed}" if seed is not None else "")
         seed = self.args.seed if seed is None else seed
         if levers.get("speedup_cost_model") == "latency":  # measured below, once the run is known to be needed
-            levers["latency_table"] = str(self.work / f"latency_table_batch{levers['speedup_batch_size']}.json")
+            levers["latency_table"] = str(self._table_path(levers["speedup_batch_size"]))
         config = BlockPruningConfig(pruning_preset=preset, target_speedup=speedup,
                                     speedup_sequence_length=SPEED_SEQ, **levers)
         resolved = {k: v for k, v in config.to_dict().items() if k != "latency_table"}  # a path on this machine
         fingerprint = self._fingerprint(kind=preset, config=resolved, run_seed=seed, long=long,
-                                        epochs=1.0 if long else self.args.prune_epochs, lr=self.args.prune_lr)
+                                        epochs=1.0 if long else self.args.prune_epochs, lr=self.args.prune_lr,
+                                        **_table_version(levers.get("speedup_cost_model", "flops")))
         cached = self._reuse(name, fingerprint)
         if cached or self.args.report:
             return cached
@@ -424,6 +430,12 @@ class Benchmark:
         return {"settings": vars(self.args), "threads": torch.get_num_threads(), "torch": torch.__version__,
                 "elapsed_minutes": round((time.perf_counter() - started) / 60, 1),
                 "train_minutes": round(sum(r["train_minutes"] for r in records), 1), "runs": records}
+
+
+def _table_version(cost_model: str) -> dict:
+    """The fingerprint's entry for how a latency table is measured (none with the FLOPs model, so that the records of
+    FLOPs runs stay valid when the latency table changes)."""
+    return {"latency_table_version": TABLE_VERSION} if cost_model == "latency" else {}
 
 
 def _slug(name: str) -> str:

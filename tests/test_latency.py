@@ -12,7 +12,9 @@ from hf_blockprune import apply_block_pruning, compact_model, load_masked_checkp
 from hf_blockprune.compact import latency as latency_module
 from hf_blockprune.compact.flops import predicted_speedup
 from hf_blockprune.compact.latency import (
+    TABLE_VERSION,
     LatencyTable,
+    _monotone,
     densities_for_latency,
     measure_latency_table,
     timing_inputs,
@@ -57,6 +59,9 @@ def test_a_measured_table_covers_every_stack_and_reads_back(tmp_path):
     for points in [*table.attention.values(), *table.ffn.values()]:
         assert [p[0] for p in points] == sorted(p[0] for p in points) and points[-1][1] == 0.0
         assert points[0][0] == 0.0
+    assert table.version == TABLE_VERSION and len(table.joint) >= 2 and table.joint[-1] == [1.0, 1.0]
+    assert table.joint == sorted(table.joint)
+    assert all(a[1] <= b[1] for a, b in zip(table.joint, table.joint[1:]))
     assert table.predict(model) == pytest.approx(table.dense)
     table.save(tmp_path / "table.json")
     assert LatencyTable.load(tmp_path / "table.json") == table
@@ -239,3 +244,56 @@ def test_topk_with_a_target_speedup_and_blocks_is_refused():
     with pytest.raises(ValueError, match="pruning_method='sigmoid_threshold'"):
         preset_config("hybrid", pruning_method="topk", target_speedup=2.0)
     preset_config("struct", pruning_method="topk", target_speedup=2.0)  # whole heads and neurons: fine
+
+
+def test_joint_maps_the_summed_prediction_onto_what_uniform_models_measured():
+    model = tiny_model("bert")
+    table = _linear_table(model, dense=1.0, per_head=0.05, per_neuron=0.005)
+    # shrinkable: 2 layers x (4 heads x 0.05 + 37 neurons x 0.005) = 0.77 of 1.0; the sum says 0.23 when all is gone
+    apply_block_pruning(model, preset_config("struct"))
+    with torch.no_grad():
+        for scores in block_scores(model):
+            scores.scores.fill_(1.0)
+        prunable_layers(model)[0].ffn_input.scores_module.scores[:20] = -1.0
+    set_threshold(model, 0.5)
+    summed = 1.0 - 20 * 0.005
+    assert table.predict(model) == pytest.approx(summed)  # no joint: the sum as it is
+    table.joint = [[0.23, 0.4], [0.6, 0.7], [1.0, 1.0]]  # measured slower than the sum, less so near dense
+    assert table.summed(model) == pytest.approx(summed)
+    assert table.predict(model) == pytest.approx(0.7 + (summed - 0.6) / 0.4 * 0.3)
+    density = densities_for_latency(table, tiny_model("bert"), 2.0)["ffn"]  # calibrated 0.5 <- summed 0.6 - 2/3 * 0.37
+    assert density == pytest.approx((0.6 - 0.2 / 0.3 * 0.37 - 0.23) / 0.77, abs=1e-9)
+    with pytest.raises(ValueError, match="caps the speedup at 2.50x"):
+        densities_for_latency(table, tiny_model("bert"), 3.0)
+
+
+def test_a_table_saved_before_joint_reads_and_predicts_the_sum(tmp_path):
+    model = tiny_model("bert")
+    values = _linear_table(model).to_dict()
+    del values["joint"], values["version"]
+    (tmp_path / "old.json").write_text(json.dumps(values))
+    table = LatencyTable.load(tmp_path / "old.json")
+    assert table.version == 1 and table.joint == []
+    assert table.predict(model) == pytest.approx(1.0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.floats(-0.5, 1.5), st.floats(0.0, 2.0)), max_size=12))
+def test_joint_is_a_non_decreasing_fit_ending_at_the_dense_model(pairs):
+    out = _monotone([list(p) for p in pairs])
+    assert out[-1] == [1.0, 1.0]
+    assert [x for x, _ in out[:-1]] == sorted({x for x, _ in pairs if x < 1.0})
+    assert all(a[1] <= b[1] for a, b in zip(out, out[1:]))
+    below = sorted((x, y) for x, y in pairs if x < 1.0)
+    if all(a[1] <= b[1] for a, b in zip(below, below[1:])) and all(y <= 1.0 for _, y in below) \
+            and len({x for x, _ in below}) == len(below):
+        assert out[:-1] == [list(p) for p in below]  # already a non-decreasing fit: kept as measured
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "deberta-v2", "bart"])
+def test_uniform_variants_down_to_nothing_compact_and_run(arch):
+    model = tiny_model(arch).eval()
+    table = measure_latency_table(model, batch_size=1, seq_len=8, rounds=1, warmup=0, head_points=2,
+                                  neuron_points=2, joint_points=2)
+    assert [x for x, _ in table.joint] == sorted(x for x, _ in table.joint) and table.joint[-1] == [1.0, 1.0]
+    assert len(table.joint) == 3
