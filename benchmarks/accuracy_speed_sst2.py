@@ -559,6 +559,7 @@ def plot(results: dict, path: Path) -> None:
         ("struct + distillation", "tab:green", "s", of_kind("struct")),
         ("struct + distillation, Fisher init, layer KD", "tab:olive", "D",
          lambda r: r["group"] == "ablation" and r.get("label") == HIGH and r.get("seed") == seed),
+        ("struct + distillation, 67k sentences x 1 epoch", "tab:cyan", "P", lambda r: r["group"] == "long"),
         ("one-shot (no training)", "tab:purple", "^", of_kind("one-shot")),
         ("first k layers + distillation", "tab:red", "x", of_kind("truncated")),
     ]
@@ -577,7 +578,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylabel("SST-2 dev accuracy (%)")
     ax.set_title("MiniLM-L6-H384 on SST-2: block pruning vs. layer truncation")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
