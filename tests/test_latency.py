@@ -59,7 +59,8 @@ def test_a_measured_table_covers_every_stack_and_reads_back(tmp_path):
     for points in [*table.attention.values(), *table.ffn.values()]:
         assert [p[0] for p in points] == sorted(p[0] for p in points) and points[-1][1] == 0.0
         assert points[0][0] == 0.0
-    assert table.version == TABLE_VERSION and len(table.joint) >= 2 and table.joint[-1] == [1.0, 1.0]
+    # timing a tiny model is noise: `joint` may keep none of its uniform models (their sums not below dense)
+    assert table.version == TABLE_VERSION and table.joint[-1] == [1.0, 1.0]
     assert table.joint == sorted(table.joint)
     assert all(a[1] <= b[1] for a, b in zip(table.joint, table.joint[1:]))
     assert table.predict(model) == pytest.approx(table.dense)
@@ -290,10 +291,21 @@ def test_joint_is_a_non_decreasing_fit_ending_at_the_dense_model(pairs):
         assert out[:-1] == [list(p) for p in below]  # already a non-decreasing fit: kept as measured
 
 
+def _latency_by_size(models, inputs, rounds, warmup, progress=None):
+    """A noiseless stand-in for the timer: runs each model once, and its "latency" is its parameter count."""
+    with torch.inference_mode():
+        for model in models.values():
+            model(**inputs)
+    return {name: 1e-9 * sum(p.numel() for p in model.parameters()) for name, model in models.items()}
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "deberta-v2", "bart"])
-def test_uniform_variants_down_to_nothing_compact_and_run(arch):
+def test_uniform_variants_down_to_nothing_compact_and_run(arch, monkeypatch):
+    monkeypatch.setattr(latency_module, "median_latencies", _latency_by_size)
     model = tiny_model(arch).eval()
     table = measure_latency_table(model, batch_size=1, seq_len=8, rounds=1, warmup=0, head_points=2,
                                   neuron_points=2, joint_points=2)
     assert [x for x, _ in table.joint] == sorted(x for x, _ in table.joint) and table.joint[-1] == [1.0, 1.0]
-    assert len(table.joint) == 3
+    assert len(table.joint) == 3  # the models keeping nothing and half, and the dense one
+    assert all(y <= 1.0 for _, y in table.joint) and table.joint[0][0] < table.joint[1][0] < 1.0
+    assert table.predict(model) == pytest.approx(table.dense)
