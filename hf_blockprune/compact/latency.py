@@ -324,14 +324,19 @@ def measure_latency_table(model: nn.Module, batch_size: int, seq_len: int, round
                 points.append([float(kept), change / len(layers)])
                 del variant
             (table.attention if attention is not None else table.ffn)[key] = sorted(points)
-    pairs = []
-    for step in range(joint_points):
-        variant, change = timed(_uniform(step / joint_points))
-        pairs.append([table.summed(variant) / dense_latency, 1.0 + change / dense_latency])
-        del variant
-    table.joint = _monotone(pairs) if joint_points else []
+    table.joint = _measure_joint(table, timed, joint_points)
     logger.info("Latency table at batch %d x %d tokens: dense %.2f ms.", batch_size, seq_len, dense_latency * 1e3)
     return table
+
+
+def _measure_joint(table: LatencyTable, timed, points: int) -> list[list[float]]:
+    """`joint`: the uniformly pruned models keeping 0, 1/points, ... of every part, each timed (`timed(keep)` ->
+    `(variant, change in seconds)`) and paired with the table's summed prediction for it; empty when `points` is 0."""
+    pairs = []
+    for step in range(points):
+        variant, change = timed(_uniform(step / points))
+        pairs.append([table.summed(variant) / table.dense, 1.0 + change / table.dense])
+    return _monotone(pairs) if points else []
 
 
 def _monotone(pairs: list[list[float]]) -> list[list[float]]:
