@@ -8,6 +8,7 @@ from transformers import Trainer
 from hf_blockprune import BlockPruningCallback, BlockPruningConfig, BlockPruningTrainer, apply_block_pruning
 from hf_blockprune.pruning.layer import BlockScores
 from hf_blockprune.pruning.model import block_scores, prunable_layers, set_threshold
+from hf_blockprune.pruning.schedule import cubic_lambda, cubic_threshold, schedule_progress
 
 from conftest import DECODERS, ENCODER_DECODERS, GATED_FFN, VOCAB, tiny_dataset, tiny_model, training_args
 
@@ -27,6 +28,13 @@ def make_trainer(route, arch, config, output_dir, trainer_class=Trainer, model=N
     if route == "trainer":
         return BlockPruningTrainer(model=model, args=args, train_dataset=data, pruning_config=config)
     return trainer_class(model=model, args=args, train_dataset=data, callbacks=[BlockPruningCallback(config)])
+
+
+def schedule_values(step: int, total_steps: int, config: BlockPruningConfig) -> tuple[float, float]:
+    """`(threshold, lambda)` that the schedule of `config` gives at `step` of `total_steps`."""
+    progress = schedule_progress(step, total_steps, config.initial_warmup, config.final_warmup)
+    return (cubic_threshold(progress, config.initial_threshold, config.final_threshold),
+            cubic_lambda(progress, config.final_lambda))
 
 
 def effective_scores(model) -> list[torch.Tensor]:

@@ -61,9 +61,19 @@ def test_accuracy_speed_benchmark_quick(tmp_path):
     assert not (tmp_path / "empty" / "dense").exists()
 
 
-def test_speed_benchmark_quick():
-    stdout = run("speed.py", "--quick")
-    assert "measured / predicted" in stdout
+def test_speed_benchmark_quick(tmp_path):
+    stdout = run("speed.py", "--quick", "--output", str(tmp_path / "speed.md"))
+    table = (tmp_path / "speed.md").read_text()
+    assert table.strip() in stdout
+    header, _, *lines = table.strip().splitlines()
+    assert "measured / predicted" in header
+    rows = [[cell.strip().replace(",", "") for cell in line.strip("|").split("|")] for line in lines]
+    assert [row[0] for row in rows] == ["1.00", "0.75", "0.50", "0.25"]
+    parameters, gflops, predicted = ([float(row[i]) for row in rows] for i in (1, 2, 5))
+    assert parameters == sorted(parameters, reverse=True) and len(set(parameters)) == 4  # each cut is smaller
+    assert gflops == sorted(gflops, reverse=True)
+    assert predicted[0] == 1.0 and predicted == sorted(predicted) and predicted[-1] > 3.0  # 1/4 of heads and neurons
+    assert all(float(row[3]) > 0 and float(row[4]) > 0 for row in rows)  # latencies measured (no timing asserted)
 
 
 @pytest.mark.slow

@@ -118,10 +118,10 @@ def test_parameter_sharding_is_refused_with_the_alternative(make_args, env, mess
 def test_deepspeed_without_parameter_partitioning_is_accepted(stage, tmp_path, caplog):
     # ZeRO 1 and 2 partition the optimizer state and gradients only: every process keeps whole parameters
     config = BlockPruningConfig.from_preset("hybrid")
-    with caplog.at_level(logging.WARNING, logger="hf_blockprune.pruning.controller"):
+    with caplog.at_level(logging.WARNING, logger="hf_blockprune.training.arguments"):
         check_training_arguments(deepspeed_args(stage), config)
         check_training_arguments(deepspeed_file_args(tmp_path, stage), config)
     assert not caplog.records
-    with caplog.at_level(logging.WARNING, logger="hf_blockprune.pruning.controller"):
+    with caplog.at_level(logging.WARNING, logger="hf_blockprune.training.arguments"):
         check_training_arguments(deepspeed_args(stage, optimizer={"type": "AdamW"}), config)
     assert "mask_scores_learning_rate" in caplog.text  # DeepSpeed's own optimizer bypasses the trainer's score group

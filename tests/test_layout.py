@@ -1,10 +1,7 @@
-"""The package's shape: subpackages in layers, no import cycles, public names and former module paths still import."""
+"""The package's shape: subpackages in layers, no import cycles, public names import."""
 
 import ast
-import importlib
 from pathlib import Path
-
-import pytest
 
 import hf_blockprune
 
@@ -79,15 +76,3 @@ def test_the_saved_loader_imports_nothing_of_the_library():
 def test_public_names_import_from_the_package():
     for name in hf_blockprune.__all__:
         assert getattr(hf_blockprune, name) is not None
-
-
-@pytest.mark.parametrize("former, current", [
-    ("saving", "compact.saving"), ("compaction", "compact.compaction"), ("model", "pruning.model"),
-    ("architectures", "structure.architectures"), ("trainer", "training.trainer"), ("defaults", "tasks.defaults"),
-    ("modeling_blockprune", "structure.modeling_blockprune"),
-])
-def test_former_module_paths_import_the_same_module(former, current):
-    old = importlib.import_module(f"hf_blockprune.{former}")
-    assert old is importlib.import_module(f"hf_blockprune.{current}")
-    assert old.__spec__.name == f"hf_blockprune.{current}"
-    from hf_blockprune.saving import save_compacted  # noqa: F401  (the `from ... import` form too)

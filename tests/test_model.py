@@ -25,7 +25,7 @@ from hf_blockprune import (
 )
 from hf_blockprune.compact.compaction import compaction_plan
 from hf_blockprune.pruning.layer import MaskedLinear
-from hf_blockprune.pruning.model import block_scores, prunable_layers, set_threshold
+from hf_blockprune.pruning.model import PRUNING_CONFIG_KEY, block_scores, prunable_layers, set_threshold
 
 from conftest import ENCODER_DECODERS, GATED_FFN, VOCAB, tiny_config, tiny_model
 from helpers import TINY_PRESETS, biased_model, kill_scores, preset_config, random_masks
@@ -47,6 +47,17 @@ def test_fully_kept_masks_change_nothing_and_remove_restores_plain_linears(arch,
     remove_block_pruning(model)
     assert not is_block_pruned(model) and not any("scores" in n for n, _ in model.named_parameters())
     torch.testing.assert_close(model(**inputs).logits, reference)
+    assert not hasattr(model.config, PRUNING_CONFIG_KEY)  # apply then remove leaves the model as it was
+
+
+def test_remove_gives_a_compacted_model_back_the_record_of_its_compaction():
+    model = compact_model(apply_block_pruning(tiny_model("bert"), preset_config("struct", "bert")))
+    stage_1 = getattr(model.config, PRUNING_CONFIG_KEY)
+    assert stage_1["pruning_preset"] == "struct"
+    apply_block_pruning(model, preset_config("hybrid", "bert"))
+    assert getattr(model.config, PRUNING_CONFIG_KEY)["pruning_preset"] == "hybrid"
+    remove_block_pruning(model)
+    assert getattr(model.config, PRUNING_CONFIG_KEY) == stage_1
 
 
 def test_every_prunable_linear_is_wrapped(arch):
@@ -204,8 +215,6 @@ def test_a_model_wrapped_for_data_parallelism_is_refused_naming_model_module(wra
 
 
 def test_a_config_that_prunes_nothing_is_refused():
-    if not hasattr(BlockPruningConfig, "enabled"):
-        pytest.skip("this BlockPruningConfig has no `pruning_preset='none'`")
     with pytest.raises(ValueError, match="prunes nothing.*preset"):
         apply_block_pruning(tiny_model("bert"), BlockPruningConfig(pruning_preset="none"))
 

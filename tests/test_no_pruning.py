@@ -46,7 +46,7 @@ def test_no_pruning_trains_like_a_plain_trainer(route, tmp_path, caplog):
     plain = Trainer(model=tiny_model("bert"), args=training_args(tmp_path / "plain", max_steps=10),
                     train_dataset=tiny_dataset("bert"))
     plain.train()
-    for (name, a), (_, b) in zip(trainer.model.named_parameters(), plain.model.named_parameters()):
+    for (name, a), (_, b) in zip(trainer.model.named_parameters(), plain.model.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
     assert not any(key.startswith("pruning/") for entry in trainer.state.log_history for key in entry)
     trainer.save_model()

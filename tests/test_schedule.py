@@ -1,7 +1,9 @@
 import pytest
 
 from hf_blockprune import BlockPruningConfig
-from hf_blockprune.pruning.schedule import schedule_progress, schedule_values
+from hf_blockprune.pruning.schedule import schedule_progress
+
+from helpers import schedule_values
 
 
 @pytest.mark.parametrize(

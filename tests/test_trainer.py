@@ -5,10 +5,9 @@ import torch
 
 from hf_blockprune.pruning.layer import BlockScores
 from hf_blockprune.pruning.losses import mask_density
-from hf_blockprune.pruning.schedule import schedule_values
 
 from conftest import GROUPED
-from helpers import effective_scores, make_trainer, masks, preset_config, topk_density
+from helpers import effective_scores, make_trainer, masks, preset_config, schedule_values, topk_density
 
 ROUTES = ["trainer", "callback"]
 

@@ -50,6 +50,7 @@ from torch import nn
 from ..pruning.model import (
     CONFIG_ATTRIBUTE,
     LAYOUT_ATTRIBUTE,
+    PRUNING_CONFIG_KEY,
     AttentionModules,
     PrunableLayer,
     check_model,
@@ -395,6 +396,8 @@ def compact_model(model: nn.Module) -> nn.Module:
     plans = compaction_plan(model)
     layout = compaction_layout(prunable_layers(model), plans, getattr(model.config, LAYOUT_ATTRIBUTE, None))
     remove_block_pruning(model, merge=True, fuse=False)
+    if pruning_config is not None:  # the compacted model records how it was pruned
+        setattr(model.config, PRUNING_CONFIG_KEY, pruning_config.to_dict())
     # The layers are found under the earlier layout (if any), which still describes the weights.
     for layer, plan in zip(prunable_layers(model, pruning_config), plans, strict=True):
         _compact_layer(model, layer, plan)

@@ -325,11 +325,6 @@ def dense_config(config) -> transformers.PretrainedConfig:
     return config
 
 
-def read_config_json(path: str | os.PathLike) -> dict:
-    """The saved `config.json` of a folder, as a dict."""
-    return json.loads((Path(path) / "config.json").read_text())
-
-
 def read_model_config(path: str | os.PathLike) -> transformers.PretrainedConfig:
     """The model config of a local folder (or Hub id), with a clear error when there is none.
 

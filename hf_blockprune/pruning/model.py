@@ -17,6 +17,7 @@ from .layer import BlockScores, MaskedLinear
 CONFIG_ATTRIBUTE = "block_pruning_config"
 LAYOUT_ATTRIBUTE = "blockprune_layout"
 PRUNING_CONFIG_KEY = "blockprune_config"  # the pruning config, as a dict, in model.config (so checkpoints carry it)
+RECORD_BEFORE_ATTRIBUTE = "_blockprune_config_before"  # model.config's record before masking, restored by remove
 TARGETS_ATTRIBUTE = "block_pruning_targets"  # the density controller's state (hf_blockprune.pruning.targets)
 
 
@@ -542,6 +543,8 @@ def apply_block_pruning(model: nn.Module, config: BlockPruningConfig, score_scal
         _mask_layer(model, layer, config, score_scale)
     setattr(model, CONFIG_ATTRIBUTE, config)
     if getattr(model, "config", None) is not None:
+        # kept so that `remove_block_pruning` restores it (a compacted model keeps the record of its compaction)
+        setattr(model, RECORD_BEFORE_ATTRIBUTE, getattr(model.config, PRUNING_CONFIG_KEY, None))
         setattr(model.config, PRUNING_CONFIG_KEY, config.to_dict())
     return model
 
@@ -559,6 +562,9 @@ def remove_block_pruning(model: nn.Module, merge: bool = True, fuse: bool = True
     `fuse=True` also turns split fused projections and `Conv1D`s back into their original modules
     (`fuse_projections`), so the model has its original structure.
 
+    The pruning record `apply_block_pruning` wrote into `model.config` goes too (a compacted model gets back the
+    record of its compaction), so `apply` then `remove` leaves the model as it was.
+
     Returns:
         `nn.Module`: the same model, with no masks and no scores.
     """
@@ -569,10 +575,24 @@ def remove_block_pruning(model: nn.Module, merge: bool = True, fuse: bool = True
         _replace(model, name, linear)
     if hasattr(model, CONFIG_ATTRIBUTE):
         delattr(model, CONFIG_ATTRIBUTE)
+        _restore_config_record(model)
     for module in list(model.modules()):  # the model, or the transformer inside a sentence-transformers model
         if hasattr(module, TARGETS_ATTRIBUTE):
             delattr(module, TARGETS_ATTRIBUTE)
     return fuse_projections(model) if fuse else model
+
+
+def _restore_config_record(model: nn.Module) -> None:
+    """Give `model.config` back the pruning record it had before `apply_block_pruning` (none for a dense model)."""
+    before = model.__dict__.pop(RECORD_BEFORE_ATTRIBUTE, None)
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    if before is None:
+        if hasattr(config, PRUNING_CONFIG_KEY):
+            delattr(config, PRUNING_CONFIG_KEY)
+    else:
+        setattr(config, PRUNING_CONFIG_KEY, before)
 
 
 def is_block_pruned(model: nn.Module) -> bool:

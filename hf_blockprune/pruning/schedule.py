@@ -33,11 +33,3 @@ def cubic_lambda(progress: float, final_lambda: float) -> float:
     """Regularization weight ramped in on the same curve: `final_lambda * (1 - (1 - progress) ** 3)`."""
     return final_lambda * (1.0 - (1.0 - progress) ** 3)
 
-
-def schedule_values(step: int, total_steps: int, config) -> tuple[float, float]:
-    """Return `(threshold, lambda)` at `step` of `total_steps` for a `BlockPruningConfig`."""
-    progress = schedule_progress(step, total_steps, config.initial_warmup, config.final_warmup)
-    return (
-        cubic_threshold(progress, config.initial_threshold, config.final_threshold),
-        cubic_lambda(progress, config.final_lambda),
-    )
