@@ -1,12 +1,12 @@
 """hf_blockprune: block movement pruning (Lagunas et al., 2021) for the Hugging Face Trainer.
 
-The package has the shape of its architecture (each subpackage imports only from those listed before it, except
-`pruning.controller`, which reads the cost models of `compact.flops` and `compact.latency`):
+The package has the shape of its architecture (each subpackage imports only from those listed before it):
 
 - `structure`: what a layer looks like (`architectures`, the saved loader `modeling_blockprune`);
-- `pruning`: config, scores and masked layers, masking a model, schedule, regularization, targets, controller;
+- `pruning`: config, scores and masked layers, masking a model, schedule, regularization, targets;
 - `compact`: compaction, the FLOPs model, saving and loading, masked checkpoints, the model card;
-- `training`: `BlockPruningTrainer`, `BlockPruningCallback`, distillation, gradient accumulation;
+- `training`: `BlockPruningTrainer`, `BlockPruningCallback`, the schedule's controller, distillation, gradient
+  accumulation;
 - `tasks`: task data, embedded defaults, question answering, the command line.
 
 The public names below are importable from `hf_blockprune`.

@@ -8,8 +8,8 @@ from transformers import Trainer, TrainerCallback
 
 from hf_blockprune import apply_block_pruning
 from hf_blockprune.pruning.importance import (
-    _centered_ranks,
     calibration_batches,
+    centered_ranks,
     initialize_scores,
     model_loss,
     score_fisher,
@@ -49,7 +49,7 @@ def test_score_fisher_is_the_sum_of_squared_mask_gradients_and_changes_nothing(p
 @given(st.lists(st.integers(min_value=0, max_value=5), min_size=1, max_size=40))
 def test_centered_ranks_keep_the_order_span_minus_one_to_one_and_share_ties(values):
     values = torch.tensor(values, dtype=torch.float)
-    ranks = _centered_ranks(values)
+    ranks = centered_ranks(values)
     assert ranks.min() >= -1 and ranks.max() <= 1
     for i in range(len(values)):
         for j in range(len(values)):

@@ -14,16 +14,17 @@ from hf_blockprune.compact.flops import predicted_speedup
 from hf_blockprune.compact.latency import (
     TABLE_VERSION,
     LatencyTable,
-    _monotone,
     densities_for_latency,
     measure_latency_table,
+    monotone_fit,
     timing_inputs,
 )
-from hf_blockprune.pruning.controller import PruningController
 from hf_blockprune.pruning.layer import BlockScores
 from hf_blockprune.pruning.model import block_scores, prunable_layers, set_threshold
 from hf_blockprune.pruning.report import dead_heads, ffn_neurons_alive, weight_mask
 from hf_blockprune.pruning.targets import head_alive_scores, neuron_alive_scores
+from hf_blockprune.training import controller as controller_module
+from hf_blockprune.training.controller import PruningController
 
 from conftest import tiny_model
 from helpers import make_trainer, masks, model_inputs, model_outputs, preset_config
@@ -120,7 +121,7 @@ def test_latency_targets_are_measured_once_at_the_start_and_kept_on_resume(route
         calls.append((batch_size, seq_len))
         return _linear_table(model, dense=1.0, per_head=0.05, per_neuron=0.005)
 
-    monkeypatch.setattr(latency_module, "measure_latency_table", fake_measure)
+    monkeypatch.setattr(controller_module, "measure_latency_table", fake_measure)  # where the controller calls it
 
     def config():
         return preset_config("struct", target_speedup=2.0, speedup_cost_model="latency", speedup_batch_size=4,
@@ -141,7 +142,7 @@ def test_latency_targets_are_measured_once_at_the_start_and_kept_on_resume(route
 
 
 def test_a_saved_table_is_used_instead_of_measuring(tmp_path, monkeypatch):
-    monkeypatch.setattr(latency_module, "measure_latency_table", lambda *a, **k: pytest.fail("measured"))
+    monkeypatch.setattr(controller_module, "measure_latency_table", lambda *a, **k: pytest.fail("measured"))
     _linear_table(tiny_model("bert"), per_head=0.05, per_neuron=0.005).save(tmp_path / "table.json")
     config = preset_config("struct", target_speedup=1.5, speedup_cost_model="latency",
                            latency_table=str(tmp_path / "table.json"))
@@ -281,7 +282,7 @@ def test_a_table_saved_before_joint_reads_and_predicts_the_sum(tmp_path):
 @settings(max_examples=80, deadline=None)
 @given(st.lists(st.tuples(st.floats(-0.5, 1.5), st.floats(0.0, 2.0)), max_size=12))
 def test_joint_is_a_non_decreasing_fit_ending_at_the_dense_model(pairs):
-    out = _monotone([list(p) for p in pairs])
+    out = monotone_fit([list(p) for p in pairs])
     assert out[-1] == [1.0, 1.0]
     assert [x for x, _ in out[:-1]] == sorted({x for x, _ in pairs if x < 1.0})
     assert all(a[1] <= b[1] for a, b in zip(out, out[1:]))

@@ -8,9 +8,6 @@ import hf_blockprune
 PACKAGE = Path(hf_blockprune.__file__).parent
 # Each subpackage imports only from itself and those before it.
 LAYERS = ["structure", "pruning", "compact", "training", "tasks"]
-# The density controller turns a target speedup into densities with the cost models (FLOPs, measured latency) of what
-# compaction keeps.
-ALLOWED_UPWARD = {("pruning.controller", "compact.flops"), ("pruning.controller", "compact.latency")}
 
 
 def _module_name(path: Path) -> str:
@@ -31,6 +28,15 @@ def _imports(path: Path) -> set[str]:
             else:
                 continue
             found.add(".".join(target))
+    return found
+
+
+def _imported_names(path: Path) -> list[tuple[str, str]]:
+    """`(module, name)` of every name `path` imports from another hf_blockprune module."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("hf_blockprune")):
+            found += [(node.module or ".", alias.name) for alias in node.names]
     return found
 
 
@@ -66,7 +72,7 @@ def test_subpackages_import_only_from_earlier_layers():
     for module, targets in _graph().items():
         for target in targets:
             source_layer, target_layer = LAYERS.index(module.split(".")[0]), LAYERS.index(target.split(".")[0])
-            assert target_layer <= source_layer or (module, target) in ALLOWED_UPWARD, f"{module} imports {target}"
+            assert target_layer <= source_layer, f"{module} imports {target}"
 
 
 def test_the_saved_loader_imports_nothing_of_the_library():
@@ -76,3 +82,10 @@ def test_the_saved_loader_imports_nothing_of_the_library():
 def test_public_names_import_from_the_package():
     for name in hf_blockprune.__all__:
         assert getattr(hf_blockprune, name) is not None
+
+
+def test_no_private_name_is_imported_across_modules():
+    sources = [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "tests").glob("*.py")]
+    private = [f"{path.name}: from {module} import {name}" for path in sources
+               for module, name in _imported_names(path) if name.startswith("_") and not name.startswith("__")]
+    assert not private, private

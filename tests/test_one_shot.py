@@ -12,7 +12,7 @@ import hf_blockprune
 from hf_blockprune import apply_block_pruning, save_compacted
 from hf_blockprune.compact.flops import predicted_speedup
 from hf_blockprune.compact.latency import LatencyTable
-from hf_blockprune.compact.one_shot import _Unit, prune_one_shot, rescale, search_units
+from hf_blockprune.compact.one_shot import PruningUnit, prune_one_shot, rescale, search_units
 from hf_blockprune.pruning.importance import unit_fisher
 from hf_blockprune.pruning.model import block_scores, prunable_layers, set_threshold
 
@@ -62,8 +62,8 @@ def test_unit_fisher_is_the_squared_gradient_of_output_column_masks():
 @given(heads=st.lists(st.floats(0, 10), min_size=1, max_size=6), neurons=st.lists(st.floats(0, 10), max_size=8),
        head_cost=st.floats(1, 5), budget=st.floats(0, 30))
 def test_the_search_keeps_the_most_importance_that_fits_the_budget(heads, neurons, head_cost, budget):
-    head_units = [_Unit(0, 0, i, value, head_cost) for i, value in enumerate(heads)]
-    neuron_units = [_Unit(0, None, i, value, 1.0) for i, value in enumerate(neurons)]
+    head_units = [PruningUnit(0, 0, i, value, head_cost) for i, value in enumerate(heads)]
+    neuron_units = [PruningUnit(0, None, i, value, 1.0) for i, value in enumerate(neurons)]
     kept_heads, kept_neurons = search_units(head_units, neuron_units, budget)
     assert len(kept_heads) * head_cost + len(kept_neurons) <= budget + 1e-9
     # brute force over every subset that fits (each kind's cost is uniform here)

@@ -148,7 +148,7 @@ def _emptied_bart_run(tmp_path, per_stack):
 
 
 def test_a_target_cannot_empty_a_stack(tmp_path, caplog):
-    from hf_blockprune.pruning.controller import emptied_stacks
+    from hf_blockprune.training.controller import emptied_stacks
 
     trainer = _emptied_bart_run(tmp_path, per_stack=True)
     assert emptied_stacks(trainer.model) == []
@@ -160,9 +160,9 @@ def test_a_target_cannot_empty_a_stack(tmp_path, caplog):
 
 
 def test_a_shared_cut_that_empties_a_stack_is_reported_loudly(tmp_path, caplog):
-    from hf_blockprune.pruning.controller import emptied_stacks
+    from hf_blockprune.training.controller import emptied_stacks
 
-    with caplog.at_level("WARNING", logger="hf_blockprune.pruning.controller"):
+    with caplog.at_level("WARNING", logger="hf_blockprune.training.controller"):
         trainer = _emptied_bart_run(tmp_path, per_stack=False)
     assert any("model.encoder.layers" in entry for entry in emptied_stacks(trainer.model))
     assert "Pruning removed ALL of model.encoder.layers" in caplog.text

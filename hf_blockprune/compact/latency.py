@@ -336,10 +336,10 @@ def _measure_joint(table: LatencyTable, timed, points: int) -> list[list[float]]
     for step in range(points):
         variant, change = timed(_uniform(step / points))
         pairs.append([table.summed(variant) / table.dense, 1.0 + change / table.dense])
-    return _monotone(pairs) if points else []
+    return monotone_fit(pairs) if points else []
 
 
-def _monotone(pairs: list[list[float]]) -> list[list[float]]:
+def monotone_fit(pairs: list[list[float]]) -> list[list[float]]:
     """`joint` from the uniform models' `[summed / dense, measured / dense]` pairs: the least-squares non-decreasing
     fit (pool adjacent violators; timing noise can make two close models cross, and a smaller model is never
     predicted slower than a larger one), ending at the dense model's exact `[1.0, 1.0]`. A pair whose sum is not

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..pruning.config import BlockPruningConfig
-from ..pruning.importance import LossFunction, _evaluating, _to_device, unit_fisher
+from ..pruning.importance import LossFunction, evaluating, to_device, unit_fisher
 from ..pruning.model import (
     AttentionModules,
     PrunableLayer,
@@ -50,7 +50,7 @@ MAX_SCALE = 10.0  # a least-squares factor beyond this (in magnitude) is not tru
 
 
 @dataclass
-class _Unit:
+class PruningUnit:
     """One head or neuron: where it is (layer, attention index or None for the FFN, slot), importance and cost."""
 
     layer: int
@@ -80,22 +80,23 @@ def _unit_costs_latency(layer: PrunableLayer, table) -> tuple[list[float], float
     return heads, neuron
 
 
-def _units(layers: list[PrunableLayer], importance, costs) -> tuple[list[_Unit], list[_Unit]]:
+def _units(layers: list[PrunableLayer], importance, costs) -> tuple[list[PruningUnit], list[PruningUnit]]:
     heads, neurons = [], []
     for index, (layer, (head_costs, neuron_cost)) in enumerate(zip(layers, costs)):
         for position, attention in enumerate(layer.attentions):
             values = importance.get((index, position))
             if values is None:
                 continue
-            heads += [_Unit(index, position, slot, float(values[slot]), head_costs[position])
+            heads += [PruningUnit(index, position, slot, float(values[slot]), head_costs[position])
                       for slot, head in enumerate(attention.slots) if head is not None]
         values = importance.get((index, None))
         if values is not None:
-            neurons += [_Unit(index, None, slot, float(value), neuron_cost) for slot, value in enumerate(values)]
+            neurons += [PruningUnit(index, None, slot, float(value), neuron_cost) for slot, value in enumerate(values)]
     return heads, neurons
 
 
-def search_units(heads: list[_Unit], neurons: list[_Unit], budget: float) -> tuple[list[_Unit], list[_Unit]]:
+def search_units(heads: list[PruningUnit], neurons: list[PruningUnit],
+                 budget: float) -> tuple[list[PruningUnit], list[PruningUnit]]:
     """The heads and neurons to keep within `budget`: for every number of kept heads (most important first), the
     most important neurons that fit in what is left; the split with the largest total importance wins."""
     heads = sorted(heads, key=lambda u: -u.importance)
@@ -120,7 +121,8 @@ def search_units(heads: list[_Unit], neurons: list[_Unit], budget: float) -> tup
 
 
 @torch.no_grad()
-def _set_masks(model: nn.Module, layers: list[PrunableLayer], kept_heads: list[_Unit], kept_neurons: list[_Unit]):
+def _set_masks(model: nn.Module, layers: list[PrunableLayer], kept_heads: list[PruningUnit],
+               kept_neurons: list[PruningUnit]):
     """Scores +1 for the kept units and -1 for the others, threshold 0.5 (cut at 0)."""
     for scores in block_scores(model):
         scores.scores.fill_(-1.0)
@@ -232,7 +234,7 @@ def rescale(student: nn.Module, teacher: nn.Module, batches: list[dict]) -> int:
     """Rescale, layer by layer, the kept heads and neurons of a masked `student` so that each block's output
     projection reproduces the dense `teacher`'s (see the module docstring). Returns how many blocks were rescaled."""
     done = 0
-    with _evaluating(student), _evaluating(teacher):
+    with evaluating(student), evaluating(teacher):
         for layer in prunable_layers(student):
             for attention in layer.attentions:  # the output projection's columns: one block per query slot
                 if not hasattr(attention.output, "scores_module"):
@@ -285,7 +287,7 @@ def prune_one_shot(model: nn.Module, batches: Iterable[dict], target_speedup: fl
         raise ValueError(f"`cost_model` must be 'flops' or 'latency', got {cost_model!r}.")
     batches = list(batches)
     device = next(model.parameters()).device
-    batches = [_to_device(dict(batch), device) for batch in batches]
+    batches = [to_device(dict(batch), device) for batch in batches]
     table = None
     if cost_model == "latency":
         from .latency import measure_latency_table

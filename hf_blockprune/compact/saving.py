@@ -86,7 +86,7 @@ def _weight_names(path: Path) -> list[str]:
         return list(weights.keys())
 
 
-def _refuse_non_finite(model: nn.Module, save_directory: str | os.PathLike) -> None:
+def refuse_non_finite(model: nn.Module, save_directory: str | os.PathLike) -> None:
     """Raise `ValueError` naming the first floating parameter or buffer of `model` that holds NaN or inf values.
 
     Args:
@@ -106,7 +106,7 @@ def is_compacted(model: nn.Module) -> bool:
     return getattr(getattr(model, "config", None), LAYOUT_ATTRIBUTE, None) is not None
 
 
-def _compacted_copy(model: nn.Module) -> nn.Module:
+def compacted_copy(model: nn.Module) -> nn.Module:
     """A compacted copy of `model` (masked, or compacted and possibly re-masked); `model` itself is left as it is."""
     if not is_block_pruned(model) and not is_compacted(model):
         raise ValueError("save_compacted expects a model masked by hf_blockprune, or one it compacted already.")
@@ -159,10 +159,10 @@ def save_compacted(
     for applies, saver in CONTAINER_SAVERS:  # e.g. a SentenceTransformer: its transformer compacted, its own `save`
         if applies(model):
             return saver(model, save_directory, pruning_config, processing_class, model_card, card_data=card_data)
-    compacted = _compacted_copy(model)
+    compacted = compacted_copy(model)
     if pruning_config is not None:
         setattr(compacted.config, CONFIG_KEY, pruning_config.to_dict())
-    _refuse_non_finite(compacted, save_directory)
+    refuse_non_finite(compacted, save_directory)
     with atomic_directory(save_directory) as staging:
         compacted.save_pretrained(staging)
         if processing_class is not None:
@@ -290,7 +290,7 @@ def export_dense(model: nn.Module, save_directory: str | os.PathLike, processing
     Raises:
         `ValueError`: a parameter or buffer holds NaN or inf values (nothing is written).
     """
-    compacted = _compacted_copy(model)
+    compacted = compacted_copy(model)
     layout = getattr(compacted.config, LAYOUT_ATTRIBUTE)
     base = plain_class(type(compacted))
     dense = base(dense_config(compacted.config)).to(dtype=next(compacted.parameters()).dtype)
@@ -307,7 +307,7 @@ def export_dense(model: nn.Module, save_directory: str | os.PathLike, processing
     for layer_path, entry in layout["layers"].items():
         _scatter_layer(dense.get_submodule(layer_path), compacted.get_submodule(layer_path), entry)
     fuse_projections(dense)
-    _refuse_non_finite(dense, save_directory)
+    refuse_non_finite(dense, save_directory)
     with atomic_directory(save_directory) as staging:
         dense.save_pretrained(staging)
         if processing_class is not None:

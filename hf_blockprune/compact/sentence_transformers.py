@@ -23,7 +23,7 @@ from ..pruning.model import PRUNING_CONFIG_KEY
 from ..structure.wrappers import is_sentence_transformer, transformers_model
 from .atomic import atomic_directory
 from .model_card import CARD_DATA_ATTRIBUTE, write_model_card
-from .saving import CONTAINER_SAVERS, _compacted_copy, _refuse_non_finite, restore_save
+from .saving import CONTAINER_SAVERS, compacted_copy, refuse_non_finite, restore_save
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +69,11 @@ def save_compacted_sentence_transformer(
         `ValueError`: the transformer is not masked, holds NaN or inf values, or `model` holds several transformers.
     """
     inner = transformers_model(model)
-    compacted = _compacted_copy(inner)
+    compacted = compacted_copy(inner)
     if pruning_config is not None:
         setattr(compacted.config, PRUNING_CONFIG_KEY, pruning_config.to_dict())
     container = restore_save(copy.deepcopy(model, memo={id(inner): compacted}))  # the masked transformer not copied
-    _refuse_non_finite(container, save_directory)
+    refuse_non_finite(container, save_directory)
     with atomic_directory(save_directory) as staging:
         container.save(str(staging), create_model_card=False)
         if processing_class is not None:

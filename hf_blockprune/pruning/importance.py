@@ -73,12 +73,13 @@ def calibration_batches(dataloader, num_examples: int, seed: int) -> list[dict]:
     return [collate(examples[start:start + batch_size]) for start in range(0, len(examples), batch_size)]
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
+def to_device(batch: dict, device: torch.device) -> dict:
+    """`batch` with its tensors moved to `device` (other values as they are)."""
     return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
 
 
 @contextlib.contextmanager
-def _evaluating(model: nn.Module):
+def evaluating(model: nn.Module):
     """Eval mode (no dropout) for the calibration; the model's modes are restored afterwards."""
     modes = {module: module.training for module in model.modules()}
     model.eval()
@@ -119,9 +120,9 @@ def _squared_gradients(model: nn.Module, batches: Iterable[dict], parameters: li
         totals = squared if totals is None else [t + s for t, s in zip(totals, squared)]
         pending, count = None, 0
 
-    with _evaluating(model), _requiring_grad(parameters):
+    with evaluating(model), _requiring_grad(parameters):
         for batch in batches:
-            loss = loss_fn(model, _to_device(dict(batch), device))
+            loss = loss_fn(model, to_device(dict(batch), device))
             grads = [None if g is None else g.detach().float()
                      for g in torch.autograd.grad(loss, parameters, allow_unused=True)]
             pending = grads if pending is None else [
@@ -196,7 +197,7 @@ def unit_fisher(model: nn.Module, layers: list, batches: Iterable[dict],
     return dict(zip(keys, _squared_gradients(model, batches, weights, per_unit, loss_fn)))
 
 
-def _centered_ranks(values: torch.Tensor) -> torch.Tensor:
+def centered_ranks(values: torch.Tensor) -> torch.Tensor:
     """Ranks of `values` scaled to [-1, 1] (lowest -1, highest 1; equal values share their mean rank)."""
     if values.numel() < 2:
         return torch.zeros_like(values)
@@ -227,7 +228,7 @@ def initialize_scores(importance: list[tuple[BlockScores, torch.Tensor]], init_v
     """
     for kind in sorted({module.kind for module, _ in importance}):
         pairs = [(module, values) for module, values in importance if module.kind == kind]
-        ranks = _centered_ranks(torch.cat([values.flatten().cpu() for _, values in pairs]))
+        ranks = centered_ranks(torch.cat([values.flatten().cpu() for _, values in pairs]))
         offset = 0
         for module, values in pairs:
             count = values.numel()

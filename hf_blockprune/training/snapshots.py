@@ -23,10 +23,10 @@ from torch import nn
 
 from ..compact.flops import densities_for_speedup, predicted_speedup
 from ..compact.saving import save_compacted
-from ..pruning.controller import PruningController
 from ..pruning.losses import mask_density
 from ..pruning.schedule import schedule_progress
 from ..structure.wrappers import is_sentence_transformer, transformers_model
+from .controller import PruningController
 
 logger = logging.getLogger(__name__)
 

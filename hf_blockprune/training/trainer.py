@@ -8,12 +8,12 @@ from ..compact.model_card import attach_card_data, run_card_data
 from ..compact.saving import checkpoint_on_save, compact_on_save, is_compacted
 from ..compact.sentence_transformers import load_sentence_transformer_checkpoint
 from ..pruning.config import BlockPruningConfig
-from ..pruning.controller import PruningController, warn_if_stacks_emptied
 from ..pruning.model import apply_block_pruning, is_block_pruned, score_parameters
 from ..structure.wrappers import is_sentence_transformer
 from .accumulation import micro_batch_weight
 from .arguments import check_training_arguments
 from .callback import create_or_keep_model_card
+from .controller import PruningController, warn_if_stacks_emptied
 from .distillation import Distiller, check_teacher_given
 from .snapshots import Snapshots
 

@@ -1,4 +1,5 @@
-"""Schedule state shared by `BlockPruningTrainer` and `BlockPruningCallback`."""
+"""Schedule state shared by `BlockPruningTrainer` and `BlockPruningCallback`: the threshold and lambda of each step,
+the density targets (turned into densities with the cost models of `compact`), the Fisher start, the filled stage."""
 
 from __future__ import annotations
 
@@ -9,15 +10,25 @@ import os
 import torch
 from torch import nn
 
+from ..compact.flops import attention_flops, densities_for_speedup, ffn_flops
+from ..compact.latency import LatencyTable, densities_for_latency, measure_latency_table
+from ..pruning.config import BlockPruningConfig
+from ..pruning.filling import fill_surviving_heads, is_filled
+from ..pruning.importance import LossFunction, broadcast_scores, calibration_batches, initialize_scores, score_fisher
+from ..pruning.layer import MaskedLinear
+from ..pruning.losses import expected_density, mask_density
+from ..pruning.model import TARGETS_ATTRIBUTE, block_scores, prunable_layers, score_parameters, set_threshold
+from ..pruning.report import sparsity_report
+from ..pruning.schedule import cubic_lambda, cubic_threshold, schedule_progress
+from ..pruning.targets import (
+    DensityTargets,
+    UnitSet,
+    head_alive_scores,
+    keep_heads,
+    keep_neurons,
+    neuron_alive_scores,
+)
 from ..structure.wrappers import is_sentence_transformer, transformers_model
-from .config import BlockPruningConfig
-from .filling import fill_surviving_heads, is_filled
-from .importance import LossFunction, broadcast_scores, calibration_batches, initialize_scores, score_fisher
-from .layer import MaskedLinear
-from .losses import expected_density, mask_density
-from .model import TARGETS_ATTRIBUTE, block_scores, prunable_layers, score_parameters, set_threshold
-from .schedule import cubic_lambda, cubic_threshold, schedule_progress
-from .targets import DensityTargets, UnitSet, head_alive_scores, keep_heads, keep_neurons, neuron_alive_scores
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +81,6 @@ class PruningController:
         elif self.config.speedup_cost_model == "latency":
             targets = {"attention": 1.0, "ffn": 1.0}  # measured when training starts (`resolve_latency_targets`)
         else:
-            from ..compact.flops import densities_for_speedup
-
             targets = densities_for_speedup(self.model, self.config.target_speedup,
                                             self.config.speedup_sequence_length)
         device = next(self.model.parameters()).device
@@ -88,8 +97,6 @@ class PruningController:
         config = self.config
         if not (config.cuts_on_units("attention") or config.cuts_on_units("ffn")):
             return {}
-        from ..compact.flops import attention_flops, ffn_flops
-
         length = config.speedup_sequence_length
         units: dict[str, list[UnitSet]] = {}
         for layer in prunable_layers(self.model):
@@ -122,8 +129,6 @@ class PruningController:
             return
         if step > 0:
             return
-        from ..compact.latency import LatencyTable, densities_for_latency, measure_latency_table
-
         model = self._targets_owner()
         values = torch.zeros(2, dtype=torch.float64)
         if _process_index() == 0:
@@ -341,8 +346,6 @@ def _broadcast(values: torch.Tensor, device: torch.device) -> torch.Tensor:
 def emptied_stacks(model: nn.Module) -> list[str]:
     """What the masks empty entirely across a whole layer stack: e.g. `"model.encoder.layers: attention 0"` when
     no layer of the encoder keeps a head of its first attention, or `"...: FFN"` when none keeps an FFN neuron."""
-    from .report import sparsity_report
-
     stacks: dict[str, list[dict]] = {}
     for row in sparsity_report(model):
         stacks.setdefault(row["layer"].rpartition(".")[0], []).append(row)
