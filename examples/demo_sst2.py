@@ -1,7 +1,7 @@
 """Fine-prune the offline MiniLM on SST-2 and print accuracy, kept structure and measured speedup.
 
     python examples/demo_sst2.py                       # ~6 min on 2 CPU cores
-    python examples/demo_sst2.py --no_dense_reference  # the pruning run only: half the training
+    python examples/demo_sst2.py --no-dense_reference  # the pruning run only: half the training
     python examples/demo_sst2.py --max_steps 40        # smoke run
 
 The pruned model's accuracy is printed beside the dense MiniLM's, fine-tuned with the same data, steps and learning
@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--eval_size", type=int, default=None, help="dev examples to evaluate (default: all 872)")
     parser.add_argument("--dense_reference", action=argparse.BooleanOptionalAction, default=True,
                         help="also fine-tune the dense model the same way and print its accuracy, the reference for "
-                             "the pruned one (twice the training time; --no_dense_reference skips it)")
+                             "the pruned one (twice the training time; --no-dense_reference skips it)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -117,7 +117,7 @@ def main() -> None:
     if tuned_accuracy is not None:
         print(f"  dense, fine-tuned the same way ({args.max_steps} steps): {tuned_accuracy:.4f}")
     else:
-        print("  dense, fine-tuned the same way: not run (--no_dense_reference)")
+        print("  dense, fine-tuned the same way: not run (--no-dense_reference)")
     print(f"  dense as loaded, new classifier head not trained: {loaded_accuracy:.4f}")
     if tuned_accuracy is not None:
         print(f"cost of pruning: {100 * (tuned_accuracy - pruned_accuracy):.2f} accuracy points (dense fine-tuned "
