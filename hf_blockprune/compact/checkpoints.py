@@ -66,6 +66,25 @@ def load_masked_checkpoint(
 
     Returns:
         `nn.Module`: the masked model, in eval mode, with its scores and thresholds as saved.
+
+    Example:
+        >>> import os
+        >>> import tempfile
+        >>> from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+        >>> from hf_blockprune import BlockPruningConfig, BlockPruningTrainer, is_block_pruned, load_masked_checkpoint
+        >>> model = BertForSequenceClassification(BertConfig(
+        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37))
+        >>> data = [{"input_ids": [2, 3 + i, 5, 7], "labels": i % 2} for i in range(16)]
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     args = TrainingArguments(output_dir=tmp, max_steps=2, use_cpu=True, report_to="none",
+        ...                              disable_tqdm=True, logging_strategy="no", save_steps=1)
+        ...     trainer = BlockPruningTrainer(model=model, args=args, train_dataset=data,
+        ...                                   pruning_config=BlockPruningConfig.from_preset("struct"))
+        ...     _ = trainer.train()  # doctest: +ELLIPSIS
+        ...     masked = load_masked_checkpoint(os.path.join(tmp, "checkpoint-1"))  # written after step 1
+        {'train_runtime': ...}
+        >>> is_block_pruned(masked), masked.training
+        (True, False)
     """
     path = Path(path)
     config = read_model_config(path)

@@ -388,6 +388,30 @@ def compact_model(model: nn.Module) -> nn.Module:
 
     Raises:
         `ValueError`: the model holds no block-pruning masks, or is wrapped (`DataParallel`, DDP).
+
+    Example:
+        >>> import torch
+        >>> from transformers import BertConfig, BertForSequenceClassification
+        >>> from hf_blockprune import BlockPruningConfig, apply_block_pruning, compact_model, is_block_pruned
+        >>> model = BertForSequenceClassification(BertConfig(
+        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37))
+        >>> config = BlockPruningConfig.from_preset("struct", initial_threshold=0.5, mask_init_value=1.0)
+        >>> model = apply_block_pruning(model, config).eval()  # a block is kept while sigmoid(score) > 0.5
+        >>> layer = model.bert.encoder.layer[0]
+        >>> inputs = torch.tensor([[1, 2, 3, 4]])
+        >>> with torch.no_grad():  # as training could leave them: 2 heads and 17 FFN neurons below the threshold
+        ...     layer.attention.self.query.scores_module.scores[:2] = -1.0
+        ...     layer.intermediate.dense.scores_module.scores[:17] = -1.0
+        ...     masked_logits = model(input_ids=inputs).logits
+        >>> model = compact_model(model)
+        >>> is_block_pruned(model), type(model).__name__
+        (False, 'BlockPrunedBertForSequenceClassification')
+        >>> layer = model.bert.encoder.layer[0]
+        >>> layer.attention.self.query.weight.shape, layer.intermediate.dense.weight.shape
+        (torch.Size([16, 32]), torch.Size([20, 32]))
+        >>> with torch.no_grad():  # the same function as the masked model
+        ...     torch.allclose(model(input_ids=inputs).logits, masked_logits, atol=1e-5)
+        True
     """
     check_model(model)
     if not is_block_pruned(model):

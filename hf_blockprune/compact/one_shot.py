@@ -277,6 +277,23 @@ def prune_one_shot(model: nn.Module, batches: Iterable[dict], target_speedup: fl
 
     Raises:
         `ValueError`: the model is masked already, the target is out of reach, or `cost_model` is unknown.
+
+    Example:
+        >>> import copy
+        >>> import torch
+        >>> from transformers import BertConfig, BertForSequenceClassification
+        >>> from hf_blockprune import is_block_pruned, prune_one_shot
+        >>> from hf_blockprune.compact.flops import predicted_speedup
+        >>> model = BertForSequenceClassification(BertConfig(
+        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37))
+        >>> dense = copy.deepcopy(model)
+        >>> batches = [{"input_ids": torch.randint(2, 64, (8, 16)), "labels": torch.randint(0, 2, (8,))}
+        ...            for _ in range(4)]
+        >>> model = prune_one_shot(model, batches, target_speedup=2.0, seq_len=16)
+        >>> is_block_pruned(model), type(model).__name__  # compacted: heads and FFN neurons physically removed
+        (False, 'BlockPrunedBertForSequenceClassification')
+        >>> predicted_speedup(dense, model, seq_len=16) >= 2.0
+        True
     """
     check_model(model)
     if is_block_pruned(model):

@@ -154,6 +154,27 @@ def save_compacted(
 
     Raises:
         `ValueError`: a parameter or buffer holds NaN or inf values (nothing is written), or the model is not masked.
+
+    Example:
+        >>> import os
+        >>> import tempfile
+        >>> import torch
+        >>> from transformers import BertConfig, BertForSequenceClassification
+        >>> from hf_blockprune import BlockPruningConfig, apply_block_pruning, is_block_pruned, save_compacted
+        >>> model = BertForSequenceClassification(BertConfig(
+        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37))
+        >>> config = BlockPruningConfig.from_preset("struct", initial_threshold=0.5, mask_init_value=1.0)
+        >>> model = apply_block_pruning(model, config)  # a block is kept while sigmoid(score) > 0.5
+        >>> with torch.no_grad():  # as training could leave them: 2 heads of layer 0 below the threshold
+        ...     model.bert.encoder.layer[0].attention.self.query.scores_module.scores[:2] = -1.0
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     compacted = save_compacted(model, tmp)
+        ...     print(sorted(os.listdir(tmp)))
+        ['README.md', 'config.json', 'model.safetensors', 'modeling_blockprune.py', 'pruning_layout.png']
+        >>> compacted.bert.encoder.layer[0].attention.self.query.out_features  # 2 heads of 8 left
+        16
+        >>> is_block_pruned(model)  # the masked model is left as it was
+        True
     """
     pruning_config = pruning_config or getattr(model, CONFIG_ATTRIBUTE, None)
     for applies, saver in CONTAINER_SAVERS:  # e.g. a SentenceTransformer: its transformer compacted, its own `save`
@@ -195,6 +216,25 @@ def from_pretrained(path: str | os.PathLike, model_class: type | None = None, **
 
     Raises:
         `ValueError`: the folder holds no compacted model, or its weights do not match its recorded layout.
+
+    Example:
+        >>> import tempfile
+        >>> import torch
+        >>> from transformers import BertConfig, BertForSequenceClassification
+        >>> from hf_blockprune import BlockPruningConfig, apply_block_pruning, from_pretrained, save_compacted
+        >>> model = BertForSequenceClassification(BertConfig(
+        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37))
+        >>> config = BlockPruningConfig.from_preset("struct", initial_threshold=0.5, mask_init_value=1.0)
+        >>> model = apply_block_pruning(model, config)  # a block is kept while sigmoid(score) > 0.5
+        >>> with torch.no_grad():  # as training could leave them: 2 heads of layer 0 below the threshold
+        ...     model.bert.encoder.layer[0].attention.self.query.scores_module.scores[:2] = -1.0
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     _ = save_compacted(model, tmp, model_card=False)
+        ...     loaded = from_pretrained(tmp)
+        >>> type(loaded).__name__
+        'BlockPrunedBertForSequenceClassification'
+        >>> [layer.attention.self.query.out_features for layer in loaded.bert.encoder.layer]
+        [16, 32]
     """
     if Path(path).is_dir():
         recover_interrupted_save(path)
@@ -289,6 +329,29 @@ def export_dense(model: nn.Module, save_directory: str | os.PathLike, processing
 
     Raises:
         `ValueError`: a parameter or buffer holds NaN or inf values (nothing is written).
+
+    Example:
+        >>> import tempfile
+        >>> import torch
+        >>> from transformers import BertConfig, BertForSequenceClassification
+        >>> from hf_blockprune import BlockPruningConfig, apply_block_pruning, export_dense
+        >>> model = BertForSequenceClassification(BertConfig(
+        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37))
+        >>> config = BlockPruningConfig.from_preset("struct", initial_threshold=0.5, mask_init_value=1.0)
+        >>> model = apply_block_pruning(model, config).eval()  # a block is kept while sigmoid(score) > 0.5
+        >>> inputs = torch.tensor([[1, 2, 3, 4]])
+        >>> with torch.no_grad():  # as training could leave them: 2 heads of layer 0 below the threshold
+        ...     model.bert.encoder.layer[0].attention.self.query.scores_module.scores[:2] = -1.0
+        ...     masked_logits = model(input_ids=inputs).logits
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     _ = export_dense(model, tmp)
+        ...     dense = BertForSequenceClassification.from_pretrained(tmp)  # plain transformers, no remote code
+        >>> query = dense.bert.encoder.layer[0].attention.self.query
+        >>> query.weight.shape, bool((query.weight[:16] == 0).all())  # full size, the 2 pruned heads zero
+        (torch.Size([32, 32]), True)
+        >>> with torch.no_grad():
+        ...     torch.allclose(dense(input_ids=inputs).logits, masked_logits, atol=1e-5)
+        True
     """
     compacted = compacted_copy(model)
     layout = getattr(compacted.config, LAYOUT_ATTRIBUTE)

@@ -223,6 +223,18 @@ class BlockPruningConfig:
         num_kv_heads_attribute (`str`, *optional*):
             With `layers_pattern`: the model-config attribute holding the number of key/value heads, for grouped-query
             attention (e.g. `"num_key_value_heads"`); `None`: as many as query heads.
+
+    Example:
+        >>> from hf_blockprune import BlockPruningConfig
+        >>> config = BlockPruningConfig.from_preset("hybrid", attention_block_size=[8, 8])
+        >>> config.pruning_method, config.attention_granularity, config.attention_block_size, config.ffn_granularity
+        ('sigmoid_threshold', 'block', [8, 8], 'neuron')
+        >>> config.final_threshold, config.final_lambda  # the method's defaults: no field sets them
+        (0.1, 50.0)
+        >>> BlockPruningConfig.from_preset("struct", target_density=0.5).mask_init_value  # with a target: from 0.5
+        0.5
+        >>> BlockPruningConfig().enabled  # no preset and no pruning field: prunes nothing
+        False
     """
 
     pruning_preset: str | None = field(

@@ -523,6 +523,23 @@ def apply_block_pruning(model: nn.Module, config: BlockPruningConfig, score_scal
     Raises:
         `ValueError`: the model is wrapped (`DataParallel`, DDP), on the meta device or masked already, `config`
             prunes nothing, it does not fit the model (see `check_prunable`), or nothing is left to prune.
+
+    Example:
+        >>> import torch
+        >>> from transformers import BertConfig, BertForSequenceClassification
+        >>> from hf_blockprune import BlockPruningConfig, apply_block_pruning, sparsity_report
+        >>> model = BertForSequenceClassification(BertConfig(
+        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37))
+        >>> model = apply_block_pruning(model, BlockPruningConfig.from_preset("struct"))
+        >>> query = model.bert.encoder.layer[0].attention.self.query
+        >>> type(query).__name__, query.scores_module.scores.shape  # one score per head
+        ('MaskedLinear', torch.Size([4]))
+        >>> model.bert.encoder.layer[0].intermediate.dense.scores_module.scores.shape  # one per FFN neuron
+        torch.Size([37])
+        >>> sparsity_report(model)[0]["ffn_neurons_kept"]  # fresh scores keep every block
+        37
+        >>> model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape
+        torch.Size([1, 2])
     """
     check_model(model)
     if not getattr(config, "enabled", True):
@@ -567,6 +584,23 @@ def remove_block_pruning(model: nn.Module, merge: bool = True, fuse: bool = True
 
     Returns:
         `nn.Module`: the same model, with no masks and no scores.
+
+    Example:
+        >>> import torch
+        >>> from transformers import BertConfig, BertForSequenceClassification
+        >>> from hf_blockprune import BlockPruningConfig, apply_block_pruning, remove_block_pruning
+        >>> model = BertForSequenceClassification(BertConfig(
+        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37))
+        >>> config = BlockPruningConfig.from_preset("struct", initial_threshold=0.5, mask_init_value=1.0)
+        >>> model = apply_block_pruning(model, config)  # a block is kept while sigmoid(score) > 0.5
+        >>> with torch.no_grad():  # as training could leave it: head 0 of layer 0 below the threshold
+        ...     model.bert.encoder.layer[0].attention.self.query.scores_module.scores[0] = -1.0
+        >>> model = remove_block_pruning(model)  # merge=True: the masks are multiplied into the weights
+        >>> query = model.bert.encoder.layer[0].attention.self.query
+        >>> type(query).__name__, query.weight.shape
+        ('Linear', torch.Size([32, 32]))
+        >>> bool((query.weight[:8] == 0).all()), bool((query.weight[8:] == 0).any())  # head 0's rows are zero
+        (True, False)
     """
     wrapped = [(name, module) for name, module in model.named_modules() if isinstance(module, MaskedLinear)]
     # Merge everything before unwrapping: a shared score lives in the first layer that uses it.
@@ -596,7 +630,20 @@ def _restore_config_record(model: nn.Module) -> None:
 
 
 def is_block_pruned(model: nn.Module) -> bool:
-    """Whether `model` holds block-pruning masks."""
+    """Whether `model` holds block-pruning masks.
+
+    Example:
+        >>> from transformers import BertConfig, BertForSequenceClassification
+        >>> from hf_blockprune import BlockPruningConfig, apply_block_pruning, is_block_pruned, remove_block_pruning
+        >>> model = BertForSequenceClassification(BertConfig(
+        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37))
+        >>> is_block_pruned(model)
+        False
+        >>> is_block_pruned(apply_block_pruning(model, BlockPruningConfig.from_preset("struct")))
+        True
+        >>> is_block_pruned(remove_block_pruning(model))
+        False
+    """
     return any(isinstance(module, MaskedLinear) for module in model.modules())
 
 

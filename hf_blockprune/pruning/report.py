@@ -92,6 +92,30 @@ def sparsity_report(model: nn.Module) -> list[dict]:
         a model compacted before), `num_heads` (the real heads each attention block has now: a compacted one's kept
         heads, a placeholder head not counted), `attention_density` (fraction of Q/K/V/O weights kept),
         `ffn_neurons_kept` and `ffn_neurons_total`.
+
+    Example:
+        >>> import pprint
+        >>> import torch
+        >>> from transformers import BertConfig, BertForSequenceClassification
+        >>> from hf_blockprune import BlockPruningConfig, apply_block_pruning, sparsity_report
+        >>> model = BertForSequenceClassification(BertConfig(
+        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37))
+        >>> config = BlockPruningConfig.from_preset("struct", initial_threshold=0.5, mask_init_value=1.0)
+        >>> model = apply_block_pruning(model, config)  # a block is kept while sigmoid(score) > 0.5
+        >>> layer = model.bert.encoder.layer[0]
+        >>> with torch.no_grad():  # as training could leave them: 2 heads and 17 FFN neurons below the threshold
+        ...     layer.attention.self.query.scores_module.scores[:2] = -1.0
+        ...     layer.intermediate.dense.scores_module.scores[:17] = -1.0
+        >>> report = sparsity_report(model)
+        >>> pprint.pprint(report[0])
+        {'attention_density': 0.5,
+         'ffn_neurons_kept': 20,
+         'ffn_neurons_total': 37,
+         'heads_pruned': [[0, 1]],
+         'layer': 'bert.encoder.layer.0',
+         'num_heads': [4]}
+        >>> report[1]["heads_pruned"], report[1]["attention_density"], report[1]["ffn_neurons_kept"]
+        ([[]], 1.0, 37)
     """
     report = []
     for layer in prunable_layers(model):

@@ -54,6 +54,27 @@ class BlockPruningCallback(TrainerCallback):
     Args:
         pruning_config (`BlockPruningConfig`): what to prune and how.
         teacher_model (`nn.Module` or `str`, *optional*): a dense teacher, or its path / Hub id.
+
+    Example:
+        >>> import tempfile
+        >>> from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+        >>> from hf_blockprune import BlockPruningCallback, BlockPruningConfig, from_pretrained, is_block_pruned
+        >>> model = BertForSequenceClassification(BertConfig(
+        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37))
+        >>> data = [{"input_ids": [2, 3 + i, 5, 7], "labels": i % 2} for i in range(16)]
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     args = TrainingArguments(output_dir=tmp, max_steps=2, use_cpu=True, report_to="none",
+        ...                              disable_tqdm=True, logging_strategy="no", save_strategy="no")
+        ...     trainer = Trainer(model=model, args=args, train_dataset=data,
+        ...                       callbacks=[BlockPruningCallback(BlockPruningConfig.from_preset("struct"))])
+        ...     _ = trainer.train()  # doctest: +ELLIPSIS
+        ...     trainer.save_model()  # the compacted model, its loading code and its model card
+        ...     loaded = from_pretrained(tmp)
+        {'train_runtime': ...}
+        >>> is_block_pruned(trainer.model)  # the trained model keeps its masks; what it saves is compacted
+        True
+        >>> type(loaded).__name__
+        'BlockPrunedBertForSequenceClassification'
     """
 
     def __init__(self, pruning_config: BlockPruningConfig, teacher_model=None):

@@ -63,6 +63,27 @@ class BlockPruningTrainer(Trainer):
         *args, **kwargs: as for `transformers.Trainer` (`model` is required; `model_init` is not supported).
         pruning_config (`BlockPruningConfig`): what to prune and how.
         teacher_model (`nn.Module` or `str`, *optional*): a dense teacher, or its path / Hub id.
+
+    Example:
+        >>> import tempfile
+        >>> from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+        >>> from hf_blockprune import BlockPruningConfig, BlockPruningTrainer, from_pretrained, is_block_pruned
+        >>> model = BertForSequenceClassification(BertConfig(
+        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37))
+        >>> data = [{"input_ids": [2, 3 + i, 5, 7], "labels": i % 2} for i in range(16)]
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     args = TrainingArguments(output_dir=tmp, max_steps=2, use_cpu=True, report_to="none",
+        ...                              disable_tqdm=True, logging_strategy="no", save_strategy="no")
+        ...     trainer = BlockPruningTrainer(model=model, args=args, train_dataset=data,
+        ...                                   pruning_config=BlockPruningConfig.from_preset("struct"))
+        ...     _ = trainer.train()  # doctest: +ELLIPSIS
+        ...     trainer.save_model()  # the compacted model, its loading code and its model card
+        ...     loaded = from_pretrained(tmp)
+        {'train_runtime': ...}
+        >>> is_block_pruned(trainer.model)  # the trained model keeps its masks; what it saves is compacted
+        True
+        >>> type(loaded).__name__
+        'BlockPrunedBertForSequenceClassification'
     """
 
     # compute_loss weights each micro-batch itself (see `_accumulation_weight`): the Trainer must not divide again.
