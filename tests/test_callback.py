@@ -12,6 +12,7 @@ from transformers.integrations import integration_utils
 from hf_blockprune import BlockPruningCallback, BlockPruningTrainer
 from hf_blockprune.pruning.losses import expected_density, mask_density
 from hf_blockprune.training import callback as callback_module
+from hf_blockprune.training import trainer_patches
 
 from conftest import tiny_dataset, tiny_model, training_args
 from helpers import make_trainer, preset_config, topk_density
@@ -78,7 +79,7 @@ def test_regularization_reaches_the_training_loss(tmp_path):
     batch = {k: torch.stack([row[k] for row in tiny_dataset("bert")[:4]]) if k != "labels"
              else torch.tensor([row[k] for row in tiny_dataset("bert")[:4]]) for k in ("input_ids", "labels")}
     model = trainer.model.train()
-    callback._training = True
+    callback.lifecycle.training = True
     callback.controller.update(10, 10)
     with_term = trainer.compute_loss(model, dict(batch))
     callback.controller.update(0, 10)
@@ -186,7 +187,7 @@ def test_pruning_logs_reach_report_to_integrations(route, tmp_path, monkeypatch)
 
 def test_callback_warns_when_report_to_misses_its_logs(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(integration_utils.INTEGRATION_TO_CALLBACK, "tensorboard", LogRecorder)
-    monkeypatch.setattr(callback_module, "_trainer_being_built", lambda callback: None)
+    monkeypatch.setattr(callback_module, "trainer_being_built", lambda callback: None)
     config = preset_config("hybrid")
     trainer = make_trainer("callback", "bert", config, tmp_path, max_steps=10, report_to=["tensorboard"])
     with caplog.at_level(logging.WARNING, logger=callback_module.__name__):
@@ -195,7 +196,7 @@ def test_callback_warns_when_report_to_misses_its_logs(tmp_path, monkeypatch, ca
     assert not any("pruning/density" in logs for logs in recorded_training_logs(trainer, LogRecorder))
 
     callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, BlockPruningCallback))
-    assert callback_module.log_before_other_callbacks(trainer, callback)  # what the warning suggests
+    assert trainer_patches.log_before_other_callbacks(trainer, callback)  # what the warning suggests
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger=callback_module.__name__):
         trainer.train()

@@ -94,8 +94,8 @@ def test_training_loss_mixes_task_and_distillation(route, tmp_path):
     else:
         trainer = make_trainer("callback", "bert", config, tmp_path, model=student)
         callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, BlockPruningCallback))
-        callback.distiller = Distiller(load_teacher(teacher, student), 0.9, 2.0)
-        callback._training = True
+        callback.lifecycle.distiller = Distiller(load_teacher(teacher, student), 0.9, 2.0)
+        callback.lifecycle.training = True
     loss = trainer.compute_loss(student.train(), dict(batch))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert abs(expected.item() - plain.loss.item()) > 1e-3  # the teacher term changes the loss
@@ -144,10 +144,10 @@ def test_regression_student_follows_its_teacher(route, tmp_path):
     trainer = make_trainer(route, "bert", config, tmp_path, model=regression_model(0), max_steps=30)
     trainer.train_dataset = rows
     if route == "trainer":
-        trainer.distiller = Distiller(load_teacher(teacher, trainer.model), 1.0, 2.0, trainer.model.config)
+        trainer.lifecycle.distiller = Distiller(load_teacher(teacher, trainer.model), 1.0, 2.0, trainer.model.config)
     else:
         callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, BlockPruningCallback))
-        callback.distiller = Distiller(load_teacher(teacher, trainer.model), 1.0, 2.0, trainer.model.config)
+        callback.lifecycle.distiller = Distiller(load_teacher(teacher, trainer.model), 1.0, 2.0, trainer.model.config)
 
     def gap():
         batch = {"input_ids": torch.stack([r["input_ids"] for r in rows[:32]])}
@@ -198,7 +198,8 @@ def test_training_loss_adds_the_layer_distillation_term(route, arch, tmp_path):
     else:
         trainer = Trainer(model=student, args=args, train_dataset=tiny_dataset(arch),
                           callbacks=[BlockPruningCallback(config, teacher_model=teacher)])
-        next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, BlockPruningCallback))._training = True
+        callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, BlockPruningCallback))
+        callback.lifecycle.training = True
     loss = trainer.compute_loss(student.train(), dict(batch))
     assert layers.item() > 1e-3
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)

@@ -20,7 +20,7 @@ from hf_blockprune.compact.model_card import (
     update_model_card,
 )
 from hf_blockprune.compact.saving import save_compacted
-from hf_blockprune.training.callback import keep_model_card
+from hf_blockprune.training.trainer_patches import keep_model_card
 
 from conftest import tiny_dataset, tiny_model
 from helpers import make_trainer, preset_config, random_masks

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from hf_blockprune import qa
+from hf_blockprune.tasks import qa
 from hf_blockprune.tasks.data import load_squad
 from hf_blockprune.tasks.defaults import offline_minilm_path, shared_data_dir
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -19,7 +20,9 @@ from torch import nn
 from ..pruning.config import BlockPruningConfig
 from ..pruning.model import LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY, TARGETS_ATTRIBUTE, apply_block_pruning
 from ..structure.modeling_blockprune import block_pruned_class
-from .saving import SCORE_SUFFIX, architecture_class, read_model_config
+from ..structure.wrappers import is_sentence_transformer
+from .peft_models import is_peft_model
+from .saving import SCORE_SUFFIX, architecture_class, read_model_config, weight_names
 
 logger = logging.getLogger(__name__)
 
@@ -106,3 +109,111 @@ def load_masked_checkpoint(
     except RuntimeError as error:
         raise ValueError(f"The weights in {path} do not match the pruning config: {error}") from None
     return model.eval()
+
+
+TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last into a checkpoint (after weights and optimizer)
+
+
+def incomplete_reason(checkpoint: str | os.PathLike) -> str | None:
+    """Why the Trainer checkpoint folder `checkpoint` is incomplete (a run stopped while writing it), or `None`.
+
+    The Trainer writes the weights, then the optimizer, scheduler and RNG states, then `trainer_state.json`: a
+    checkpoint is complete once that file is there and reads as JSON.
+    """
+    state = Path(checkpoint) / TRAINER_STATE
+    if not state.is_file():
+        return f"it has no {TRAINER_STATE}"
+    try:
+        json.loads(state.read_text())
+    except (OSError, ValueError):
+        return f"its {TRAINER_STATE} is cut short"
+    return None
+
+
+def _checkpoints_by_step(output_dir: str | os.PathLike) -> list[Path]:
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+    found = [(int(match.group(1)), path) for path in Path(output_dir).iterdir()
+             if path.is_dir() and (match := pattern.match(path.name))]
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def resolve_resume_checkpoint(output_dir: str | os.PathLike | None, resume_from_checkpoint) -> str | None:
+    """The checkpoint a Trainer resumes from, skipping incomplete ones.
+
+    `resume_from_checkpoint=True` takes the newest checkpoint of `output_dir`, as the Trainer does, but the newest
+    *complete* one (see `incomplete_reason`); a path to an incomplete checkpoint (as transformers' example scripts
+    pass `get_last_checkpoint(output_dir)`) is replaced by the newest complete checkpoint before it in its folder.
+    Each incomplete checkpoint skipped is named in a warning; nothing is deleted.
+
+    Args:
+        output_dir (`str`, *optional*): the run's output folder (for `True`).
+        resume_from_checkpoint (`bool`, `str` or `None`): as passed to `Trainer.train`.
+
+    Returns:
+        `str` or `None`: the checkpoint folder, or `None` when the run does not resume.
+
+    Raises:
+        `ValueError`: no complete checkpoint is left to resume from.
+    """
+    if resume_from_checkpoint is None or resume_from_checkpoint is False:
+        return None
+    if resume_from_checkpoint is True:
+        if output_dir is None or not os.path.isdir(output_dir):
+            raise ValueError(f"resume_from_checkpoint=True, but the output folder {output_dir} does not exist.")
+        candidates = _checkpoints_by_step(output_dir)
+    else:
+        named = Path(resume_from_checkpoint)
+        if not named.is_dir() or incomplete_reason(named) is None:
+            return str(resume_from_checkpoint)  # complete, or not a local folder: the Trainer's own errors apply
+        step = _step_of(named)
+        candidates = [path for path in _checkpoints_by_step(named.parent) if step is None or _step_of(path) <= step]
+    skipped = []
+    for candidate in candidates:
+        reason = incomplete_reason(candidate)
+        if reason is None:
+            if skipped:
+                logger.warning("Resuming from %s: %s skipped, as a run stopped while writing it (%s).", candidate,
+                               ", ".join(str(path) for path, _ in skipped), "; ".join(why for _, why in skipped))
+            return str(candidate)
+        skipped.append((candidate, reason))
+    where = output_dir if resume_from_checkpoint is True else Path(resume_from_checkpoint).parent
+    found = "; ".join(f"{path.name}: {why}" for path, why in skipped) or "none"
+    raise ValueError(
+        f"No complete checkpoint to resume from in {where} (incomplete: {found}): a run was stopped while writing "
+        "them. Start the run again without `resume_from_checkpoint`."
+    )
+
+
+def _step_of(path: Path) -> int | None:
+    match = re.search(r"-(\d+)$", path.name)
+    return int(match.group(1)) if match else None
+
+
+def check_resumable(model: nn.Module, checkpoint: str | os.PathLike) -> None:
+    """Refuse to resume the masked `model` from a checkpoint that lacks its mask scores.
+
+    The Trainer loads a checkpoint non-strictly: a dense checkpoint, or one whose scores were removed, would leave
+    fresh scores in the middle of the schedule with only a generic warning about missing keys. PEFT and
+    sentence-transformers checkpoints are checked by their own loaders (`load_pruning_state`,
+    `load_sentence_transformer_checkpoint`); a folder without `model.safetensors` is left to the Trainer.
+
+    Raises:
+        `ValueError`: naming the checkpoint and how many of the model's score tensors it lacks.
+    """
+    if is_peft_model(model) or is_sentence_transformer(model):
+        return
+    path = Path(checkpoint)
+    names = set(weight_names(path)) if path.is_dir() else set()
+    if not names:
+        return
+    expected = [key for key in model.state_dict() if key.endswith(SCORE_SUFFIX)]
+    missing = [key for key in expected if key not in names]
+    if missing:
+        raise ValueError(
+            f"{checkpoint} lacks {len(missing)} of this model's {len(expected)} mask-score tensors (e.g. "
+            f"`{missing[0]}`): it was not written by this pruning run (a dense checkpoint, another pruning config) or "
+            "its scores were removed, and resuming would restart them in the middle of the schedule. Resume from a "
+            "checkpoint of this run, or start without `resume_from_checkpoint`."
+        )

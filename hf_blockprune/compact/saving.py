@@ -63,17 +63,18 @@ def plain_class(model_class: type) -> type:
 
 
 SCORE_SUFFIX = "block_scores.scores"
+SCORE_CUT_SUFFIX = "block_scores.score_cut"
 
 
 def is_masked_checkpoint(path: str | os.PathLike) -> bool:
     """Whether the local folder `path` holds mask scores (a training checkpoint, not a compacted model)."""
     try:
-        return any(key.endswith(SCORE_SUFFIX) for key in _weight_names(Path(path)))
+        return any(key.endswith(SCORE_SUFFIX) for key in weight_names(Path(path)))
     except (OSError, ValueError):
         return False
 
 
-def _weight_names(path: Path) -> list[str]:
+def weight_names(path: Path) -> list[str]:
     """The tensor names of a local checkpoint folder (`model.safetensors`, possibly sharded), without loading them."""
     from safetensors import safe_open
 
@@ -94,7 +95,11 @@ def refuse_non_finite(model: nn.Module, save_directory: str | os.PathLike) -> No
         save_directory (`str` or `os.PathLike`): where it would go (named in the error).
     """
     for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not tensor.is_floating_point():
+            continue
+        # a score cut is logit(threshold): -inf or +inf for a threshold of 0 or 1 (keep all, keep none), never NaN
+        bad = torch.isnan(tensor).any() if name.endswith(SCORE_CUT_SUFFIX) else ~torch.isfinite(tensor).all()
+        if bad:
             raise ValueError(
                 f"`{name}` holds NaN or inf values: the model was not saved and nothing was written to "
                 f"{save_directory}."
@@ -456,6 +461,8 @@ def _save_pretrained(self, save_directory, is_main_process: bool = True, state_d
         save_compacted(self, save_directory)
         return
     saving_of = type(self)._blockprune_saving_of
+    if is_main_process and is_block_pruned(self):
+        refuse_non_finite(self, save_directory)  # e.g. `save_model()` after a run stopped on NaN scores
     if is_sentence_transformer(self):  # its save_pretrained takes neither `is_main_process` nor `state_dict`
         if is_main_process:
             saving_of.save_pretrained(self, save_directory, **kwargs)

@@ -107,7 +107,14 @@ class BlockScores(nn.Module):
         if self.round_to > 1:
             mask = round_kept(mask, self.effective_scores().detach(), self.round_to)
         if self.task_gradient is not None and mask.requires_grad:
-            mask.register_hook(self._add_task_gradient)
+            mask = self._tracked(mask)
+        return mask
+
+    @torch.compiler.disable
+    def _tracked(self, mask: torch.Tensor) -> torch.Tensor:
+        # Outside any compiled graph: a hook on a tensor made inside one makes the compiled model drop its loss
+        # (torch.compile, aot_eager backend, torch 2.13), so the hook goes on the tensor eager code hands it.
+        mask.register_hook(self._add_task_gradient)
         return mask
 
     def use_unit_floor(self) -> None:

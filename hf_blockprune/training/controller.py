@@ -292,15 +292,20 @@ class PruningController:
         bad = [name for name, ok in zip(flags, finite) if not ok]
         raise FloatingPointError(non_finite_message(step, bad, output_dir))
 
+    @property
+    def has_regularization(self) -> bool:
+        """Whether `regularization()` gives a term at this step (not with lambda 0, top-k or in the filled stage)."""
+        return (self.soft_targets and not is_filled(self.model)) or self.lambda_value != 0.0
+
     def regularization(self) -> torch.Tensor | None:
-        """The term to add to the training loss, or `None` when there is none (lambda 0, top-k, filled stage)."""
-        if self.soft_targets and not is_filled(self.model):
-            term = self.targets.penalty(self.model)
-        elif self.lambda_value != 0.0:
-            term = self.lambda_value * expected_density(self.model)
-        else:
+        """The term to add to the training loss, or `None` when there is none (see `has_regularization`)."""
+        if not self.has_regularization:
             self._last_regularization = None
             return None
+        if self.soft_targets and not is_filled(self.model):
+            term = self.targets.penalty(self.model)
+        else:
+            term = self.lambda_value * expected_density(self.model)
         self._last_regularization = term.detach()
         return term
 

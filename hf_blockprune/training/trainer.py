@@ -2,43 +2,17 @@
 
 from __future__ import annotations
 
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from ..compact.model_card import attach_card_data, run_card_data
-from ..compact.saving import checkpoint_on_save, compact_on_save, is_compacted
 from ..compact.sentence_transformers import load_sentence_transformer_checkpoint
 from ..pruning.config import BlockPruningConfig
-from ..pruning.model import apply_block_pruning, is_block_pruned, score_parameters
+from ..pruning.model import score_parameters
 from ..structure.wrappers import is_sentence_transformer
 from .accumulation import micro_batch_weight
-from .arguments import check_training_arguments
-from .callback import create_or_keep_model_card
-from .controller import PruningController, warn_if_stacks_emptied
-from .distillation import Distiller, check_teacher_given
-from .snapshots import Snapshots
-
-
-class _AfterOptimizerStep(TrainerCallback):
-    """At train begin, set the latency targets, initialize the scores (`mask_init="fisher"`) and plan the snapshots;
-    at every step end, before any checkpoint: stop on non-finite values, re-place the cuts (see
-    `PruningController.check_finite` and `after_optimizer_step`), then save the snapshots due."""
-
-    def __init__(self, controller: PruningController, loss_fn):
-        self.controller = controller
-        self.loss_fn = loss_fn
-        self.snapshots = Snapshots(controller)
-
-    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-        self.controller.resolve_latency_targets(state.global_step, args.output_dir)
-        self.controller.initialize_scores(train_dataloader, args.seed, state.global_step, self.loss_fn,
-                                          args.gradient_accumulation_steps * args.world_size)
-        self.snapshots.prepare(model, args.output_dir)
-
-    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
-        self.controller.check_finite(state.global_step, args.output_dir)
-        self.controller.after_optimizer_step(state.global_step, state.max_steps)
-        self.snapshots.after_step(model, state.global_step, state.max_steps, args.output_dir, processing_class,
-                                  state.is_world_process_zero)
+from .distillation import check_teacher_given
+from .lifecycle import LifecycleEvents, PruningLifecycle
+from .trainer_patches import create_or_keep_model_card
 
 
 class BlockPruningTrainer(Trainer):
@@ -98,15 +72,21 @@ class BlockPruningTrainer(Trainer):
         teacher = teacher_model if teacher_model is not None else pruning_config.teacher_model
         check_teacher_given(pruning_config, teacher)
         super().__init__(*args, **kwargs)
-        check_training_arguments(self.args, pruning_config)
         if self.model is None or self.model_init is not None:
             raise ValueError("BlockPruningTrainer needs `model=`; `model_init` is not supported.")
-        if pruning_config.enabled and not is_block_pruned(self.model):
-            apply_block_pruning(self.model, pruning_config)
         self.pruning_config = pruning_config
-        self.pruning = PruningController(self.model, pruning_config)
-        self.add_callback(_AfterOptimizerStep(self.pruning, lambda model, batch: self.compute_loss(model, batch)))
-        self.distiller = None if teacher is None else Distiller.from_config(teacher, self.model, pruning_config)
+        self.lifecycle = PruningLifecycle(self.model, pruning_config, self.args, teacher)
+        self.add_callback(LifecycleEvents(self.lifecycle, lambda model, batch: self.compute_loss(model, batch)))
+
+    @property
+    def pruning(self):
+        """The run's `PruningController` (schedule, targets)."""
+        return self.lifecycle.controller
+
+    @property
+    def distiller(self):
+        """The run's `Distiller`, or `None` without a teacher."""
+        return self.lifecycle.distiller
 
     def create_optimizer(self, model=None):
         """Build the Trainer's optimizer, then move the mask scores into a group of their own."""
@@ -124,15 +104,11 @@ class BlockPruningTrainer(Trainer):
         )
         return optimizer
 
-    def train(self, *args, **kwargs):
-        """Train with pruning; afterwards `save_model()` writes the compacted model."""
-        checkpoint_on_save(self.model)  # checkpoints keep the scores, under a marked config
-        output = super().train(*args, **kwargs)
-        if is_block_pruned(self.model):
-            warn_if_stacks_emptied(self.model)
-        if is_block_pruned(self.model) or is_compacted(self.model):
-            compact_on_save(self.model)
-        return output
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Train with pruning; afterwards `save_model()` writes the compacted model. `resume_from_checkpoint` is
+        resolved by the lifecycle (an incomplete checkpoint is skipped, one without mask scores refused)."""
+        checkpoint = self.lifecycle.resolve_checkpoint(self.args.output_dir, resume_from_checkpoint)
+        return super().train(checkpoint, *args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save as the Trainer does; a compacted model's card gets the run's last evaluation and Hub id."""
@@ -153,28 +129,16 @@ class BlockPruningTrainer(Trainer):
         as `Trainer.create_model_card`)."""
         return create_or_keep_model_card(self, super().create_model_card, *args, **kwargs)
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        """Set the schedule for the current optimizer step, then train as usual."""
-        self.pruning.update(self.state.global_step, self.state.max_steps)
-        self.pruning.set_fill_learning_rate(self.optimizer, self.lr_scheduler)
-        return super().training_step(model, inputs, num_items_in_batch)
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The Trainer's loss (a per-batch mean), mixed with distillation and plus the regularization in training."""
         teacher_inputs = dict(inputs)  # the Trainer pops `labels` when it computes the loss itself
-        if model.training and self.distiller is not None and self.distiller.needs_hidden_states:
+        if model.training and self.lifecycle.needs_hidden_states:
             inputs = {**inputs, "output_hidden_states": True}
         # the model gets no item count, so its loss is a per-micro-batch mean whatever its forward does with it
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=None)
         if model.training:
-            if self.distiller is not None:
-                loss = self.distiller.loss(loss, outputs, teacher_inputs)
-            term = self.pruning.regularization()
-            self.pruning.record_terms(loss, term)
-            if term is not None:
-                loss = loss + term
-            loss = loss * self._accumulation_weight(teacher_inputs, num_items_in_batch)
-            self.pruning.record_loss(loss)
+            weight = self._accumulation_weight(teacher_inputs, num_items_in_batch)
+            loss = self.lifecycle.training_loss(loss, outputs, teacher_inputs, weight)
         return (loss, outputs) if return_outputs else loss
 
     def _accumulation_weight(self, inputs: dict, num_items_in_batch):
@@ -189,6 +153,5 @@ class BlockPruningTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the `pruning/*` values to training logs, so every `report_to` target sees them."""
-        if "loss" in logs:
-            logs.update(self.pruning.metrics())
+        self.lifecycle.add_metrics(logs)
         super().log(logs, start_time)
