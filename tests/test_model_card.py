@@ -12,6 +12,8 @@ from transformers import Trainer
 from hf_blockprune.compact import model_card
 from hf_blockprune.compact.model_card import (
     CARD_MARKER,
+    LOCAL_FILE,
+    LOCAL_MODEL,
     TAGS,
     hub_id,
     last_eval_results,
@@ -117,6 +119,20 @@ def test_base_model_is_a_hub_id_or_left_out(case, tmp_path):
     card = _saved_card(tmp_path / "out", name_or_path=base, card_data=card_data, teacher=teacher)
     assert {"base_model": card.data.base_model, "license": card.data.license} == expected
     assert str(tmp_path) not in card.content  # no local path anywhere in the card
+
+
+def test_the_hyperparameters_name_a_local_teacher_and_table_without_their_paths(tmp_path):
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    model = random_masks(tiny_model("bert"), "struct", "topk", seed=0, force_empty=False)
+    for name, teacher_model in (("local", str(teacher)), ("hub", "textattack/bert-base-uncased-SST-2")):
+        config = preset_config("struct", pruning_method="topk", teacher_model=teacher_model, target_speedup=2.0,
+                               speedup_cost_model="latency", latency_table=str(tmp_path / "latency_table.json"))
+        save_compacted(model, tmp_path / name, pruning_config=config)
+    local, hub = ((tmp_path / name / "README.md").read_text() for name in ("local", "hub"))
+    assert str(tmp_path) not in local and str(tmp_path) not in hub
+    assert f'"teacher_model": "{LOCAL_MODEL}"' in local and f'"latency_table": "{LOCAL_FILE}"' in local
+    assert '"teacher_model": "textattack/bert-base-uncased-SST-2"' in hub  # a Hub id is public: it stays
 
 
 def test_license_of_a_hub_base_model_comes_from_the_hub_cache(tmp_path, monkeypatch):
@@ -240,6 +256,19 @@ def test_create_model_card_keeps_our_card_with_the_run_metadata(route, tmp_path)
     assert {r.metric_type: r.metric_value for r in data.eval_results} == _expected_metrics(metrics)
     assert {(r.dataset_type, r.dataset_name, r.dataset_config) for r in data.eval_results} == {
         ("glue", "GLUE SST2", "sst2")}
+
+
+@pytest.mark.parametrize("route", ["trainer", "callback"])
+def test_a_run_distilled_from_a_local_teacher_keeps_its_path_out_of_the_card(route, tmp_path):
+    """The stock scripts pass `--teacher_model <folder>`: the pruning config the card shows holds that path."""
+    tiny_model("bert", seed=1).save_pretrained(tmp_path / "teacher")
+    config = preset_config("struct", pruning_method="topk", final_threshold=0.5, final_warmup=0.2,
+                           teacher_model=str(tmp_path / "teacher"))
+    trainer = make_trainer(route, "bert", config, tmp_path / "out", max_steps=2)
+    trainer.train()
+    trainer.save_model()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert str(tmp_path) not in card and f'"teacher_model": "{LOCAL_MODEL}"' in card
 
 
 @pytest.mark.parametrize("route", ["trainer", "callback"])

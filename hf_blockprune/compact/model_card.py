@@ -2,7 +2,8 @@
 
 The card is a `huggingface_hub.ModelCard`: Hub metadata (library, tags, base model, pipeline tag, license, datasets
 and a `model-index` with the run's evaluation results) above a body that says what was pruned and how to load it.
-Every metadata field is optional: a field nothing tells is left out, and `base_model` is never a local path.
+Every metadata field is optional: a field nothing tells is left out. No local path is ever written: `base_model` is a
+Hub id or left out, and a local teacher or latency table is named as such in the hyperparameters (see `public_name`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ _PIPELINE_TAGS = {
 _SEQ2SEQ_TASKS = ("summarization", "translation")  # more precise pipeline tags of a seq2seq model
 # keys of a Trainer's evaluation log that do not measure the model
 _NOT_METRICS = ("runtime", "samples_per_second", "steps_per_second", "samples", "epoch", "step")
+# what the card says of a model or file named by a local path (the path itself stays on this machine)
+LOCAL_MODEL = "a local model (not on the Hub)"
+LOCAL_FILE = "a local file (not on the Hub)"
 
 
 def layer_rows(model: nn.Module) -> list[dict]:
@@ -141,6 +145,36 @@ def hub_id(candidate) -> str | None:
     except HFValidationError:
         return None
     return candidate
+
+
+def public_name(candidate) -> str | None:
+    """What a card may say of the model `candidate` names: its Hub id, else `LOCAL_MODEL` (a local path never).
+
+    Args:
+        candidate (`str`, `os.PathLike` or `nn.Module`, *optional*): a path or Hub id, or a model (its
+            `config._name_or_path` is read).
+
+    Returns:
+        `str`: the Hub id or `LOCAL_MODEL`; `None` when `candidate` names nothing.
+    """
+    if isinstance(candidate, nn.Module):
+        candidate = getattr(getattr(candidate, "config", None), "_name_or_path", None)
+    if not candidate:
+        return None
+    return hub_id(candidate) or LOCAL_MODEL
+
+
+def public_settings(settings: dict | None) -> dict | None:
+    """A pruning config dict as a card may show it: the teacher by `public_name`, a latency table file as
+    `LOCAL_FILE` (the Hub holds no such file), so that no local path reaches the card."""
+    if not isinstance(settings, dict):
+        return settings
+    public = dict(settings)
+    if public.get("teacher_model") is not None:
+        public["teacher_model"] = public_name(public["teacher_model"])
+    if public.get("latency_table") is not None:
+        public["latency_table"] = LOCAL_FILE
+    return public
 
 
 def _local_card_data(path_or_id) -> ModelCardData | None:
@@ -378,7 +412,7 @@ def _card_body(model: nn.Module, rows: list[dict], sizes: tuple[int, int | None]
                   "key/value head serves as many query slots); they add nothing to the output."]
     lines += ["", f"![kept heads and FFN neurons per layer]({FIGURE_NAME})", ""]
     lines += _results_section(card_data) + ["", "## Pruning hyperparameters", ""]
-    lines += ["```json", json.dumps(method, indent=2) if method else "not recorded", "```", ""]
+    lines += ["```json", json.dumps(public_settings(method), indent=2) if method else "not recorded", "```", ""]
     lines += [
         "## Loading",
         "",
