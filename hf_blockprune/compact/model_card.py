@@ -23,6 +23,8 @@ from torch import nn
 from ..pruning.model import LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY
 from ..pruning.report import parameter_counts
 from ..structure.modeling_blockprune import auto_class_name, base_model_type
+from .flops import model_flops
+from .stages import MOVEMENT_PRUNING, ONE_SHOT, ROLES, TITLES, recorded_stages, stage_summary
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +179,12 @@ def public_settings(settings: dict | None) -> dict | None:
     return public
 
 
+def public_stages(config, masked: bool = False) -> list[dict]:
+    """`stages.recorded_stages(config, masked)` with each stage's settings as `public_settings` shows them."""
+    return [{**stage, "settings": public_settings(stage.get("settings"))} if "settings" in stage else stage
+            for stage in recorded_stages(config, masked)]
+
+
 def _local_card_data(path_or_id) -> ModelCardData | None:
     """The metadata of a base model's card found on this machine: its folder's README.md, or the Hub cache's copy."""
     if isinstance(path_or_id, str) and os.path.isdir(path_or_id):
@@ -196,9 +204,10 @@ def _local_card_data(path_or_id) -> ModelCardData | None:
 def base_model_metadata(model: nn.Module) -> dict:
     """`base_model` (a Hub id, never a local path) and `license` of the model `model` was pruned from.
 
-    The base is the model's `config._name_or_path`, else the pruning config's teacher. A Hub id is taken as it is; a
-    local folder gives the `base_model` its own card names, if any. The license is the one in the base's card, when
-    that card is on this machine (its folder, or the Hub cache).
+    The base is the one a stage recorded (`prune_one_shot` records the dense model's Hub id), else the model's
+    `config._name_or_path`, else the pruning config's teacher. A Hub id is taken as it is; a local folder gives the
+    `base_model` its own card names, if any. The license is the one in the base's card, when that card is on this
+    machine (its folder, or the Hub cache).
 
     Args:
         model (`nn.Module`): a compacted (or masked) model.
@@ -208,7 +217,8 @@ def base_model_metadata(model: nn.Module) -> dict:
     """
     config = model.config
     teacher = (getattr(config, PRUNING_CONFIG_KEY, None) or {}).get("teacher_model")
-    for candidate in (getattr(config, "_name_or_path", None), teacher):
+    recorded = [stage.get("base_model") for stage in recorded_stages(config) if stage.get("base_model")]
+    for candidate in (*recorded, getattr(config, "_name_or_path", None), teacher):
         card = _local_card_data(candidate)
         base_model = hub_id(candidate) or hub_id(_first(card.base_model) if card is not None else None)
         if base_model or card is not None:
@@ -359,48 +369,58 @@ def _title(model: nn.Module) -> str:
     return f"{type(model).__name__.removeprefix('BlockPruned')} pruned with hf_blockprune"
 
 
-def _results_section(card_data: dict) -> list[str]:
-    """The body's evaluation section, between markers so that `update_model_card` can replace it."""
+def _results_section(card_data: dict, stages: list[dict] | None = None) -> list[str]:
+    """The body's evaluation section: which stage its results belong to (the last), then the results between markers
+    so that `update_model_card` can replace them."""
     results = card_data.get("eval_results") or {}
-    lines = ["## Evaluation", "", _RESULTS_BEGIN]
+    lines = ["## Evaluation", ""]
+    if stages:
+        role = ROLES.get(stages[-1].get("method"), "the last stage")
+        after = f"stage {len(stages)} ({role})" if len(stages) > 1 else role
+        lines += [f"Results of the model as saved here, after {after}.", ""]
+    lines += [_RESULTS_BEGIN]
     if not results:
         return lines + ["No evaluation was recorded with this model.", _RESULTS_END]
     datasets = _listify(card_data.get("datasets"))
     where = f" on `{card_data.get('dataset_name') or datasets[0]}`" if datasets else ""
-    lines += [f"The last evaluation of the pruning run{where}:", "", "| metric | value |", "|---|---|"]
+    lines += [f"The last evaluation of the run that saved it{where}:", "", "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {value:.4g} |" if isinstance(value, numbers.Real) else f"| {name} | {value} |"
               for name, value in results.items()]
     return lines + [_RESULTS_END]
 
 
-def _card_body(model: nn.Module, rows: list[dict], sizes: tuple[int, int | None], metadata: ModelCardData,
-               card_data: dict) -> str:
-    num_heads, ffn_total = sizes
-    base_model = metadata.base_model
-    base_link = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "not recorded"
-    config = model.config
-    layout = getattr(config, LAYOUT_ATTRIBUTE)
-    method = getattr(config, PRUNING_CONFIG_KEY, None)
-    before = layout.get("dense_parameters", {})
+def _method_lines(stages: list[dict]) -> list[str]:
+    """The card's method line: one stage in a line, several as a numbered list."""
+    if len(stages) <= 1:
+        done = stage_summary(stages[0]) if stages else TITLES[MOVEMENT_PRUNING]
+        return [f"- **Method:** {done}; pruned heads and FFN neurons removed."]
+    lines = [f"- **Method:** in {len(stages)} stages, pruned heads and FFN neurons removed:"]
+    return lines + [f"  {index}. {ROLES.get(stage.get('method'), 'stage')}: {stage_summary(stage)}"
+                    for index, stage in enumerate(stages, 1)]
+
+
+def _size_lines(model: nn.Module, stages: list[dict]) -> list[str]:
+    """Parameters (and FLOPs, when the first stage measured the dense model's) before and after pruning."""
+    before = getattr(model.config, LAYOUT_ATTRIBUTE).get("dense_parameters", {})
     after = parameter_counts(model)
     lines = [
-        CARD_MARKER,
-        f"# {_title(model)}",
-        "",
-        f"- **Base model:** {base_link}",
-        f"- **Task:** `{auto_class_name(type(model))}` ({base_model_type(config.model_type)})",
-        "- **Method:** block movement pruning (Lagunas et al., 2021), pruned heads and FFN neurons removed.",
-        "",
-        "| parameters | before | after |",
+        "| size | before | after |",
         "|---|---|---|",
         f"| prunable linear weights | {before.get('prunable_linear', 'n/a')} | {after['prunable_linear']} |",
-        f"| total | {before.get('total', 'n/a')} | {after['total']} |",
-        "",
-        "## Kept structure",
-        "",
-        f"| layer | heads kept (of {num_heads} per attention block) | FFN size (of {ffn_total}) |",
-        "|---|---|---|",
+        f"| total parameters | {before.get('total', 'n/a')} | {after['total']} |",
     ]
+    flops = stages[0].get("flops") if stages else None
+    if flops:  # the model as it is now: a later stage may have pruned it further
+        length = flops["sequence_length"]
+        lines.append(f"| FLOPs per sequence of {length} tokens | {flops['before']:,} | "
+                     f"{model_flops(model, length).total:,} |")
+    return lines
+
+
+def _structure_lines(rows: list[dict], sizes: tuple[int, int | None]) -> list[str]:
+    num_heads, ffn_total = sizes
+    lines = ["## Kept structure", "", f"| layer | heads kept (of {num_heads} per attention block) | FFN size (of "
+             f"{ffn_total}) |", "|---|---|---|"]
     for row in rows:
         ffn = row["ffn_size"] if row["ffn_size"] is not None else "-"
         lines.append(f"| `{row['layer']}` | {heads_cell(row)} | {ffn} |")
@@ -410,19 +430,60 @@ def _card_body(model: nn.Module, rows: list[dict], sizes: tuple[int, int | None]
     if any(any(row.get("zero_slots", ())) and not any(row.get("placeholders", ())) for row in rows):
         lines += ["", "*Zero query slots* pad the query groups of a grouped-query attention to one size (each kept "
                   "key/value head serves as many query slots); they add nothing to the output."]
-    lines += ["", f"![kept heads and FFN neurons per layer]({FIGURE_NAME})", ""]
-    lines += _results_section(card_data) + ["", "## Pruning hyperparameters", ""]
-    lines += ["```json", json.dumps(public_settings(method), indent=2) if method else "not recorded", "```", ""]
-    lines += [
-        "## Loading",
+    return lines
+
+
+def _stage_json(stage: dict) -> list[str]:
+    """A stage's settings, and what else it records (result, FLOPs, teacher, steps), as a JSON block."""
+    shown = {**(stage.get("settings") or {}), **{key: value for key, value in stage.items()
+                                                   if key not in ("method", "settings")}}
+    return ["```json", json.dumps(shown, indent=2) if shown else "not recorded", "```"]
+
+
+def _stages_section(stages: list[dict]) -> list[str]:
+    """One stage: its hyperparameters; several: each stage under its own heading, oldest first."""
+    if len(stages) <= 1:
+        heading = "## One-shot pruning settings" if stages and stages[0].get("method") == ONE_SHOT \
+            else "## Pruning hyperparameters"
+        return [heading, ""] + (_stage_json(stages[0]) if stages else ["```json", "not recorded", "```"])
+    lines = ["## Stages"]
+    for index, stage in enumerate(stages, 1):
+        lines += ["", f"### Stage {index}: {ROLES.get(stage.get('method'), 'stage')}", "",
+                  f"{stage_summary(stage)}.", ""] + _stage_json(stage)
+    return lines
+
+
+def _loading_lines(model: nn.Module) -> list[str]:
+    auto = auto_class_name(type(model))
+    return ["## Loading", "", "```python", "import hf_blockprune", "model = hf_blockprune.from_pretrained(PATH)",
+            "# or, with plain transformers:", f"from transformers import {auto}",
+            f"model = {auto}.from_pretrained(PATH, trust_remote_code=True)", "```"]
+
+
+def _card_body(model: nn.Module, rows: list[dict], sizes: tuple[int, int | None], metadata: ModelCardData,
+               card_data: dict) -> str:
+    base_model = metadata.base_model
+    base_link = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "not recorded"
+    stages = public_stages(model.config)
+    lines = [
+        CARD_MARKER,
+        f"# {_title(model)}",
         "",
-        "```python",
-        "import hf_blockprune",
-        "model = hf_blockprune.from_pretrained(PATH)",
-        "# or, with plain transformers:",
-        f"from transformers import {auto_class_name(type(model))}",
-        f"model = {auto_class_name(type(model))}.from_pretrained(PATH, trust_remote_code=True)",
-        "```",
+        f"- **Base model:** {base_link}",
+        f"- **Task:** `{auto_class_name(type(model))}` ({base_model_type(model.config.model_type)})",
+        *_method_lines(stages),
+        "",
+        *_size_lines(model, stages),
+        "",
+        *_structure_lines(rows, sizes),
+        "",
+        f"![kept heads and FFN neurons per layer]({FIGURE_NAME})",
+        "",
+        *_results_section(card_data, stages),
+        "",
+        *_stages_section(stages),
+        "",
+        *_loading_lines(model),
         "",
     ]
     return "\n".join(lines)
@@ -431,11 +492,12 @@ def _card_body(model: nn.Module, rows: list[dict], sizes: tuple[int, int | None]
 def write_model_card(save_directory: str | Path, model: nn.Module, *, card_data: dict | None = None) -> Path:
     """Write `README.md` and `pruning_layout.png` for a compacted `model` into `save_directory`.
 
-    The card (a `huggingface_hub.ModelCard`) gives the base model, the task, the method and its hyperparameters, the
-    parameters before and after (prunable Linear weights and total), the kept heads and FFN size of each layer, the
-    per-layer figure and the run's last evaluation. Its metadata: `library_name`, `tags`, and when known
-    `base_model` (a Hub id, never a local path), `pipeline_tag`, `license` (from the base model's card, if it is on
-    this machine), `datasets` and `model-index`.
+    The card (a `huggingface_hub.ModelCard`) gives the base model, the task, what was done to the model (each stage
+    `config.blockprune_stages` records, with its settings; see `hf_blockprune.compact.stages`), the parameters before
+    and after (prunable Linear weights and total; FLOPs when the first stage measured the dense model's), the kept
+    heads and FFN size of each layer, the per-layer figure and the run's last evaluation, with the stage it follows.
+    Its metadata: `library_name`, `tags`, and when known `base_model` (a Hub id, never a local path), `pipeline_tag`,
+    `license` (from the base model's card, if it is on this machine), `datasets` and `model-index`.
 
     Args:
         save_directory (`str` or `Path`): the folder to write into.

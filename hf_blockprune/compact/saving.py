@@ -45,6 +45,7 @@ from .atomic import atomic_directory, recover_interrupted_save
 from .compaction import compact_model
 from .model_card import write_model_card
 from .peft_models import is_peft_model, is_peft_model_class, load_pruning_state, merged_copy, save_pruning_state
+from .stages import STAGES_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -319,7 +320,7 @@ def dense_config(config) -> transformers.PretrainedConfig:
     """A copy of a compacted model's config that describes the original dense model (plain class, no layout)."""
     config = copy.deepcopy(config)
     config.__class__ = base_class(type(config))
-    for key in (LAYOUT_ATTRIBUTE, CONFIG_KEY, "auto_map"):
+    for key in (LAYOUT_ATTRIBUTE, CONFIG_KEY, STAGES_KEY, "auto_map"):
         if hasattr(config, key):
             delattr(config, key)
     return config
