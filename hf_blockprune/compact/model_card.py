@@ -257,12 +257,21 @@ def last_eval_results(log_history: list[dict]) -> dict[str, float]:
     return {}
 
 
-def run_card_data(log_history: list[dict] | None = None, hub_model_id: str | None = None, **card_arguments) -> dict:
-    """The `card_data` of a Trainer run: its last evaluation, its Hub id and the arguments of `create_model_card`.
+def trained_steps(log_history: list[dict] | None) -> int | None:
+    """The optimizer steps a Trainer run trained for, from its `state.log_history` (`None`: it did not train)."""
+    steps = [entry.get("step", 0) for entry in log_history or [] if "loss" in entry or "train_loss" in entry]
+    return max(steps) if steps and max(steps) > 0 else None
+
+
+def run_card_data(log_history: list[dict] | None = None, hub_model_id: str | None = None, teacher=None,
+                  **card_arguments) -> dict:
+    """The `card_data` of a Trainer run: its last evaluation, its Hub id, what it trained (the stage it adds, see
+    `hf_blockprune.compact.stages`) and the arguments of `create_model_card`.
 
     Args:
         log_history (`list[dict]`, *optional*): `trainer.state.log_history`.
         hub_model_id (`str`, *optional*): `args.hub_model_id`; its name becomes the model's name in `model-index`.
+        teacher (`nn.Module` or `str`, *optional*): the distillation teacher (named by `public_name`).
         **card_arguments: arguments of `Trainer.create_model_card` (`language`, `license`, `tags`, `model_name`,
             `finetuned_from`, `tasks`, `dataset_tags`, `dataset`, `dataset_args`); `None` ones are ignored.
 
@@ -270,8 +279,11 @@ def run_card_data(log_history: list[dict] | None = None, hub_model_id: str | Non
         `dict`: the card data (see `write_model_card`), holding only what is known.
     """
     given = {key: value for key, value in card_arguments.items() if value is not None}
+    steps = trained_steps(log_history)
+    training = {"steps": steps, "teacher": public_name(teacher)} if steps else {}
     data = {
         "eval_results": last_eval_results(log_history),
+        "training": {key: value for key, value in training.items() if value},
         "model_name": given.get("model_name") or (hub_model_id or "").split("/")[-1],
         "base_model": given.get("finetuned_from"),
         "language": given.get("language"),
@@ -395,8 +407,7 @@ def _method_lines(stages: list[dict]) -> list[str]:
         done = stage_summary(stages[0]) if stages else TITLES[MOVEMENT_PRUNING]
         return [f"- **Method:** {done}; pruned heads and FFN neurons removed."]
     lines = [f"- **Method:** in {len(stages)} stages, pruned heads and FFN neurons removed:"]
-    return lines + [f"  {index}. {ROLES.get(stage.get('method'), 'stage')}: {stage_summary(stage)}"
-                    for index, stage in enumerate(stages, 1)]
+    return lines + [f"  {index}. {stage_summary(stage)}" for index, stage in enumerate(stages, 1)]
 
 
 def _size_lines(model: nn.Module, stages: list[dict]) -> list[str]:
@@ -449,8 +460,12 @@ def _stages_section(stages: list[dict]) -> list[str]:
     lines = ["## Stages"]
     for index, stage in enumerate(stages, 1):
         lines += ["", f"### Stage {index}: {ROLES.get(stage.get('method'), 'stage')}", "",
-                  f"{stage_summary(stage)}.", ""] + _stage_json(stage)
+                  f"{_capitalized(stage_summary(stage))}.", ""] + _stage_json(stage)
     return lines
+
+
+def _capitalized(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _loading_lines(model: nn.Module) -> list[str]:
@@ -506,8 +521,9 @@ def write_model_card(save_directory: str | Path, model: nn.Module, *, card_data:
             Trainer; data attached with `attach_card_data` is used under it):
             `eval_results` (`dict[str, float]`, metric name -> value), `datasets` (Hub dataset ids), `dataset_name`,
             `dataset_config` and `dataset_split` (of the evaluation set), `task` (task id of the results, defaults
-            to the pipeline tag), `model_name` (its name in `model-index`), `tags` (more tags), and `base_model`,
-            `license`, `language` (replace what is derived from the model).
+            to the pipeline tag), `model_name` (its name in `model-index`), `tags` (more tags), `training` (`steps`
+            and `teacher` of the run, which `save_compacted` records as a stage), and `base_model`, `license`,
+            `language` (replace what is derived from the model).
 
     Returns:
         `Path`: the card's path.

@@ -196,7 +196,7 @@ class BlockPruningCallback(TrainerCallback):
             if state.log_history:
                 state.log_history[-1].update(metrics)
         if logs is not None and any(key.startswith("eval_") for key in logs):
-            _attach_run_card_data(kwargs.get("model"), args, state)
+            _attach_run_card_data(kwargs.get("model"), args, state, self.distiller)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         """Stop adding the regularization; from now on `trainer.save_model()` writes the compacted model."""
@@ -205,7 +205,7 @@ class BlockPruningCallback(TrainerCallback):
             warn_if_stacks_emptied(model)
         if model is not None and (is_block_pruned(model) or is_compacted(model)):
             compact_on_save(model)
-        _attach_run_card_data(model, args, state)
+        _attach_run_card_data(model, args, state, self.distiller)
 
     def _hold_item_count(self, module, args, kwargs):
         """Keep the Trainer's `num_items_in_batch` from the model, so its loss is a per-micro-batch mean; ask for the
@@ -320,10 +320,11 @@ def _refuse_loss_computed_outside_the_model(model, args, trainer, config: BlockP
     )
 
 
-def _attach_run_card_data(model, args, state) -> None:
-    """Give `model` the run's last evaluation and Hub id, for the card of its next compacted save."""
+def _attach_run_card_data(model, args, state, distiller=None) -> None:
+    """Give `model` the run's last evaluation, Hub id, steps and teacher, for the card of its next compacted save."""
     if model is not None:
-        attach_card_data(model, run_card_data(state.log_history, args.hub_model_id))
+        teacher = distiller.teacher if distiller is not None else None
+        attach_card_data(model, run_card_data(state.log_history, args.hub_model_id, teacher))
 
 
 def pruning_card_data(trainer: Trainer, *args, **kwargs) -> dict:

@@ -114,8 +114,10 @@ class BlockPruningTrainer(Trainer):
         return output
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save as the Trainer does; a compacted model's card gets the run's last evaluation and Hub id."""
-        attach_card_data(self.model, run_card_data(self.state.log_history, self.args.hub_model_id))
+        """Save as the Trainer does; a compacted model's card gets the run's last evaluation, Hub id, steps and
+        teacher."""
+        teacher = self.distiller.teacher if self.distiller is not None else None
+        attach_card_data(self.model, run_card_data(self.state.log_history, self.args.hub_model_id, teacher))
         super().save_model(output_dir, _internal_call)
 
     def _load_from_checkpoint(self, checkpoint, *args, **kwargs):
