@@ -472,7 +472,10 @@ def _loading_lines(model: nn.Module) -> list[str]:
     auto = auto_class_name(type(model))
     return ["## Loading", "", "```python", "import hf_blockprune", "model = hf_blockprune.from_pretrained(PATH)",
             "# or, with plain transformers:", f"from transformers import {auto}",
-            f"model = {auto}.from_pretrained(PATH, trust_remote_code=True)", "```"]
+            f"model = {auto}.from_pretrained(PATH, trust_remote_code=True)",
+            "# its tokenizer, if saved with it: AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)",
+            "# (transformers reads config.json first: without the flag it asks [y/N] to run the loader, then warns)",
+            "```"]
 
 
 def _card_body(model: nn.Module, rows: list[dict], sizes: tuple[int, int | None], metadata: ModelCardData,
