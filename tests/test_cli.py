@@ -100,6 +100,40 @@ def test_compact_then_report_then_bench(workspace, capsys, tmp_path):
     assert "measured speedup:" in out and "FLOPs-predicted speedup:" in out
 
 
+def test_compact_reads_the_checkpoints_tokenizer_without_a_model_type_warning(workspace, tmp_path):
+    """AutoTokenizer reads the model config first: a masked checkpoint's made it warn of a model of type
+    `blockprune_masked_checkpoint` instantiating one of type `` (run as a command: the warning goes to stderr)."""
+    command = [sys.executable, "-m", "hf_blockprune.tasks.cli", "compact", str(workspace / "out" / "checkpoint-2"),
+               str(tmp_path / "small")]
+    result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=True)
+    assert "compacted model saved" in result.stdout and (tmp_path / "small" / "tokenizer.json").is_file()
+    assert "You are using a model of type" not in result.stderr
+
+
+_TOKENIZER_LOADS = {
+    "load_tokenizer": "from hf_blockprune.tasks.cli import load_tokenizer\ntokenizer = load_tokenizer(PATH)",
+    "plain transformers, as the card says": "import sys\nsys.modules['hf_blockprune'] = None\n"
+                                            "from transformers import AutoTokenizer\n"
+                                            "tokenizer = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)",
+}
+
+
+@pytest.mark.parametrize("case", _TOKENIZER_LOADS)
+def test_the_tokenizer_of_a_compacted_folder_loads_without_a_prompt(case, workspace, tmp_path):
+    """A compacted folder's `auto_map` names its config class in the saved loader: a bare
+    `AutoTokenizer.from_pretrained(folder)` asks `[y/N]` (stdin is closed here) and warns of a model of type
+    `blockpruned_bert`."""
+    script = _TOKENIZER_LOADS[case].replace("PATH", repr(str(workspace / "out")))
+    script += "\nprint(type(tokenizer).__name__, tokenizer('good movie')['input_ids'])"
+    result = subprocess.run([sys.executable, "-c", script], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            cwd=tmp_path, check=True)
+    output = result.stdout + result.stderr
+    assert "[y/N]" not in output and "custom code" not in output and "You are using a model of type" not in output
+    ids = [SPECIALS.index("[CLS]"), len(SPECIALS) + WORDS.index("good"), len(SPECIALS) + WORDS.index("movie"),
+           SPECIALS.index("[SEP]")]
+    assert result.stdout.strip() == f"BertTokenizer {ids}"
+
+
 def test_compact_of_the_last_checkpoint_matches_the_saved_model(workspace, tmp_path):
     """The last checkpoint holds the final masks, so compacting it gives what `trainer.save_model()` wrote."""
     assert main(["compact", str(workspace / "out" / "checkpoint-4"), str(tmp_path / "small")]) == 0

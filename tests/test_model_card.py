@@ -1,6 +1,8 @@
 """The model card as a huggingface_hub ModelCard: metadata, run data, and both routes keeping it (create_model_card,
 push_to_hub at the HTTP boundary)."""
 
+import json
+import re
 from pathlib import Path
 
 import huggingface_hub
@@ -9,9 +11,13 @@ import transformers
 from huggingface_hub import ModelCard
 from transformers import Trainer
 
+import hf_blockprune
+from hf_blockprune import BlockPruningConfig
 from hf_blockprune.compact import model_card
 from hf_blockprune.compact.model_card import (
     CARD_MARKER,
+    LOCAL_FILE,
+    LOCAL_MODEL,
     TAGS,
     hub_id,
     last_eval_results,
@@ -119,6 +125,20 @@ def test_base_model_is_a_hub_id_or_left_out(case, tmp_path):
     assert str(tmp_path) not in card.content  # no local path anywhere in the card
 
 
+def test_the_hyperparameters_name_a_local_teacher_and_table_without_their_paths(tmp_path):
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    model = random_masks(tiny_model("bert"), "struct", "topk", seed=0, force_empty=False)
+    for name, teacher_model in (("local", str(teacher)), ("hub", "textattack/bert-base-uncased-SST-2")):
+        config = preset_config("struct", pruning_method="topk", teacher_model=teacher_model, target_speedup=2.0,
+                               speedup_cost_model="latency", latency_table=str(tmp_path / "latency_table.json"))
+        save_compacted(model, tmp_path / name, pruning_config=config)
+    local, hub = ((tmp_path / name / "README.md").read_text() for name in ("local", "hub"))
+    assert str(tmp_path) not in local and str(tmp_path) not in hub
+    assert f'"teacher_model": "{LOCAL_MODEL}"' in local and f'"latency_table": "{LOCAL_FILE}"' in local
+    assert '"teacher_model": "textattack/bert-base-uncased-SST-2"' in hub  # a Hub id is public: it stays
+
+
 def test_license_of_a_hub_base_model_comes_from_the_hub_cache(tmp_path, monkeypatch):
     readme = Path(_base_folder(tmp_path / "cached", "license: mit")) / "README.md"
     monkeypatch.setattr(model_card, "try_to_load_from_cache", lambda repo_id, filename: str(readme))
@@ -171,7 +191,8 @@ def test_run_card_data_from_create_model_card_arguments():
     data = run_card_data(LOG_HISTORY, "user/bert-pruned", tasks="text-classification", dataset_tags="glue",
                          dataset="GLUE SST2", dataset_args="sst2", finetuned_from="bert-base-uncased", tags="mine",
                          language=None)
-    assert data == {"eval_results": {"loss": 0.6, "accuracy": 0.75}, "model_name": "bert-pruned",
+    assert data == {"eval_results": {"loss": 0.6, "accuracy": 0.75}, "training": {"steps": 10},
+                    "model_name": "bert-pruned",
                     "base_model": "bert-base-uncased", "tags": ["mine"], "task": "text-classification",
                     "datasets": ["glue"], "dataset_name": "GLUE SST2", "dataset_config": "sst2"}
     assert run_card_data() == {}
@@ -240,6 +261,42 @@ def test_create_model_card_keeps_our_card_with_the_run_metadata(route, tmp_path)
     assert {r.metric_type: r.metric_value for r in data.eval_results} == _expected_metrics(metrics)
     assert {(r.dataset_type, r.dataset_name, r.dataset_config) for r in data.eval_results} == {
         ("glue", "GLUE SST2", "sst2")}
+
+
+@pytest.mark.parametrize("route", ["trainer", "callback"])
+def test_a_run_distilled_from_a_local_teacher_keeps_its_path_out_of_the_card(route, tmp_path):
+    """The stock scripts pass `--teacher_model <folder>`: the pruning config the card shows holds that path."""
+    tiny_model("bert", seed=1).save_pretrained(tmp_path / "teacher")
+    config = preset_config("struct", pruning_method="topk", final_threshold=0.5, final_warmup=0.2,
+                           teacher_model=str(tmp_path / "teacher"))
+    trainer = make_trainer(route, "bert", config, tmp_path / "out", max_steps=2)
+    trainer.train()
+    trainer.save_model()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert str(tmp_path) not in card and f'"teacher_model": "{LOCAL_MODEL}"' in card
+
+
+@pytest.mark.parametrize("route", ["trainer", "callback"])
+def test_a_stage_2_card_says_it_was_pruned_then_fine_tuned(route, tmp_path):
+    """README's second stage: the compacted model fine-tuned with pruning off, distilled from a teacher."""
+    tiny_model("bert", seed=1).save_pretrained(tmp_path / "teacher")
+    first, _ = _trained(route, tmp_path / "stage1")
+    first.save_model()
+    stage_2 = BlockPruningConfig(pruning_preset="none", teacher_model=str(tmp_path / "teacher"))
+    trainer = make_trainer(route, "bert", stage_2, tmp_path / "stage2", max_steps=3,
+                           model=hf_blockprune.from_pretrained(tmp_path / "stage1"))
+    trainer.eval_dataset = tiny_dataset("bert", size=8)
+    trainer.train()
+    metrics = trainer.evaluate()
+    trainer.save_model()
+    card = ModelCard.load(tmp_path / "stage2" / "README.md").text
+    assert "### Stage 1: pruning" in card and "### Stage 2: fine-tuning" in card
+    pruned, tuned = (json.loads(block) for block in re.findall(r"```json\n(.*?)\n```", card, re.DOTALL))
+    assert pruned["pruning_method"] == "topk" and pruned["steps"] == 4  # stage 1's settings, not stage 2's
+    assert tuned == {"steps": 3, "teacher": LOCAL_MODEL}
+    assert f"no further pruning, distilled from {LOCAL_MODEL}, 3 training steps" in card
+    assert "after stage 2 (fine-tuning)" in card and f"| loss | {metrics['eval_loss']:.4g} |" in card
+    assert str(tmp_path) not in card
 
 
 @pytest.mark.parametrize("route", ["trainer", "callback"])

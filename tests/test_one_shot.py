@@ -2,15 +2,18 @@
 
 import copy
 import itertools
+import json
+import re
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hf_blockprune
 from hf_blockprune import apply_block_pruning, save_compacted
-from hf_blockprune.compact.flops import predicted_speedup
+from hf_blockprune.compact.flops import model_flops, predicted_speedup
 from hf_blockprune.compact.latency import LatencyTable
 from hf_blockprune.compact.one_shot import PruningUnit, prune_one_shot, rescale, search_units
 from hf_blockprune.pruning.importance import unit_fisher
@@ -157,3 +160,31 @@ def test_a_masked_model_is_refused():
     model = apply_block_pruning(tiny_model("bert"), preset_config("struct"))
     with pytest.raises(ValueError, match="unmasked model"):
         prune_one_shot(model, _batches("bert", count=1), target_speedup=2.0)
+
+
+def _card_settings(text: str) -> dict:
+    return json.loads(re.search(r"```json\n(.*?)\n```", text, re.DOTALL).group(1))
+
+
+@pytest.mark.parametrize("base", ["hub id", "local folder"])
+def test_the_card_of_a_one_shot_model_says_what_one_shot_did(base, tmp_path):
+    model = tiny_model("bert").eval()
+    model.config._name_or_path = "owner/dense-bert" if base == "hub id" else str(tmp_path)
+    dense_parameters, dense_flops = sum(p.numel() for p in model.parameters()), model_flops(model, 12).total
+    pruned = prune_one_shot(model, _batches("bert", count=3), target_speedup=1.5, seq_len=12)
+    save_compacted(pruned, tmp_path / "first")
+    # the record travels in config.json: a reloaded model saved again has the same card
+    save_compacted(hf_blockprune.from_pretrained(tmp_path / "first"), tmp_path / "again")
+    for folder in ("first", "again"):
+        card = ModelCard.load(tmp_path / folder / "README.md")
+        assert card.data.base_model == ("owner/dense-bert" if base == "hub id" else None)
+        assert str(tmp_path) not in card.content  # a local base model stays out, as before
+        text = card.text
+        assert "one-shot pruning, without training" in text and "movement pruning" not in text
+        settings = _card_settings(text)
+        assert {key: settings[key] for key in ("target_speedup", "importance", "calibration_examples")} == {
+            "target_speedup": 1.5, "importance": "fisher", "calibration_examples": 24}
+        assert not {"pruning_method", "initial_threshold", "final_threshold"} & set(settings)  # movement defaults
+        assert f"| total parameters | {dense_parameters} | {sum(p.numel() for p in pruned.parameters())} |" in text
+        assert f"| FLOPs per sequence of 12 tokens | {dense_flops:,} | {model_flops(pruned, 12).total:,} |" in text
+        assert "n/a" not in text

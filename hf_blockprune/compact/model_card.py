@@ -2,7 +2,8 @@
 
 The card is a `huggingface_hub.ModelCard`: Hub metadata (library, tags, base model, pipeline tag, license, datasets
 and a `model-index` with the run's evaluation results) above a body that says what was pruned and how to load it.
-Every metadata field is optional: a field nothing tells is left out, and `base_model` is never a local path.
+Every metadata field is optional: a field nothing tells is left out. No local path is ever written: `base_model` is a
+Hub id or left out, and a local teacher or latency table is named as such in the hyperparameters (see `public_name`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from torch import nn
 from ..pruning.model import LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY
 from ..pruning.report import parameter_counts
 from ..structure.modeling_blockprune import auto_class_name, base_model_type
+from .flops import model_flops
+from .stages import MOVEMENT_PRUNING, ONE_SHOT, ROLES, TITLES, recorded_stages, stage_summary
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,9 @@ _PIPELINE_TAGS = {
 _SEQ2SEQ_TASKS = ("summarization", "translation")  # more precise pipeline tags of a seq2seq model
 # keys of a Trainer's evaluation log that do not measure the model
 _NOT_METRICS = ("runtime", "samples_per_second", "steps_per_second", "samples", "epoch", "step")
+# what the card says of a model or file named by a local path (the path itself stays on this machine)
+LOCAL_MODEL = "a local model (not on the Hub)"
+LOCAL_FILE = "a local file (not on the Hub)"
 
 
 def layer_rows(model: nn.Module) -> list[dict]:
@@ -143,6 +149,42 @@ def hub_id(candidate) -> str | None:
     return candidate
 
 
+def public_name(candidate) -> str | None:
+    """What a card may say of the model `candidate` names: its Hub id, else `LOCAL_MODEL` (a local path never).
+
+    Args:
+        candidate (`str`, `os.PathLike` or `nn.Module`, *optional*): a path or Hub id, or a model (its
+            `config._name_or_path` is read).
+
+    Returns:
+        `str`: the Hub id or `LOCAL_MODEL`; `None` when `candidate` names nothing.
+    """
+    if isinstance(candidate, nn.Module):
+        candidate = getattr(getattr(candidate, "config", None), "_name_or_path", None)
+    if not candidate:
+        return None
+    return hub_id(candidate) or LOCAL_MODEL
+
+
+def public_settings(settings: dict | None) -> dict | None:
+    """A pruning config dict as a card may show it: the teacher by `public_name`, a latency table file as
+    `LOCAL_FILE` (the Hub holds no such file), so that no local path reaches the card."""
+    if not isinstance(settings, dict):
+        return settings
+    public = dict(settings)
+    if public.get("teacher_model") is not None:
+        public["teacher_model"] = public_name(public["teacher_model"])
+    if public.get("latency_table") is not None:
+        public["latency_table"] = LOCAL_FILE
+    return public
+
+
+def public_stages(config, masked: bool = False) -> list[dict]:
+    """`stages.recorded_stages(config, masked)` with each stage's settings as `public_settings` shows them."""
+    return [{**stage, "settings": public_settings(stage.get("settings"))} if "settings" in stage else stage
+            for stage in recorded_stages(config, masked)]
+
+
 def _local_card_data(path_or_id) -> ModelCardData | None:
     """The metadata of a base model's card found on this machine: its folder's README.md, or the Hub cache's copy."""
     if isinstance(path_or_id, str) and os.path.isdir(path_or_id):
@@ -162,9 +204,10 @@ def _local_card_data(path_or_id) -> ModelCardData | None:
 def base_model_metadata(model: nn.Module) -> dict:
     """`base_model` (a Hub id, never a local path) and `license` of the model `model` was pruned from.
 
-    The base is the model's `config._name_or_path`, else the pruning config's teacher. A Hub id is taken as it is; a
-    local folder gives the `base_model` its own card names, if any. The license is the one in the base's card, when
-    that card is on this machine (its folder, or the Hub cache).
+    The base is the one a stage recorded (`prune_one_shot` records the dense model's Hub id), else the model's
+    `config._name_or_path`, else the pruning config's teacher. A Hub id is taken as it is; a local folder gives the
+    `base_model` its own card names, if any. The license is the one in the base's card, when that card is on this
+    machine (its folder, or the Hub cache).
 
     Args:
         model (`nn.Module`): a compacted (or masked) model.
@@ -174,7 +217,8 @@ def base_model_metadata(model: nn.Module) -> dict:
     """
     config = model.config
     teacher = (getattr(config, PRUNING_CONFIG_KEY, None) or {}).get("teacher_model")
-    for candidate in (getattr(config, "_name_or_path", None), teacher):
+    recorded = [stage.get("base_model") for stage in recorded_stages(config) if stage.get("base_model")]
+    for candidate in (*recorded, getattr(config, "_name_or_path", None), teacher):
         card = _local_card_data(candidate)
         base_model = hub_id(candidate) or hub_id(_first(card.base_model) if card is not None else None)
         if base_model or card is not None:
@@ -213,12 +257,21 @@ def last_eval_results(log_history: list[dict]) -> dict[str, float]:
     return {}
 
 
-def run_card_data(log_history: list[dict] | None = None, hub_model_id: str | None = None, **card_arguments) -> dict:
-    """The `card_data` of a Trainer run: its last evaluation, its Hub id and the arguments of `create_model_card`.
+def trained_steps(log_history: list[dict] | None) -> int | None:
+    """The optimizer steps a Trainer run trained for, from its `state.log_history` (`None`: it did not train)."""
+    steps = [entry.get("step", 0) for entry in log_history or [] if "loss" in entry or "train_loss" in entry]
+    return max(steps) if steps and max(steps) > 0 else None
+
+
+def run_card_data(log_history: list[dict] | None = None, hub_model_id: str | None = None, teacher=None,
+                  **card_arguments) -> dict:
+    """The `card_data` of a Trainer run: its last evaluation, its Hub id, what it trained (the stage it adds, see
+    `hf_blockprune.compact.stages`) and the arguments of `create_model_card`.
 
     Args:
         log_history (`list[dict]`, *optional*): `trainer.state.log_history`.
         hub_model_id (`str`, *optional*): `args.hub_model_id`; its name becomes the model's name in `model-index`.
+        teacher (`nn.Module` or `str`, *optional*): the distillation teacher (named by `public_name`).
         **card_arguments: arguments of `Trainer.create_model_card` (`language`, `license`, `tags`, `model_name`,
             `finetuned_from`, `tasks`, `dataset_tags`, `dataset`, `dataset_args`); `None` ones are ignored.
 
@@ -226,8 +279,11 @@ def run_card_data(log_history: list[dict] | None = None, hub_model_id: str | Non
         `dict`: the card data (see `write_model_card`), holding only what is known.
     """
     given = {key: value for key, value in card_arguments.items() if value is not None}
+    steps = trained_steps(log_history)
+    training = {"steps": steps, "teacher": public_name(teacher)} if steps else {}
     data = {
         "eval_results": last_eval_results(log_history),
+        "training": {key: value for key, value in training.items() if value},
         "model_name": given.get("model_name") or (hub_model_id or "").split("/")[-1],
         "base_model": given.get("finetuned_from"),
         "language": given.get("language"),
@@ -325,48 +381,57 @@ def _title(model: nn.Module) -> str:
     return f"{type(model).__name__.removeprefix('BlockPruned')} pruned with hf_blockprune"
 
 
-def _results_section(card_data: dict) -> list[str]:
-    """The body's evaluation section, between markers so that `update_model_card` can replace it."""
+def _results_section(card_data: dict, stages: list[dict] | None = None) -> list[str]:
+    """The body's evaluation section: which stage its results belong to (the last), then the results between markers
+    so that `update_model_card` can replace them."""
     results = card_data.get("eval_results") or {}
-    lines = ["## Evaluation", "", _RESULTS_BEGIN]
+    lines = ["## Evaluation", ""]
+    if stages:
+        role = ROLES.get(stages[-1].get("method"), "the last stage")
+        after = f"stage {len(stages)} ({role})" if len(stages) > 1 else role
+        lines += [f"Results of the model as saved here, after {after}.", ""]
+    lines += [_RESULTS_BEGIN]
     if not results:
         return lines + ["No evaluation was recorded with this model.", _RESULTS_END]
     datasets = _listify(card_data.get("datasets"))
     where = f" on `{card_data.get('dataset_name') or datasets[0]}`" if datasets else ""
-    lines += [f"The last evaluation of the pruning run{where}:", "", "| metric | value |", "|---|---|"]
+    lines += [f"The last evaluation of the run that saved it{where}:", "", "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {value:.4g} |" if isinstance(value, numbers.Real) else f"| {name} | {value} |"
               for name, value in results.items()]
     return lines + [_RESULTS_END]
 
 
-def _card_body(model: nn.Module, rows: list[dict], sizes: tuple[int, int | None], metadata: ModelCardData,
-               card_data: dict) -> str:
-    num_heads, ffn_total = sizes
-    base_model = metadata.base_model
-    base_link = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "not recorded"
-    config = model.config
-    layout = getattr(config, LAYOUT_ATTRIBUTE)
-    method = getattr(config, PRUNING_CONFIG_KEY, None)
-    before = layout.get("dense_parameters", {})
+def _method_lines(stages: list[dict]) -> list[str]:
+    """The card's method line: one stage in a line, several as a numbered list."""
+    if len(stages) <= 1:
+        done = stage_summary(stages[0]) if stages else TITLES[MOVEMENT_PRUNING]
+        return [f"- **Method:** {done}; pruned heads and FFN neurons removed."]
+    lines = [f"- **Method:** in {len(stages)} stages, pruned heads and FFN neurons removed:"]
+    return lines + [f"  {index}. {stage_summary(stage)}" for index, stage in enumerate(stages, 1)]
+
+
+def _size_lines(model: nn.Module, stages: list[dict]) -> list[str]:
+    """Parameters (and FLOPs, when the first stage measured the dense model's) before and after pruning."""
+    before = getattr(model.config, LAYOUT_ATTRIBUTE).get("dense_parameters", {})
     after = parameter_counts(model)
     lines = [
-        CARD_MARKER,
-        f"# {_title(model)}",
-        "",
-        f"- **Base model:** {base_link}",
-        f"- **Task:** `{auto_class_name(type(model))}` ({base_model_type(config.model_type)})",
-        "- **Method:** block movement pruning (Lagunas et al., 2021), pruned heads and FFN neurons removed.",
-        "",
-        "| parameters | before | after |",
+        "| size | before | after |",
         "|---|---|---|",
         f"| prunable linear weights | {before.get('prunable_linear', 'n/a')} | {after['prunable_linear']} |",
-        f"| total | {before.get('total', 'n/a')} | {after['total']} |",
-        "",
-        "## Kept structure",
-        "",
-        f"| layer | heads kept (of {num_heads} per attention block) | FFN size (of {ffn_total}) |",
-        "|---|---|---|",
+        f"| total parameters | {before.get('total', 'n/a')} | {after['total']} |",
     ]
+    flops = stages[0].get("flops") if stages else None
+    if flops:  # the model as it is now: a later stage may have pruned it further
+        length = flops["sequence_length"]
+        lines.append(f"| FLOPs per sequence of {length} tokens | {flops['before']:,} | "
+                     f"{model_flops(model, length).total:,} |")
+    return lines
+
+
+def _structure_lines(rows: list[dict], sizes: tuple[int, int | None]) -> list[str]:
+    num_heads, ffn_total = sizes
+    lines = ["## Kept structure", "", f"| layer | heads kept (of {num_heads} per attention block) | FFN size (of "
+             f"{ffn_total}) |", "|---|---|---|"]
     for row in rows:
         ffn = row["ffn_size"] if row["ffn_size"] is not None else "-"
         lines.append(f"| `{row['layer']}` | {heads_cell(row)} | {ffn} |")
@@ -376,19 +441,67 @@ def _card_body(model: nn.Module, rows: list[dict], sizes: tuple[int, int | None]
     if any(any(row.get("zero_slots", ())) and not any(row.get("placeholders", ())) for row in rows):
         lines += ["", "*Zero query slots* pad the query groups of a grouped-query attention to one size (each kept "
                   "key/value head serves as many query slots); they add nothing to the output."]
-    lines += ["", f"![kept heads and FFN neurons per layer]({FIGURE_NAME})", ""]
-    lines += _results_section(card_data) + ["", "## Pruning hyperparameters", ""]
-    lines += ["```json", json.dumps(method, indent=2) if method else "not recorded", "```", ""]
-    lines += [
-        "## Loading",
+    return lines
+
+
+def _stage_json(stage: dict) -> list[str]:
+    """A stage's settings, and what else it records (result, FLOPs, teacher, steps), as a JSON block."""
+    shown = {**(stage.get("settings") or {}), **{key: value for key, value in stage.items()
+                                                   if key not in ("method", "settings")}}
+    return ["```json", json.dumps(shown, indent=2) if shown else "not recorded", "```"]
+
+
+def _stages_section(stages: list[dict]) -> list[str]:
+    """One stage: its hyperparameters; several: each stage under its own heading, oldest first."""
+    if len(stages) <= 1:
+        heading = "## One-shot pruning settings" if stages and stages[0].get("method") == ONE_SHOT \
+            else "## Pruning hyperparameters"
+        return [heading, ""] + (_stage_json(stages[0]) if stages else ["```json", "not recorded", "```"])
+    lines = ["## Stages"]
+    for index, stage in enumerate(stages, 1):
+        lines += ["", f"### Stage {index}: {ROLES.get(stage.get('method'), 'stage')}", "",
+                  f"{_capitalized(stage_summary(stage))}.", ""] + _stage_json(stage)
+    return lines
+
+
+def _capitalized(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _loading_lines(model: nn.Module) -> list[str]:
+    auto = auto_class_name(type(model))
+    return ["## Loading", "", "```python", "import hf_blockprune", "model = hf_blockprune.from_pretrained(PATH)",
+            "# or, with plain transformers:", f"from transformers import {auto}",
+            f"model = {auto}.from_pretrained(PATH, trust_remote_code=True)",
+            "# its tokenizer, if saved with it: AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)",
+            "# (transformers reads config.json first: without the flag it asks [y/N] to run the loader, then warns)",
+            "```"]
+
+
+def _card_body(model: nn.Module, rows: list[dict], sizes: tuple[int, int | None], metadata: ModelCardData,
+               card_data: dict) -> str:
+    base_model = metadata.base_model
+    base_link = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "not recorded"
+    stages = public_stages(model.config)
+    lines = [
+        CARD_MARKER,
+        f"# {_title(model)}",
         "",
-        "```python",
-        "import hf_blockprune",
-        "model = hf_blockprune.from_pretrained(PATH)",
-        "# or, with plain transformers:",
-        f"from transformers import {auto_class_name(type(model))}",
-        f"model = {auto_class_name(type(model))}.from_pretrained(PATH, trust_remote_code=True)",
-        "```",
+        f"- **Base model:** {base_link}",
+        f"- **Task:** `{auto_class_name(type(model))}` ({base_model_type(model.config.model_type)})",
+        *_method_lines(stages),
+        "",
+        *_size_lines(model, stages),
+        "",
+        *_structure_lines(rows, sizes),
+        "",
+        f"![kept heads and FFN neurons per layer]({FIGURE_NAME})",
+        "",
+        *_results_section(card_data, stages),
+        "",
+        *_stages_section(stages),
+        "",
+        *_loading_lines(model),
         "",
     ]
     return "\n".join(lines)
@@ -397,11 +510,12 @@ def _card_body(model: nn.Module, rows: list[dict], sizes: tuple[int, int | None]
 def write_model_card(save_directory: str | Path, model: nn.Module, *, card_data: dict | None = None) -> Path:
     """Write `README.md` and `pruning_layout.png` for a compacted `model` into `save_directory`.
 
-    The card (a `huggingface_hub.ModelCard`) gives the base model, the task, the method and its hyperparameters, the
-    parameters before and after (prunable Linear weights and total), the kept heads and FFN size of each layer, the
-    per-layer figure and the run's last evaluation. Its metadata: `library_name`, `tags`, and when known
-    `base_model` (a Hub id, never a local path), `pipeline_tag`, `license` (from the base model's card, if it is on
-    this machine), `datasets` and `model-index`.
+    The card (a `huggingface_hub.ModelCard`) gives the base model, the task, what was done to the model (each stage
+    `config.blockprune_stages` records, with its settings; see `hf_blockprune.compact.stages`), the parameters before
+    and after (prunable Linear weights and total; FLOPs when the first stage measured the dense model's), the kept
+    heads and FFN size of each layer, the per-layer figure and the run's last evaluation, with the stage it follows.
+    Its metadata: `library_name`, `tags`, and when known `base_model` (a Hub id, never a local path), `pipeline_tag`,
+    `license` (from the base model's card, if it is on this machine), `datasets` and `model-index`.
 
     Args:
         save_directory (`str` or `Path`): the folder to write into.
@@ -410,8 +524,9 @@ def write_model_card(save_directory: str | Path, model: nn.Module, *, card_data:
             Trainer; data attached with `attach_card_data` is used under it):
             `eval_results` (`dict[str, float]`, metric name -> value), `datasets` (Hub dataset ids), `dataset_name`,
             `dataset_config` and `dataset_split` (of the evaluation set), `task` (task id of the results, defaults
-            to the pipeline tag), `model_name` (its name in `model-index`), `tags` (more tags), and `base_model`,
-            `license`, `language` (replace what is derived from the model).
+            to the pipeline tag), `model_name` (its name in `model-index`), `tags` (more tags), `training` (`steps`
+            and `teacher` of the run, which `save_compacted` records as a stage), and `base_model`, `license`,
+            `language` (replace what is derived from the model).
 
     Returns:
         `Path`: the card's path.

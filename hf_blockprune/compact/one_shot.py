@@ -17,6 +17,10 @@ Transformers* (Kwon, Kim, Mahoney, Hassoun, Keutzer, Gholami, 2022) on the libra
    knowledge of where the residual is added, so it holds for every architecture the library describes.
 4. **Compaction** with `compact_model`: the scales live in the output projections' columns, so the compacted model
    computes exactly what the rescaled masked model does.
+
+What was done is recorded in the compacted model's config (`hf_blockprune.compact.stages`): the settings actually used
+(the target, the cost model, the importance measure, how many calibration examples), what the cut reached, the
+parameters and FLOPs of the dense model, and its Hub id, so that the model card describes this pruning.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from torch import nn
 from ..pruning.config import BlockPruningConfig
 from ..pruning.importance import LossFunction, evaluating, to_device, unit_fisher
 from ..pruning.model import (
+    LAYOUT_ATTRIBUTE,
     AttentionModules,
     PrunableLayer,
     apply_block_pruning,
@@ -41,8 +46,11 @@ from ..pruning.model import (
     prunable_layers,
     set_threshold,
 )
+from ..pruning.report import parameter_counts
 from .compaction import compact_model
 from .flops import attention_flops, ffn_flops, model_flops
+from .model_card import base_model_metadata, public_stages
+from .stages import ONE_SHOT, add_stage
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +280,8 @@ def prune_one_shot(model: nn.Module, batches: Iterable[dict], target_speedup: fl
         config (`BlockPruningConfig`, *optional*): module patterns for an architecture without a built-in entry.
 
     Returns:
-        `nn.Module`: the same model object, compacted (its heads and FFN neurons physically removed); save it with
+        `nn.Module`: the same model object, compacted (its heads and FFN neurons physically removed), its config
+        recording this one-shot stage (see `hf_blockprune.compact.stages`); save it with
         `hf_blockprune.save_compacted`.
 
     Raises:
@@ -305,23 +314,30 @@ def prune_one_shot(model: nn.Module, batches: Iterable[dict], target_speedup: fl
     batches = list(batches)
     device = next(model.parameters()).device
     batches = [to_device(dict(batch), device) for batch in batches]
+    settings = {"target_speedup": target_speedup, "cost_model": cost_model, "sequence_length": seq_len,
+                "importance": "fisher", "loss": "the model's" if loss_fn is None else "custom",
+                "calibration_examples": _examples(batches), "calibration_batches": len(batches),
+                "rescale": rescale_outputs}
     table = None
     if cost_model == "latency":
         from .latency import measure_latency_table
 
         table = latency_table or measure_latency_table(model, batch_size, seq_len)
+        settings.update(batch_size=table.batch_size, latency_table_measured=latency_table is None)
     teacher = copy.deepcopy(model).eval() if rescale_outputs else None
+    earlier, base_model = public_stages(model.config), base_model_metadata(model)["base_model"]
     structure = {name: getattr(config, name) for name in ("layers_pattern", "attention_modules", "ffn_modules",
                                                          "num_heads_attribute", "num_kv_heads_attribute")} \
         if config is not None else {}
     apply_block_pruning(model, BlockPruningConfig.from_preset("struct", **structure))
+    dense_parameters, dense_flops = parameter_counts(model), model_flops(model, seq_len).total
     layers = prunable_layers(model)
     importance = unit_fisher(model, layers, batches, loss_fn)
     costs = [_unit_costs_flops(layer, seq_len) if table is None else _unit_costs_latency(layer, table)
              for layer in layers]
     heads, neurons = _units(layers, importance, costs)
     if table is None:
-        dense = float(model_flops(model, seq_len).total)
+        dense = float(dense_flops)
         predict = lambda masked: float(model_flops(masked, seq_len, kept_only=True).total)  # noqa: E731
         where = f"on the FLOPs model at sequence length {seq_len}"
     else:
@@ -331,10 +347,32 @@ def prune_one_shot(model: nn.Module, batches: Iterable[dict], target_speedup: fl
                                                      where)
     logger.info("One-shot cut: %d of %d heads and %d of %d FFN neurons kept.", len(kept_heads), len(heads),
                 len(kept_neurons), len(neurons))
+    rescaled = 0
     if teacher is not None:
         rescaled = rescale(model, teacher, batches)
         logger.info("Rescaled %d blocks by least squares on %d calibration batches.", rescaled, len(batches))
-    return compact_model(model)
+    result = {"predicted_speedup": round(dense / predict(model), 4), "heads_kept": [len(kept_heads), len(heads)],
+              "ffn_neurons_kept": [len(kept_neurons), len(neurons)], "rescaled_blocks": rescaled}
+    compact_model(model)
+    _record(model, earlier, {"method": ONE_SHOT, "settings": settings, "result": result,
+                             **({"base_model": base_model} if base_model else {})}, dense_parameters, dense_flops)
+    return model
+
+
+def _record(model: nn.Module, earlier: list[dict], stage: dict, dense_parameters: dict, dense_flops: int) -> None:
+    """Record the one-shot `stage` in the compacted model's config, with the dense model's parameters (in the layout,
+    as `save_compacted` records them) and its FLOPs next to the compacted model's: the model card reads them."""
+    getattr(model.config, LAYOUT_ATTRIBUTE).setdefault("dense_parameters", dense_parameters)
+    seq_len = stage["settings"]["sequence_length"]
+    flops = {"sequence_length": seq_len, "before": dense_flops, "after": model_flops(model, seq_len).total}
+    add_stage(model.config, {**stage, "flops": flops}, earlier)
+
+
+def _examples(batches: list[dict]) -> int:
+    """How many examples the batches hold: the leading size of each batch's first tensor."""
+    sizes = (next((value.shape[0] for value in batch.values() if torch.is_tensor(value) and value.dim()), 0)
+             for batch in batches)
+    return int(sum(sizes))
 
 
 def _search_within_target(model, layers, heads, neurons, predict, dense: float, target_speedup: float, where: str):

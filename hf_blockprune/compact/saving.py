@@ -43,8 +43,9 @@ from ..structure.projections import fuse_projections
 from ..structure.wrappers import is_sentence_transformer
 from .atomic import atomic_directory, recover_interrupted_save
 from .compaction import compact_model
-from .model_card import write_model_card
+from .model_card import CARD_DATA_ATTRIBUTE, public_settings, public_stages, write_model_card
 from .peft_models import is_peft_model, is_peft_model_class, load_pruning_state, merged_copy, save_pruning_state
+from .stages import FINE_TUNING, MOVEMENT_PRUNING, STAGES_KEY, add_stage
 
 logger = logging.getLogger(__name__)
 
@@ -111,19 +112,46 @@ def is_compacted(model: nn.Module) -> bool:
     return getattr(getattr(model, "config", None), LAYOUT_ATTRIBUTE, None) is not None
 
 
-def compacted_copy(model: nn.Module) -> nn.Module:
-    """A compacted copy of `model` (masked, or compacted and possibly re-masked); `model` itself is left as it is."""
+def compacted_copy(model: nn.Module, pruning_config: BlockPruningConfig | None = None,
+                   run: dict | None = None) -> nn.Module:
+    """A compacted copy of `model` (masked, or compacted and possibly re-masked); `model` itself is left as it is.
+
+    The copy's config records `pruning_config` (if given) and the stage that made it (see `_record_stage`), after the
+    ones `model` records; `run` is what the Trainer run tells (`steps`, `teacher`), by default from the card data
+    attached to `model`.
+    """
     if not is_block_pruned(model) and not is_compacted(model):
         raise ValueError("save_compacted expects a model masked by hf_blockprune, or one it compacted already.")
     clone = merged_copy(model) if is_peft_model(model) else copy.deepcopy(model)  # LoRA: adapters merged, masks kept
     dense_counts = parameter_counts(clone)
     clone.__class__ = plain_class(type(clone))
     if not is_block_pruned(clone):
-        return as_block_pruned(clone)
-    compacted = compact_model(clone)  # with the BlockPruned classes
-    # a model compacted before keeps the size of the original dense model
-    getattr(compacted.config, LAYOUT_ATTRIBUTE).setdefault("dense_parameters", dense_counts)
+        compacted = as_block_pruned(clone)
+    else:
+        compacted = compact_model(clone)  # with the BlockPruned classes
+        # a model compacted before keeps the size of the original dense model
+        getattr(compacted.config, LAYOUT_ATTRIBUTE).setdefault("dense_parameters", dense_counts)
+    if pruning_config is not None:
+        setattr(compacted.config, CONFIG_KEY, pruning_config.to_dict())
+    run = (getattr(model, CARD_DATA_ATTRIBUTE, None) or {}).get("training") if run is None else run
+    _record_stage(compacted, model, run or {})
     return compacted
+
+
+def _record_stage(compacted: nn.Module, model: nn.Module, run: dict) -> None:
+    """Record in `compacted.config` the stage that made it from `model`: the block movement pruning of a masked model
+    (its pruning config), or the fine-tuning of a compacted one by a Trainer run (pruning off); nothing for a
+    compacted model saved again without training. `run` gives the run's `steps` and `teacher` (see `run_card_data`).
+    """
+    masked = is_block_pruned(model)
+    if masked:
+        settings = public_settings(getattr(compacted.config, CONFIG_KEY, None))
+        stage = {"method": MOVEMENT_PRUNING, "settings": settings, **run}
+    elif run.get("steps"):
+        stage = {"method": FINE_TUNING, **run}
+    else:
+        return
+    add_stage(compacted.config, stage, public_stages(model.config, masked=masked))
 
 
 def save_compacted(
@@ -138,7 +166,9 @@ def save_compacted(
     """Compact `model` (a copy; the masked model is left as it is) and save it so that it loads anywhere.
 
     Writes `model.safetensors`, `config.json` (model type `blockpruned_<type>`, with `blockprune_layout`, the pruning
-    config and an `auto_map`), `modeling_blockprune.py` (so plain transformers loads it with `trust_remote_code=True`
+    config, the stages that made the model (`blockprune_stages`, see `hf_blockprune.compact.stages`: this save adds the
+    pruning of a masked model, or the fine-tuning of a compacted one that `card_data["training"]` tells) and an
+    `auto_map`), `modeling_blockprune.py` (so plain transformers loads it with `trust_remote_code=True`
     and refuses it without), `README.md` (the model card) and `pruning_layout.png`, plus `processing_class` if given.
     A save killed midway leaves the old model or the new one, never a mix of their files (see `atomic_directory`);
     other entries of the folder are left alone. A sentence-transformers model (e.g. `SentenceTransformer`) is saved by
@@ -185,9 +215,8 @@ def save_compacted(
     for applies, saver in CONTAINER_SAVERS:  # e.g. a SentenceTransformer: its transformer compacted, its own `save`
         if applies(model):
             return saver(model, save_directory, pruning_config, processing_class, model_card, card_data=card_data)
-    compacted = compacted_copy(model)
-    if pruning_config is not None:
-        setattr(compacted.config, CONFIG_KEY, pruning_config.to_dict())
+    card_data = {**getattr(model, CARD_DATA_ATTRIBUTE, {}), **(card_data or {})}
+    compacted = compacted_copy(model, pruning_config, card_data.get("training"))
     refuse_non_finite(compacted, save_directory)
     with atomic_directory(save_directory) as staging:
         compacted.save_pretrained(staging)
@@ -387,7 +416,7 @@ def dense_config(config) -> transformers.PretrainedConfig:
     """A copy of a compacted model's config that describes the original dense model (plain class, no layout)."""
     config = copy.deepcopy(config)
     config.__class__ = base_class(type(config))
-    for key in (LAYOUT_ATTRIBUTE, CONFIG_KEY, "auto_map"):
+    for key in (LAYOUT_ATTRIBUTE, CONFIG_KEY, STAGES_KEY, "auto_map"):
         if hasattr(config, key):
             delattr(config, key)
     return config

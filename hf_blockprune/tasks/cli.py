@@ -75,6 +75,17 @@ def load_any(path: str | os.PathLike, pruning_config_file: str | None = None) ->
     return model_class.from_pretrained(path).eval()
 
 
+def load_tokenizer(path: str | os.PathLike):
+    """`AutoTokenizer.from_pretrained(path)` given the model config `read_model_config` reads.
+
+    transformers 5's AutoTokenizer reads the model config through `AutoConfig` before `tokenizer_config.json`: on a
+    compacted folder (its `auto_map` names the saved loader's config class) it asks whether to run that code, and on
+    a masked checkpoint it warns that a `blockprune_masked_checkpoint` model instantiates one of type ``. With the
+    config given, it reads neither.
+    """
+    return transformers.AutoTokenizer.from_pretrained(path, config=read_model_config(path))
+
+
 def dense_twin(model: nn.Module, device: str | torch.device | None = None) -> nn.Module:
     """A randomly initialised dense model of `model`'s architecture and original sizes (its layout removed)."""
     with torch.device(device or "cpu"):
@@ -158,7 +169,7 @@ def run_compact(args: argparse.Namespace) -> int:
     model = load_masked_checkpoint(checkpoint, args.pruning_config, flags)
     tokenizer = None
     if (checkpoint / "tokenizer_config.json").is_file():
-        tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+        tokenizer = load_tokenizer(checkpoint)
     compacted = save_compacted(model, args.output, processing_class=tokenizer)
     print(layer_table(compacted)[1])
     print(f"compacted model saved to {args.output}")
@@ -369,7 +380,7 @@ def run_prune(args: argparse.Namespace) -> int:
     training_args = training_arguments(args)
     with _library_progress_bars(not training_args.disable_tqdm):
         model_path = task.model or offline_minilm_path()
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+        tokenizer = load_tokenizer(model_path)
         prune = _prune_qa if task.task == "squad" else _prune_classifier
         metrics, size = prune(task, training_args, model_path, tokenizer, pruning_config)
         print("validation " + ", ".join(f"{k}: {v:.4f}" for k, v in metrics.items()) + f" ({size} examples)")

@@ -189,7 +189,7 @@ class BlockPruningCallback(LifecycleEvents):
             if metrics and state.log_history:
                 state.log_history[-1].update(metrics)
         if logs is not None and any(key.startswith("eval_") for key in logs):
-            attach_run_card_data(kwargs.get("model"), args, state)
+            attach_run_card_data(kwargs.get("model"), args, state, self.distiller)
 
     def _hold_item_count(self, module, args, kwargs):
         """Keep the Trainer's `num_items_in_batch` from the model, so its loss is a per-micro-batch mean; ask for the

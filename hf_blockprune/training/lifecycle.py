@@ -162,7 +162,7 @@ class PruningLifecycle:
             warn_if_stacks_emptied(model)
         if is_block_pruned(model) or is_compacted(model):
             compact_on_save(model)
-        attach_run_card_data(model, args, state)
+        attach_run_card_data(model, args, state, self.distiller)
 
 
 def _mask(model: nn.Module, config: BlockPruningConfig, score_scale: float | None) -> None:
@@ -173,10 +173,11 @@ def _mask(model: nn.Module, config: BlockPruningConfig, score_scale: float | Non
             scores.set_score_scale(score_scale)
 
 
-def attach_run_card_data(model: nn.Module | None, args, state) -> None:
-    """Give `model` the run's last evaluation and Hub id, for the card of its next compacted save."""
+def attach_run_card_data(model: nn.Module | None, args, state, distiller: Distiller | None = None) -> None:
+    """Give `model` the run's last evaluation, Hub id, steps and teacher, for the card of its next compacted save."""
     if model is not None:
-        attach_card_data(model, run_card_data(state.log_history, args.hub_model_id))
+        teacher = distiller.teacher if distiller is not None else None
+        attach_card_data(model, run_card_data(state.log_history, args.hub_model_id, teacher))
 
 
 class LifecycleEvents(TrainerCallback):

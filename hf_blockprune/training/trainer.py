@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from transformers import Trainer
 
-from ..compact.model_card import attach_card_data, run_card_data
 from ..compact.sentence_transformers import load_sentence_transformer_checkpoint
 from ..pruning.config import BlockPruningConfig
 from ..pruning.model import score_parameters
 from ..structure.wrappers import is_sentence_transformer
 from .accumulation import micro_batch_weight
 from .distillation import check_teacher_given
-from .lifecycle import LifecycleEvents, PruningLifecycle
+from .lifecycle import LifecycleEvents, PruningLifecycle, attach_run_card_data
 from .trainer_patches import create_or_keep_model_card
 
 
@@ -111,8 +110,9 @@ class BlockPruningTrainer(Trainer):
         return super().train(checkpoint, *args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save as the Trainer does; a compacted model's card gets the run's last evaluation and Hub id."""
-        attach_card_data(self.model, run_card_data(self.state.log_history, self.args.hub_model_id))
+        """Save as the Trainer does; a compacted model's card gets the run's last evaluation, Hub id, steps and
+        teacher."""
+        attach_run_card_data(self.model, self.args, self.state, self.distiller)
         super().save_model(output_dir, _internal_call)
 
     def _load_from_checkpoint(self, checkpoint, *args, **kwargs):
