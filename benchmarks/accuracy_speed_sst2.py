@@ -362,7 +362,7 @@ class Benchmark:
                   "train_examples": len(trainer.train_dataset), "epochs": epochs,
                   "cost_model": levers.get("speedup_cost_model", "flops"),
                   "cost_batch_size": levers.get("speedup_batch_size"),
-                  "targets_used": dict(trainer.model.block_pruning_targets.targets),
+                  "targets_used": dict(trainer.model.blockprune_targets.targets),
                   "max_multiplier": max(lambdas) if lambdas else None,
                   "heads_pruned": sum(len(h) for layer in report for h in layer["heads_pruned"])}
         return self._finish(name, model, record, (time.perf_counter() - start) / 60, fingerprint)

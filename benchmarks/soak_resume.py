@@ -176,7 +176,7 @@ def compare(reference: Path, resumed: Path, max_steps: int) -> dict:
     for key in list(a):
         x, y = a[key].double(), b[key].double()
         kind = ("scores" if key.endswith("block_scores.scores") else "score_cuts" if key.endswith("score_cut")
-                else "multipliers" if "block_pruning_targets" in key else "weights")
+                else "multipliers" if "blockprune_targets" in key else "weights")
         diffs[kind] = max(diffs[kind], (x - y).abs().max().item() if x.numel() else 0.0)
         if key.endswith("block_scores.scores"):  # the mask: effective score (raw x scale) above the cut
             prefix = key[: -len("scores")]

@@ -80,7 +80,7 @@ def fine_tune(name, overrides, data, tokenizer, args, out_dir):
     config = trainer.pruning_config
     record["target"] = config.target_density if config.target_speedup is None else None
     record["target_speedup"] = config.target_speedup
-    record["targets_used"] = dict(trainer.model.block_pruning_targets.targets)
+    record["targets_used"] = dict(trainer.model.blockprune_targets.targets)
     record["realized_density"] = mask_density(trainer.model).item()
     record["realized_density_attention"] = mask_density(trainer.model, "attention").item()
     record["realized_density_ffn"] = mask_density(trainer.model, "ffn").item()

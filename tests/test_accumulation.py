@@ -72,8 +72,8 @@ def test_resume_equals_uninterrupted_with_accumulation(route, method, regulariza
     for key in ("pruning/threshold", "pruning/lambda", "pruning/density"):
         assert _last(resumed, key) == pytest.approx(_last(full, key), abs=1e-6)
     if regularization in ("target", "speedup") and method == "sigmoid_threshold":
-        torch.testing.assert_close(full.model.block_pruning_targets.log_lambda,
-                                   resumed.model.block_pruning_targets.log_lambda, atol=1e-6, rtol=0)
+        torch.testing.assert_close(full.model.blockprune_targets.log_lambda,
+                                   resumed.model.blockprune_targets.log_lambda, atol=1e-6, rtol=0)
 
 
 def test_micro_batch_weight_counts_labelled_items_like_the_trainer():

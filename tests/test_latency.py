@@ -133,11 +133,11 @@ def test_latency_targets_are_measured_once_at_the_start_and_kept_on_resume(route
     assert calls == [(4, 8)]
     saved = LatencyTable.load(tmp_path / "full" / "latency_table.json")
     want = densities_for_latency(saved, tiny_model("bert"), 2.0)
-    assert full.model.block_pruning_targets.targets == pytest.approx(want)
+    assert full.model.blockprune_targets.targets == pytest.approx(want)
     resumed = make_trainer(route, "bert", config(), tmp_path / "resumed", **args)
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-10"))
     assert calls == [(4, 8)]  # not measured again: the densities come from the checkpoint
-    assert resumed.model.block_pruning_targets.targets == pytest.approx(want)
+    assert resumed.model.blockprune_targets.targets == pytest.approx(want)
     assert saved.predict(resumed.model) == pytest.approx(0.5, abs=0.05)
 
 
@@ -148,7 +148,7 @@ def test_a_saved_table_is_used_instead_of_measuring(tmp_path, monkeypatch):
                            latency_table=str(tmp_path / "table.json"))
     trainer = make_trainer("trainer", "bert", config, tmp_path / "run", max_steps=2)
     trainer.train()
-    assert trainer.model.block_pruning_targets.targets["ffn"] < 1.0
+    assert trainer.model.blockprune_targets.targets["ffn"] < 1.0
 
 
 def test_a_latency_table_needs_the_latency_cost_model():
@@ -194,7 +194,7 @@ def test_a_target_speedup_with_blocks_is_met_by_what_compaction_keeps(route, pre
     for a, b in zip(masks(trainer.model), masks(rebuilt)):
         assert torch.equal(a, b)
     last = [entry for entry in trainer.state.log_history if "pruning/kept_cost_attention" in entry][-1]
-    targets = trainer.model.block_pruning_targets.targets
+    targets = trainer.model.blockprune_targets.targets
     # the cut keeps the most units whose cost fits: below the target by less than one unit (a head of 8, a neuron)
     assert targets["attention"] - 1 / 8 < last["pruning/kept_cost_attention"] <= targets["attention"]
     if preset == "block":

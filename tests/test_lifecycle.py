@@ -143,3 +143,20 @@ def test_save_model_after_a_run_stopped_on_nan_writes_nothing(route, tmp_path):
     with pytest.raises(ValueError, match="holds NaN or inf values: the model was not saved"):
         trainer.save_model(str(tmp_path / "saved"))
     assert not (tmp_path / "saved").exists() or not any((tmp_path / "saved").iterdir())
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_checkpoint_with_the_former_controller_key_resumes_exactly(route, tmp_path):
+    # written before 0.1.0: the density controller's state under `block_pruning_targets.*`
+    config = preset_config("hybrid", target_density=0.5)
+    full = _train_with_checkpoints(route, config, tmp_path / "full")
+    weights = tmp_path / "full" / "checkpoint-5" / "model.safetensors"
+    state = load_file(weights)
+    assert any(key.startswith("blockprune_targets.") for key in state)
+    save_file({key.replace("blockprune_targets.", "block_pruning_targets.", 1): value for key, value in state.items()},
+              weights, metadata={"format": "pt"})
+    resumed = make_trainer(route, "bert", config, tmp_path / "resumed", max_steps=10)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-5"))
+    torch.testing.assert_close(resumed.model.blockprune_targets.log_lambda, full.model.blockprune_targets.log_lambda)
+    for a, b in zip(scores_of(full.model), scores_of(resumed.model), strict=True):
+        torch.testing.assert_close(b, a)

@@ -57,8 +57,8 @@ def test_resume_with_soft_targets_equals_uninterrupted(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-20"))
     for a, b in zip(effective_scores(full.model), effective_scores(resumed.model)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
-    torch.testing.assert_close(full.model.block_pruning_targets.log_lambda,
-                               resumed.model.block_pruning_targets.log_lambda, atol=1e-6, rtol=0)
+    torch.testing.assert_close(full.model.blockprune_targets.log_lambda,
+                               resumed.model.blockprune_targets.log_lambda, atol=1e-6, rtol=0)
 
 
 def test_weighted_score_cut_keeps_the_heaviest_prefix_within_the_target():
@@ -75,9 +75,9 @@ def test_weighted_score_cut_keeps_the_heaviest_prefix_within_the_target():
 
 def test_targets_are_removed_with_the_masks(tmp_path):
     trainer = make_trainer("trainer", "bert", preset_config("hybrid", target_density=0.5), tmp_path, max_steps=2)
-    assert hasattr(trainer.model, "block_pruning_targets")
+    assert hasattr(trainer.model, "blockprune_targets")
     hf_blockprune.remove_block_pruning(trainer.model)
-    assert not hasattr(trainer.model, "block_pruning_targets")
+    assert not hasattr(trainer.model, "blockprune_targets")
 
 
 def test_target_speedup_sets_the_densities_from_the_cost_model(tmp_path):
@@ -172,7 +172,7 @@ def _bounded_targets(model, ratio=1.0):
     from hf_blockprune.pruning.targets import DensityTargets
 
     targets = DensityTargets({"attention": 0.3, "ffn": 0.3}, rate=0.05, initial_lambda=1e-2, penalty_ratio=ratio)
-    model.add_module("block_pruning_targets", targets)
+    model.add_module("blockprune_targets", targets)
     targets.track_task_gradients(model)
     return targets
 
@@ -242,7 +242,7 @@ def test_resume_keeps_the_running_task_gradient_norm(tmp_path):
     full.train()
     resumed = make_trainer("callback", "bert", preset_config("struct", target_density=0.3), tmp_path / "r", **args)
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-20"))
-    a, b = full.model.block_pruning_targets, resumed.model.block_pruning_targets
+    a, b = full.model.blockprune_targets, resumed.model.blockprune_targets
     assert torch.all(a.task_gradient_norm > 0)
     torch.testing.assert_close(a.task_gradient_norm, b.task_gradient_norm, atol=1e-7, rtol=1e-5)
     torch.testing.assert_close(a.log_lambda, b.log_lambda, atol=1e-6, rtol=0)

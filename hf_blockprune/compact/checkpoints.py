@@ -18,7 +18,13 @@ import torch
 from torch import nn
 
 from ..pruning.config import BlockPruningConfig
-from ..pruning.model import LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY, TARGETS_ATTRIBUTE, apply_block_pruning
+from ..pruning.model import (
+    LAYOUT_ATTRIBUTE,
+    PRUNING_CONFIG_KEY,
+    TARGETS_ATTRIBUTE,
+    apply_block_pruning,
+    rename_legacy_keys,
+)
 from ..structure.modeling_blockprune import block_pruned_class
 from ..structure.wrappers import is_sentence_transformer
 from .peft_models import is_peft_model
@@ -98,7 +104,7 @@ def load_masked_checkpoint(
                              "there are no mask scores): load it with `hf_blockprune.from_pretrained`.")
         raise ValueError(f"{path} holds no mask scores (`*.{SCORE_SUFFIX}`): it is not a masked training checkpoint.")
     # The density controller's state (lambda) only matters for resuming training: the masks are the scores and cuts.
-    state = {k: v for k, v in state.items() if not k.startswith(f"{TARGETS_ATTRIBUTE}.")}
+    state = {k: v for k, v in rename_legacy_keys(state).items() if not k.startswith(f"{TARGETS_ATTRIBUTE}.")}
     model_class = architecture_class(config)
     if getattr(config, LAYOUT_ATTRIBUTE, None) is not None:  # a compacted model pruned again
         model_class = block_pruned_class(model_class)

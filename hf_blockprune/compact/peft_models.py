@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..pruning.model import CONFIG_ATTRIBUTE, TARGETS_ATTRIBUTE
+from ..pruning.model import CONFIG_ATTRIBUTE, TARGETS_ATTRIBUTE, rename_legacy_keys
 
 try:
     from peft import PeftModel
@@ -68,7 +68,7 @@ def load_pruning_state(model: nn.Module, directory: str | os.PathLike) -> None:
             "it was not written by a pruning run, and resuming from it would restart the masks. Resume from a "
             "checkpoint written by BlockPruningTrainer or BlockPruningCallback."
         )
-    state = load_file(str(path))
+    state = rename_legacy_keys(load_file(str(path)))
     expected = set(pruning_state(model))
     if set(state) != expected:
         difference = sorted(expected ^ set(state))[:5]

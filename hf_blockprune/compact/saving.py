@@ -49,7 +49,6 @@ from .stages import FINE_TUNING, MOVEMENT_PRUNING, STAGES_KEY, add_stage
 
 logger = logging.getLogger(__name__)
 
-CONFIG_KEY = PRUNING_CONFIG_KEY
 # Savers of containers around a transformers model, `(applies(model), saver)`, registered by their modules (the
 # sentence-transformers one by `compact/sentence_transformers.py`, imported by the package): `save_compacted` hands
 # such a model to the first that applies.
@@ -132,7 +131,7 @@ def compacted_copy(model: nn.Module, pruning_config: BlockPruningConfig | None =
         # a model compacted before keeps the size of the original dense model
         getattr(compacted.config, LAYOUT_ATTRIBUTE).setdefault("dense_parameters", dense_counts)
     if pruning_config is not None:
-        setattr(compacted.config, CONFIG_KEY, pruning_config.to_dict())
+        setattr(compacted.config, PRUNING_CONFIG_KEY, pruning_config.to_dict())
     run = (getattr(model, CARD_DATA_ATTRIBUTE, None) or {}).get("training") if run is None else run
     _record_stage(compacted, model, run or {})
     return compacted
@@ -145,7 +144,7 @@ def _record_stage(compacted: nn.Module, model: nn.Module, run: dict) -> None:
     """
     masked = is_block_pruned(model)
     if masked:
-        settings = public_settings(getattr(compacted.config, CONFIG_KEY, None))
+        settings = public_settings(getattr(compacted.config, PRUNING_CONFIG_KEY, None))
         stage = {"method": MOVEMENT_PRUNING, "settings": settings, **run}
     elif run.get("steps"):
         stage = {"method": FINE_TUNING, **run}
@@ -397,7 +396,7 @@ def export_dense(model: nn.Module, save_directory: str | os.PathLike, processing
         if key in dense_state and dense_state[key].shape == value.shape:
             dense_state[key].copy_(value)
     # fused projections and Conv1D are scattered part by part, as nn.Linear
-    recorded = getattr(compacted.config, CONFIG_KEY, None)
+    recorded = getattr(compacted.config, PRUNING_CONFIG_KEY, None)
     pruning_config = BlockPruningConfig.from_dict(recorded) if isinstance(recorded, dict) else None
     split_projections(compacted, pruning_config)
     split_projections(dense, pruning_config)
@@ -416,7 +415,7 @@ def dense_config(config) -> transformers.PretrainedConfig:
     """A copy of a compacted model's config that describes the original dense model (plain class, no layout)."""
     config = copy.deepcopy(config)
     config.__class__ = base_class(type(config))
-    for key in (LAYOUT_ATTRIBUTE, CONFIG_KEY, STAGES_KEY, "auto_map"):
+    for key in (LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY, STAGES_KEY, "auto_map"):
         if hasattr(config, key):
             delattr(config, key)
     return config

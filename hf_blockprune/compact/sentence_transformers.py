@@ -19,7 +19,7 @@ from pathlib import Path
 from torch import nn
 
 from ..pruning.config import BlockPruningConfig
-from ..pruning.model import PRUNING_CONFIG_KEY
+from ..pruning.model import PRUNING_CONFIG_KEY, rename_legacy_keys
 from ..structure.wrappers import is_sentence_transformer, transformers_model
 from .atomic import atomic_directory
 from .model_card import CARD_DATA_ATTRIBUTE, write_model_card
@@ -134,6 +134,7 @@ def load_sentence_transformer_checkpoint(model: nn.Module, checkpoint: str | os.
         state = _weights_in(folder)
         if state is None:
             raise FileNotFoundError(f"No weights for module {entry['name']} ({type(module).__name__}) in {folder}.")
+        rename_legacy_keys(state)  # a checkpoint from before 0.1.0
         tied = set(getattr(target, "all_tied_weights_keys", None) or {})
         missing = sorted(set(expected) - set(state) - tied)
         unexpected = sorted(set(state) - set(expected))

@@ -14,11 +14,13 @@ from .adapters import check_lora_base, check_lora_layer, is_lora_layer
 from .config import BlockPruningConfig
 from .layer import BlockScores, MaskedLinear
 
-CONFIG_ATTRIBUTE = "block_pruning_config"
+# Every name hf_blockprune adds to a model, its config or its state dict starts with `blockprune_`.
+CONFIG_ATTRIBUTE = "blockprune_config"  # the BlockPruningConfig object a model was masked with (not saved)
 LAYOUT_ATTRIBUTE = "blockprune_layout"
 PRUNING_CONFIG_KEY = "blockprune_config"  # the pruning config, as a dict, in model.config (so checkpoints carry it)
 RECORD_BEFORE_ATTRIBUTE = "_blockprune_config_before"  # model.config's record before masking, restored by remove
-TARGETS_ATTRIBUTE = "block_pruning_targets"  # the density controller's state (hf_blockprune.pruning.targets)
+TARGETS_ATTRIBUTE = "blockprune_targets"  # the density controller's state (hf_blockprune.pruning.targets), saved
+LEGACY_TARGETS_ATTRIBUTE = "block_pruning_targets"  # its name in checkpoints written before 0.1.0: still read
 
 
 @dataclass
@@ -614,6 +616,21 @@ def remove_block_pruning(model: nn.Module, merge: bool = True, fuse: bool = True
         if hasattr(module, TARGETS_ATTRIBUTE):
             delattr(module, TARGETS_ATTRIBUTE)
     return fuse_projections(model) if fuse else model
+
+
+def rename_legacy_keys(state: dict, prefix: str = "") -> dict:
+    """`state` (a state dict, changed in place and returned) with the density controller's entries under their
+    pre-0.1.0 name (`block_pruning_targets.*`, after `prefix`) moved to the current one (`blockprune_targets.*`)."""
+    old, new = f"{prefix}{LEGACY_TARGETS_ATTRIBUTE}.", f"{prefix}{TARGETS_ATTRIBUTE}."
+    for key in [key for key in state if key.startswith(old)]:
+        state[new + key[len(old):]] = state.pop(key)
+    return state
+
+
+def read_legacy_keys(module, state_dict, prefix, *args) -> None:
+    """A load-state-dict pre-hook (`register_load_state_dict_pre_hook`) for the module holding the density
+    controller's state: checkpoints written before 0.1.0 load as current ones (see `rename_legacy_keys`)."""
+    rename_legacy_keys(state_dict, prefix)
 
 
 def _restore_config_record(model: nn.Module) -> None:

@@ -17,7 +17,14 @@ from ..pruning.filling import fill_surviving_heads, is_filled
 from ..pruning.importance import LossFunction, broadcast_scores, calibration_batches, initialize_scores, score_fisher
 from ..pruning.layer import MaskedLinear
 from ..pruning.losses import expected_density, mask_density
-from ..pruning.model import TARGETS_ATTRIBUTE, block_scores, prunable_layers, score_parameters, set_threshold
+from ..pruning.model import (
+    TARGETS_ATTRIBUTE,
+    block_scores,
+    prunable_layers,
+    read_legacy_keys,
+    score_parameters,
+    set_threshold,
+)
 from ..pruning.report import sparsity_report
 from ..pruning.schedule import cubic_lambda, cubic_threshold, schedule_progress
 from ..pruning.targets import (
@@ -88,6 +95,7 @@ class PruningController:
                                per_stack=self.config.target_per_stack, penalty_ratio=ratio or None,
                                units=self._unit_sets()).to(device)
         owner.add_module(TARGETS_ATTRIBUTE, state)
+        owner.register_load_state_dict_pre_hook(read_legacy_keys)  # a checkpoint from before 0.1.0 resumes too
         state.track_task_gradients(self.model)
         return state
 
