@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification
 
 import hf_blockprune
 from hf_blockprune.compact.atomic import MARKER_NAME, STAGING_PREFIX, recover_interrupted_save
-from hf_blockprune.compact.model_card import heads_cell, layer_rows
+from hf_blockprune.compact.card_figure import heads_cell, layer_rows
 from hf_blockprune.compact.saving import export_dense, save_compacted
 
 from helpers import biased_model, model_inputs, random_masks

@@ -13,9 +13,8 @@ from transformers import Trainer
 
 import hf_blockprune
 from hf_blockprune import BlockPruningConfig
-from hf_blockprune.compact import model_card
-from hf_blockprune.compact.model_card import (
-    CARD_MARKER,
+from hf_blockprune.compact import card_figure, card_metadata
+from hf_blockprune.compact.card_metadata import (
     LOCAL_FILE,
     LOCAL_MODEL,
     TAGS,
@@ -23,8 +22,8 @@ from hf_blockprune.compact.model_card import (
     last_eval_results,
     pipeline_tag,
     run_card_data,
-    update_model_card,
 )
+from hf_blockprune.compact.model_card import CARD_MARKER, update_model_card
 from hf_blockprune.compact.saving import save_compacted
 from hf_blockprune.training.trainer_patches import keep_model_card
 
@@ -39,7 +38,7 @@ RUN = {"eval_results": {"accuracy": 0.875, "loss": 0.31}, "datasets": ["nyu-mll/
 def offline(monkeypatch):
     """No test reaches the Hub: huggingface_hub refuses HTTP, and the Hub cache holds no card."""
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(model_card, "try_to_load_from_cache", lambda *args, **kwargs: None)
+    monkeypatch.setattr(card_metadata, "try_to_load_from_cache", lambda *args, **kwargs: None)
 
 
 def _saved_card(folder, arch="bert", name_or_path="", card_data=None, teacher=None) -> ModelCard:
@@ -141,7 +140,7 @@ def test_the_hyperparameters_name_a_local_teacher_and_table_without_their_paths(
 
 def test_license_of_a_hub_base_model_comes_from_the_hub_cache(tmp_path, monkeypatch):
     readme = Path(_base_folder(tmp_path / "cached", "license: mit")) / "README.md"
-    monkeypatch.setattr(model_card, "try_to_load_from_cache", lambda repo_id, filename: str(readme))
+    monkeypatch.setattr(card_metadata, "try_to_load_from_cache", lambda repo_id, filename: str(readme))
     card = _saved_card(tmp_path / "out", name_or_path="owner/dense")
     assert card.data.base_model == "owner/dense" and card.data.license == "mit"
 
@@ -354,7 +353,7 @@ def test_the_layout_figure_leaves_the_users_matplotlib_backend_and_figures_alone
     figure = plt.figure()
     try:
         matplotlib.use("svg")  # a backend that is neither the default nor Agg stands in for the notebook's
-        model_card.write_figure(tmp_path / "layout.png", [{"layer": "layer.0", "heads": [[0, 2]], "ffn_size": 3}],
+        card_figure.write_figure(tmp_path / "layout.png", [{"layer": "layer.0", "heads": [[0, 2]], "ffn_size": 3}],
                                 num_heads=4, ffn_total=8)
         assert matplotlib.get_backend() == "svg"
         assert plt.get_fignums() == [figure.number]

@@ -47,9 +47,9 @@ from ..pruning.model import (
     set_threshold,
 )
 from ..pruning.report import parameter_counts
+from .card_metadata import base_model_metadata, public_stages
 from .compaction import compact_model
 from .flops import attention_flops, ffn_flops, model_flops
-from .model_card import base_model_metadata, public_stages
 from .stages import ONE_SHOT, add_stage
 
 logger = logging.getLogger(__name__)

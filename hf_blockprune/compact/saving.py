@@ -42,8 +42,9 @@ from ..structure.modeling_blockprune import (
 from ..structure.projections import fuse_projections
 from ..structure.wrappers import is_sentence_transformer
 from .atomic import atomic_directory, recover_interrupted_save
+from .card_metadata import CARD_DATA_ATTRIBUTE, public_settings, public_stages
 from .compaction import compact_model
-from .model_card import CARD_DATA_ATTRIBUTE, public_settings, public_stages, write_model_card
+from .model_card import write_model_card
 from .peft_models import is_peft_model, is_peft_model_class, load_pruning_state, merged_copy, save_pruning_state
 from .stages import FINE_TUNING, MOVEMENT_PRUNING, STAGES_KEY, add_stage
 

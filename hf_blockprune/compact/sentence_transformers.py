@@ -22,7 +22,8 @@ from ..pruning.config import BlockPruningConfig
 from ..pruning.model import PRUNING_CONFIG_KEY, rename_legacy_keys
 from ..structure.wrappers import is_sentence_transformer, transformers_model
 from .atomic import atomic_directory
-from .model_card import CARD_DATA_ATTRIBUTE, write_model_card
+from .card_metadata import CARD_DATA_ATTRIBUTE
+from .model_card import write_model_card
 from .saving import CONTAINER_SAVERS, compacted_copy, refuse_non_finite, restore_save
 
 logger = logging.getLogger(__name__)

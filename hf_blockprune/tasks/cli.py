@@ -31,11 +31,11 @@ from tqdm.auto import tqdm
 from transformers.hf_argparser import string_to_bool
 from transformers.utils import logging as hf_logging
 
+from ..compact.card_figure import layer_rows, original_sizes, write_figure
 from ..compact.checkpoints import load_masked_checkpoint
 from ..compact.compaction import compact_model
 from ..compact.flops import predicted_speedup
 from ..compact.latency import median_latencies, timing_inputs
-from ..compact.model_card import layer_rows, original_sizes, write_figure
 from ..compact.saving import (
     architecture_class,
     compact_on_save,
@@ -103,7 +103,7 @@ def layer_table(model: nn.Module) -> tuple[list[dict], str]:
     """Per layer of a compacted `model`: kept heads, FFN size, and Linear parameters kept vs. dense.
 
     Returns:
-        `tuple[list[dict], str]`: the rows (as `model_card.layer_rows`, plus `params` and `dense_params`) and a
+        `tuple[list[dict], str]`: the rows (as `card_figure.layer_rows`, plus `params` and `dense_params`) and a
         printable table with a totals line.
     """
     rows = layer_rows(model)

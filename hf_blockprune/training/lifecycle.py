@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from ..compact.card_metadata import attach_card_data, run_card_data
 from ..compact.checkpoints import check_resumable, resolve_resume_checkpoint
-from ..compact.model_card import attach_card_data, run_card_data
 from ..compact.saving import checkpoint_on_save, compact_on_save, is_compacted
 from ..pruning.config import BlockPruningConfig
 from ..pruning.model import apply_block_pruning, block_scores, is_block_pruned

@@ -21,7 +21,8 @@ import inspect
 
 from transformers import Trainer, TrainerCallback
 
-from ..compact.model_card import run_card_data, update_model_card
+from ..compact.card_metadata import run_card_data
+from ..compact.model_card import update_model_card
 from ..compact.sentence_transformers import load_sentence_transformer_checkpoint
 
 

@@ -1,0 +1,96 @@
+"""The per-layer structure a compacted model keeps, read from its layout: the rows of the card's table and its figure.
+
+`layer_rows` reads, per layer of `config.blockprune_layout`, the original heads each attention block kept and the FFN
+size; `heads_cell` writes a row's heads as the card's table shows them, and `write_figure` draws the rows as the
+`pruning_layout.png` saved beside the card. `original_sizes` gives the dense head count and FFN size they are measured
+against. The model card and the `hf-blockprune` command both read them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from ..pruning.model import LAYOUT_ATTRIBUTE
+
+
+def layer_rows(model: nn.Module) -> list[dict]:
+    """Per layer of the layout: kept heads per attention block (of how many) and the FFN size (of how many).
+
+    Each row has `layer`, `heads` (kept original query heads per attention block), `placeholders` (whether the block
+    keeps only a zero placeholder head), `kv_heads` (kept original key/value heads of a grouped-query attention, else
+    `None`), `zero_slots` (zero query slots that pad the query groups, or the placeholder) and `ffn_size`.
+    """
+    config = model.config
+    rows = []
+    for path, entry in getattr(config, LAYOUT_ATTRIBUTE)["layers"].items():
+        records = entry.get("attention", [])
+        rows.append({
+            "layer": path,
+            "heads": [record["heads"] for record in records],
+            "placeholders": [bool(record.get("placeholder", False)) for record in records],
+            "kv_heads": [
+                [h for h in record["kv_heads"] if h is not None] if "kv_heads" in record else None
+                for record in records
+            ],
+            "zero_slots": [
+                sum(slot is None for slot in record["slots"]) if "slots" in record else int("placeholder" in record)
+                for record in records
+            ],
+            "ffn_size": entry.get("ffn", {}).get("size"),
+        })
+    return rows
+
+
+def heads_cell(row: dict) -> str:
+    """The card's "heads kept" cell of a `layer_rows` row: per attention block, the count and the original indices
+    (and the key/value heads of a grouped-query attention)."""
+    cells = []
+    for index, heads in enumerate(row["heads"]):
+        cell = f"{len(heads)}: {heads}"
+        kv_heads = (row.get("kv_heads") or [None] * len(row["heads"]))[index]
+        if kv_heads is not None:
+            cell += f", KV {len(kv_heads)}: {kv_heads}"
+        if row.get("placeholders", [False] * len(row["heads"]))[index]:
+            cell += " + zero placeholder"
+        elif (row.get("zero_slots") or [0] * len(row["heads"]))[index]:
+            cell += f" + {row['zero_slots'][index]} zero query slot(s)"
+        cells.append(cell)
+    return "; ".join(cells) or "-"
+
+
+def original_sizes(model: nn.Module) -> tuple[int, int | None]:
+    """The dense head count and FFN size of the model's config (before pruning)."""
+    config = model.config
+    heads = getattr(config, "num_attention_heads", None)
+    ffn = next((getattr(config, name) for name in ("intermediate_size", "hidden_dim", "encoder_ffn_dim")
+                if isinstance(getattr(config, name, None), int)), None)
+    return heads, ffn
+
+
+def write_figure(path: Path, rows: list[dict], num_heads: int, ffn_total: int | None) -> None:
+    """A per-layer picture: kept heads as filled cells (one row per attention block), FFN kept fraction as a bar.
+
+    Drawn on a standalone `Figure` (not `pyplot`), so the user's matplotlib backend and open figures are left alone:
+    a save inside a notebook does not switch its inline plots off.
+    """
+    from matplotlib.figure import Figure
+
+    labels = [f"{row['layer']}[{i}]" for row in rows for i in range(len(row["heads"]))]
+    grid = [[1.0 if h in heads else 0.0 for h in range(num_heads)] for row in rows for heads in row["heads"]]
+    figure = Figure(figsize=(10, 0.35 * max(len(labels), 4) + 1.2))
+    left, right = figure.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    left.imshow(grid or [[0.0]], cmap="Greens", vmin=0, vmax=1, aspect="auto")
+    left.set_yticks(range(len(labels)), labels, fontsize=7)
+    left.set_xlabel("head")
+    left.set_title("attention heads kept")
+    ffn_rows = [row for row in rows if row["ffn_size"] is not None]
+    fractions = [row["ffn_size"] / ffn_total if ffn_total else 0.0 for row in ffn_rows]
+    right.barh(range(len(ffn_rows)), fractions, color="tab:green")
+    right.set_yticks(range(len(ffn_rows)), [row["layer"] for row in ffn_rows], fontsize=7)
+    right.invert_yaxis()
+    right.set_xlim(0, 1)
+    right.set_title("FFN neurons kept (fraction)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
