@@ -2,17 +2,19 @@
 
 The package has the shape of its architecture (each subpackage imports only from those listed before it):
 
-- `structure`: what a layer looks like (`architectures`, the saved loader `modeling_blockprune`);
+- `structure`: what a model looks like (`architectures`; the structure found once and kept with the model,
+  `discovery`; the saved loader `modeling_blockprune`);
 - `pruning`: config, scores and masked layers, masking a model, schedule, regularization, targets;
 - `compact`: compaction, the FLOPs model, saving and loading, masked checkpoints, the model card;
 - `training`: `BlockPruningTrainer`, `BlockPruningCallback`, the schedule's controller, distillation, gradient
   accumulation;
+- `integrations`: peft and sentence-transformers, one file each, registered with the core;
 - `tasks`: task data, embedded defaults, question answering, the command line.
 
 The public names below are importable from `hf_blockprune`.
 """
 
-from .compact import sentence_transformers as _sentence_transformers  # noqa: F401  (registers its saver)
+from . import integrations  # noqa: F401  (registers peft and sentence-transformers support with the core)
 from .compact.checkpoints import load_masked_checkpoint
 from .compact.compaction import compact_model
 from .compact.one_shot import prune_one_shot

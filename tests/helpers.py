@@ -7,8 +7,9 @@ from transformers import Trainer
 
 from hf_blockprune import BlockPruningCallback, BlockPruningConfig, BlockPruningTrainer, apply_block_pruning
 from hf_blockprune.pruning.layer import BlockScores
-from hf_blockprune.pruning.model import block_scores, prunable_layers, set_threshold
+from hf_blockprune.pruning.model import block_scores, set_threshold
 from hf_blockprune.pruning.schedule import cubic_lambda, cubic_threshold, schedule_progress
+from hf_blockprune.structure.discovery import prunable_layers
 
 from conftest import DECODERS, ENCODER_DECODERS, GATED_FFN, VOCAB, tiny_dataset, tiny_model, training_args
 

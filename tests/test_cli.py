@@ -18,7 +18,7 @@ from transformers import BertTokenizer, TrainingArguments
 import hf_blockprune
 from hf_blockprune.compact.flops import predicted_speedup
 from hf_blockprune.pruning.config import BlockPruningConfig
-from hf_blockprune.pruning.model import LAYOUT_ATTRIBUTE
+from hf_blockprune.structure.model_structure import LAYOUT_ATTRIBUTE
 from hf_blockprune.tasks.cli import PruneArguments, build_parser, main, measure, training_arguments
 from hf_blockprune.training import trainer as trainer_module
 

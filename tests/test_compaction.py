@@ -9,7 +9,8 @@ import hf_blockprune
 from hf_blockprune import BlockPruningConfig, apply_block_pruning, is_block_pruned, save_compacted
 from hf_blockprune.compact.compaction import LAYOUT_ATTRIBUTE, compact_model, compaction_plan
 from hf_blockprune.pruning.layer import MaskedLinear
-from hf_blockprune.pruning.model import block_scores, prunable_layers, set_threshold
+from hf_blockprune.pruning.model import block_scores, set_threshold
+from hf_blockprune.structure.discovery import prunable_layers
 from hf_blockprune.structure.modeling_blockprune import shrink_to_layout
 
 from conftest import ARCHS, GENERATIVE, KEEPS_A_HEAD, VOCAB, auto_class, tiny_model

@@ -25,7 +25,9 @@ import hf_blockprune
 from hf_blockprune import BlockPruningConfig, apply_block_pruning, compact_model, save_compacted
 from hf_blockprune.compact.flops import model_flops
 from hf_blockprune.pruning.layer import MaskedLinear
-from hf_blockprune.pruning.model import LAYOUT_ATTRIBUTE, block_scores, prunable_layers, set_threshold
+from hf_blockprune.pruning.model import block_scores, set_threshold
+from hf_blockprune.structure.discovery import prunable_layers
+from hf_blockprune.structure.model_structure import LAYOUT_ATTRIBUTE
 
 from conftest import ARCHS, DECODERS, GATED_FFN, GENERATIVE, GROUPED, auto_class, tiny_config
 from helpers import kill_scores, model_inputs, model_outputs

@@ -12,7 +12,8 @@ from transformers.trainer_pt_utils import LabelSmoother
 import hf_blockprune
 from hf_blockprune import BlockPruningCallback, BlockPruningConfig, BlockPruningTrainer, apply_block_pruning
 from hf_blockprune.compact.compaction import LAYOUT_ATTRIBUTE, compact_model, compaction_plan
-from hf_blockprune.pruning.model import prunable_layers, set_threshold
+from hf_blockprune.pruning.model import set_threshold
+from hf_blockprune.structure.discovery import prunable_layers
 from hf_blockprune.training.distillation import distillation_term
 
 from conftest import DECODERS, GROUPED, tiny_dataset, tiny_model, training_args

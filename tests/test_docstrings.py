@@ -32,12 +32,34 @@ def examples_of(name: str) -> list[doctest.DocTest]:
     return [test for test in tests if test.examples]
 
 
-@pytest.mark.parametrize("name", hf_blockprune.__all__)
-def test_docstring_examples_run(name):
-    tests = examples_of(name)
-    assert tests, f"`hf_blockprune.{name}` has no `>>>` example in its docstring: add an `Example:` section."
+def run_examples(tests: list[doctest.DocTest], label: str) -> None:
+    """Run `tests`; fail naming how many example lines of `label` failed (the runner prints each above)."""
     runner = doctest.DocTestRunner(optionflags=FLAGS)
     for test in tests:
         runner.run(test)
     results = runner.summarize(verbose=False)
-    assert results.failed == 0, f"{results.failed} of {results.attempted} example lines of `{name}` failed (above)."
+    assert results.failed == 0, f"{results.failed} of {results.attempted} example lines of {label} failed (above)."
+
+
+@pytest.mark.parametrize("name", hf_blockprune.__all__)
+def test_docstring_examples_run(name):
+    tests = examples_of(name)
+    assert tests, f"`hf_blockprune.{name}` has no `>>>` example in its docstring: add an `Example:` section."
+    run_examples(tests, f"`{name}`")
+
+
+# Modules whose own examples run too: the structure every consumer reads and the hooks the integrations fill.
+MODULES = ["hf_blockprune.structure.discovery", "hf_blockprune.structure.model_structure",
+           "hf_blockprune.structure.layers", "hf_blockprune.structure.architectures",
+           "hf_blockprune.structure.wrappers", "hf_blockprune.pruning.layer",
+           "hf_blockprune.integrations.sentence_transformers"]
+
+
+@pytest.mark.parametrize("module_name", MODULES)
+def test_module_examples_run(module_name):
+    import importlib
+
+    module = importlib.import_module(module_name)
+    tests = [test for test in doctest.DocTestFinder().find(module, module_name) if test.examples]
+    assert tests, f"{module_name} has no `>>>` example."
+    run_examples(tests, module_name)

@@ -21,7 +21,7 @@ from transformers import (
 )
 
 import hf_blockprune
-from hf_blockprune.pruning.model import LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY
+from hf_blockprune.structure.model_structure import LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY
 from hf_blockprune.tasks.defaults import offline_minilm_path, shared_data_dir
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -8,7 +8,7 @@ from transformers import AutoModelForSequenceClassification, Trainer, TrainerCal
 
 import hf_blockprune
 from hf_blockprune.pruning.layer import MaskedLinear
-from hf_blockprune.pruning.model import prunable_layers
+from hf_blockprune.structure.discovery import prunable_layers
 
 from conftest import tiny_dataset, training_args
 from helpers import effective_scores, make_trainer, model_inputs, model_outputs, preset_config, random_masks

@@ -4,7 +4,8 @@ import pytest
 
 from hf_blockprune import apply_block_pruning, compact_model
 from hf_blockprune.compact.flops import FlopsBreakdown, model_flops, predicted_speedup
-from hf_blockprune.pruning.model import prunable_layers, set_threshold
+from hf_blockprune.pruning.model import set_threshold
+from hf_blockprune.structure.discovery import prunable_layers
 
 from conftest import ARCHS, KEEPS_A_HEAD, tiny_model
 from helpers import biased_model, kill_scores, preset_config, random_masks

@@ -20,9 +20,10 @@ from hf_blockprune.compact.latency import (
     timing_inputs,
 )
 from hf_blockprune.pruning.layer import BlockScores
-from hf_blockprune.pruning.model import block_scores, prunable_layers, set_threshold
+from hf_blockprune.pruning.model import block_scores, set_threshold
 from hf_blockprune.pruning.report import dead_heads, ffn_neurons_alive, weight_mask
 from hf_blockprune.pruning.targets import head_alive_scores, neuron_alive_scores
+from hf_blockprune.structure.discovery import prunable_layers
 from hf_blockprune.training import controller as controller_module
 from hf_blockprune.training.controller import PruningController
 

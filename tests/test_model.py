@@ -25,7 +25,9 @@ from hf_blockprune import (
 )
 from hf_blockprune.compact.compaction import compaction_plan
 from hf_blockprune.pruning.layer import MaskedLinear
-from hf_blockprune.pruning.model import PRUNING_CONFIG_KEY, block_scores, prunable_layers, set_threshold
+from hf_blockprune.pruning.model import block_scores, set_threshold
+from hf_blockprune.structure.discovery import prunable_layers
+from hf_blockprune.structure.model_structure import PRUNING_CONFIG_KEY
 
 from conftest import ENCODER_DECODERS, GATED_FFN, VOCAB, tiny_config, tiny_model
 from helpers import TINY_PRESETS, biased_model, kill_scores, preset_config, random_masks

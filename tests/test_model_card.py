@@ -264,7 +264,7 @@ def test_create_model_card_keeps_our_card_with_the_run_metadata(route, tmp_path)
 
 @pytest.mark.parametrize("route", ["trainer", "callback"])
 def test_a_run_distilled_from_a_local_teacher_keeps_its_path_out_of_the_card(route, tmp_path):
-    """The stock scripts pass `--teacher_model <folder>`: the pruning config the card shows holds that path."""
+    """The stock scripts pass `--teacher_model <folder>`: neither the card nor the saved config.json holds the path."""
     tiny_model("bert", seed=1).save_pretrained(tmp_path / "teacher")
     config = preset_config("struct", pruning_method="topk", final_threshold=0.5, final_warmup=0.2,
                            teacher_model=str(tmp_path / "teacher"))
@@ -273,6 +273,8 @@ def test_a_run_distilled_from_a_local_teacher_keeps_its_path_out_of_the_card(rou
     trainer.save_model()
     card = (tmp_path / "out" / "README.md").read_text()
     assert str(tmp_path) not in card and f'"teacher_model": "{LOCAL_MODEL}"' in card
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())  # pushed to the Hub with the card
+    assert str(tmp_path) not in json.dumps(saved) and saved["blockprune_config"]["teacher_model"] == LOCAL_MODEL
 
 
 @pytest.mark.parametrize("route", ["trainer", "callback"])

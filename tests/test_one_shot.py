@@ -17,7 +17,8 @@ from hf_blockprune.compact.flops import model_flops, predicted_speedup
 from hf_blockprune.compact.latency import LatencyTable
 from hf_blockprune.compact.one_shot import PruningUnit, prune_one_shot, rescale, search_units
 from hf_blockprune.pruning.importance import unit_fisher
-from hf_blockprune.pruning.model import block_scores, prunable_layers, set_threshold
+from hf_blockprune.pruning.model import block_scores, set_threshold
+from hf_blockprune.structure.discovery import prunable_layers
 
 from conftest import tiny_dataset, tiny_model
 from helpers import model_inputs, model_outputs, preset_config

@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trai
 
 import hf_blockprune
 from hf_blockprune import BlockPruningCallback, BlockPruningConfig, BlockPruningTrainer, apply_block_pruning
-from hf_blockprune.compact.peft_models import PRUNING_STATE_NAME
+from hf_blockprune.integrations.peft import PRUNING_STATE_NAME
 from hf_blockprune.pruning.layer import MaskedLinear
 from hf_blockprune.pruning.model import block_scores, is_block_pruned, set_threshold
 from hf_blockprune.tasks.data import load_sst2

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from hf_blockprune import BlockPruningConfig, compact_model
 from hf_blockprune.pruning.layer import round_kept
-from hf_blockprune.pruning.model import block_scores, prunable_layers
+from hf_blockprune.pruning.model import block_scores
+from hf_blockprune.structure.discovery import prunable_layers
 
 from helpers import make_trainer, model_inputs, model_outputs, preset_config
 

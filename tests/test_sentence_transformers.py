@@ -13,8 +13,9 @@ from transformers import AutoModel, BertForSequenceClassification, BertModel, Be
 import hf_blockprune
 from hf_blockprune import BlockPruningCallback, BlockPruningConfig, BlockPruningTrainer, save_compacted
 from hf_blockprune.compact.saving import MASKED_MODEL_TYPE
+from hf_blockprune.integrations.sentence_transformers import is_sentence_transformer
 from hf_blockprune.structure.modeling_blockprune import shrink_to_layout
-from hf_blockprune.structure.wrappers import is_sentence_transformer, transformers_model
+from hf_blockprune.structure.wrappers import transformers_model
 from hf_blockprune.tasks.defaults import offline_minilm_path, shared_data_dir
 
 from conftest import ARCHS, tiny_config

@@ -1,6 +1,6 @@
-"""The per-layer structure a compacted model keeps, read from its layout: the rows of the card's table and its figure.
+"""What a compacted model keeps, per layer, read from its structure: the rows of the card's table and its figure.
 
-`layer_rows` reads, per layer of `config.blockprune_layout`, the original heads each attention block kept and the FFN
+`layer_rows` reads, per prunable layer, the original heads each attention block kept and the FFN
 size; `heads_cell` writes a row's heads as the card's table shows them, and `write_figure` draws the rows as the
 `pruning_layout.png` saved beside the card. `original_sizes` gives the dense head count and FFN size they are measured
 against. The model card and the `hf-blockprune` command both read them.
@@ -12,33 +12,30 @@ from pathlib import Path
 
 from torch import nn
 
-from ..pruning.model import LAYOUT_ATTRIBUTE
+from ..structure.discovery import structure_of
 
 
 def layer_rows(model: nn.Module) -> list[dict]:
-    """Per layer of the layout: kept heads per attention block (of how many) and the FFN size (of how many).
+    """Per prunable layer of a compacted model (`structure_of(model)`): kept heads per attention block and the FFN
+    size.
 
     Each row has `layer`, `heads` (kept original query heads per attention block), `placeholders` (whether the block
     keeps only a zero placeholder head), `kv_heads` (kept original key/value heads of a grouped-query attention, else
     `None`), `zero_slots` (zero query slots that pad the query groups, or the placeholder) and `ffn_size`.
     """
-    config = model.config
+    structure = structure_of(model)
     rows = []
-    for path, entry in getattr(config, LAYOUT_ATTRIBUTE)["layers"].items():
-        records = entry.get("attention", [])
+    for layer, bound in zip(structure.layers, structure.bind(model), strict=True):
+        attentions = layer.attentions
+        heads = [[head for head in attention.slots if head is not None] for attention in attentions]
         rows.append({
-            "layer": path,
-            "heads": [record["heads"] for record in records],
-            "placeholders": [bool(record.get("placeholder", False)) for record in records],
-            "kv_heads": [
-                [h for h in record["kv_heads"] if h is not None] if "kv_heads" in record else None
-                for record in records
-            ],
-            "zero_slots": [
-                sum(slot is None for slot in record["slots"]) if "slots" in record else int("placeholder" in record)
-                for record in records
-            ],
-            "ffn_size": entry.get("ffn", {}).get("size"),
+            "layer": layer.name,
+            "heads": heads,
+            "placeholders": [bool(attention.slots) and not kept for attention, kept in zip(attentions, heads)],
+            "kv_heads": [[head for head in attention.kv_slots if head is not None] if attention.spec.grouped else None
+                         for attention in attentions],
+            "zero_slots": [attention.slots.count(None) for attention in attentions],
+            "ffn_size": bound.ffn_input.out_features if bound.has_ffn else None,
         })
     return rows
 
@@ -61,9 +58,10 @@ def heads_cell(row: dict) -> str:
 
 
 def original_sizes(model: nn.Module) -> tuple[int, int | None]:
-    """The dense head count and FFN size of the model's config (before pruning)."""
+    """The dense head count (of the first attention's spec) and FFN size of the model's config (before pruning)."""
     config = model.config
-    heads = getattr(config, "num_attention_heads", None)
+    attentions = [attention for layer in structure_of(model).layers for attention in layer.attentions]
+    heads = getattr(config, attentions[0].spec.num_heads, None) if attentions else None
     ffn = next((getattr(config, name) for name in ("intermediate_size", "hidden_dim", "encoder_ffn_dim")
                 if isinstance(getattr(config, name, None), int)), None)
     return heads, ffn

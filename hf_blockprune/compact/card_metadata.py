@@ -18,7 +18,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, try_to_load_fr
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import nn
 
-from ..pruning.model import PRUNING_CONFIG_KEY
+from ..structure.model_structure import PRUNING_CONFIG_KEY
 from ..structure.modeling_blockprune import auto_class_name
 from .stages import recorded_stages
 
@@ -86,6 +86,23 @@ def public_settings(settings: dict | None) -> dict | None:
     if public.get("latency_table") is not None:
         public["latency_table"] = LOCAL_FILE
     return public
+
+
+def make_record_public(config) -> None:
+    """Replace the pruning config recorded in `config` (`blockprune_config`) by its `public_settings`, in place: what a
+    saved `config.json` (pushed to the Hub as is) may hold. Call it after the card, which reads the local teacher's
+    own card for the base model.
+
+    Example:
+        >>> from transformers import BertConfig
+        >>> config = BertConfig(blockprune_config={"teacher_model": "/home/me/teacher", "pruning_method": "topk"})
+        >>> make_record_public(config)
+        >>> config.blockprune_config
+        {'teacher_model': 'a local model (not on the Hub)', 'pruning_method': 'topk'}
+    """
+    record = getattr(config, PRUNING_CONFIG_KEY, None)
+    if isinstance(record, dict):
+        setattr(config, PRUNING_CONFIG_KEY, public_settings(record))
 
 
 def public_stages(config, masked: bool = False) -> list[dict]:

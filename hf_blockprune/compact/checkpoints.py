@@ -18,16 +18,10 @@ import torch
 from torch import nn
 
 from ..pruning.config import BlockPruningConfig
-from ..pruning.model import (
-    LAYOUT_ATTRIBUTE,
-    PRUNING_CONFIG_KEY,
-    TARGETS_ATTRIBUTE,
-    apply_block_pruning,
-    rename_legacy_keys,
-)
+from ..pruning.model import TARGETS_ATTRIBUTE, apply_block_pruning, rename_legacy_keys
+from ..structure.model_structure import LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY
 from ..structure.modeling_blockprune import block_pruned_class
-from ..structure.wrappers import is_sentence_transformer
-from .peft_models import is_peft_model
+from ..structure.wrappers import model_wrapper
 from .saving import SCORE_SUFFIX, architecture_class, read_model_config, weight_names
 
 logger = logging.getLogger(__name__)
@@ -202,13 +196,14 @@ def check_resumable(model: nn.Module, checkpoint: str | os.PathLike) -> None:
 
     The Trainer loads a checkpoint non-strictly: a dense checkpoint, or one whose scores were removed, would leave
     fresh scores in the middle of the schedule with only a generic warning about missing keys. PEFT and
-    sentence-transformers checkpoints are checked by their own loaders (`load_pruning_state`,
-    `load_sentence_transformer_checkpoint`); a folder without `model.safetensors` is left to the Trainer.
+    sentence-transformers checkpoints are checked by their own loaders (`ModelWrapper.checks_own_checkpoints`, see
+    `hf_blockprune.integrations`); a folder without `model.safetensors` is left to the Trainer.
 
     Raises:
         `ValueError`: naming the checkpoint and how many of the model's score tensors it lacks.
     """
-    if is_peft_model(model) or is_sentence_transformer(model):
+    wrapper = model_wrapper(model)
+    if wrapper is not None and wrapper.checks_own_checkpoints:
         return
     path = Path(checkpoint)
     names = set(weight_names(path)) if path.is_dir() else set()

@@ -47,19 +47,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..pruning.model import (
-    CONFIG_ATTRIBUTE,
-    LAYOUT_ATTRIBUTE,
-    PRUNING_CONFIG_KEY,
-    AttentionModules,
-    PrunableLayer,
-    check_model,
-    is_block_pruned,
-    prunable_layers,
-    remove_block_pruning,
-)
+from ..pruning.model import CONFIG_ATTRIBUTE, check_model, is_block_pruned, remove_block_pruning
 from ..pruning.report import ffn_rows_alive, removed_heads, weight_mask
 from ..structure.architectures import known_activation_paths
+from ..structure.discovery import keep_structure, prunable_layers, structure_of
+from ..structure.layers import AttentionModules, PrunableLayer
+from ..structure.model_structure import LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY
 from ..structure.modeling_blockprune import as_block_pruned, set_head_counts
 from ..structure.projections import Conv1DLinear, fuse_projections
 
@@ -416,17 +409,18 @@ def compact_model(model: nn.Module) -> nn.Module:
     check_model(model)
     if not is_block_pruned(model):
         raise ValueError("compact_model expects a model masked by apply_block_pruning (with its masks still on).")
-    pruning_config = getattr(model, CONFIG_ATTRIBUTE, None)  # removed with the masks, needed to find the layers again
+    pruning_config = getattr(model, CONFIG_ATTRIBUTE, None)  # removed with the masks
+    structure = structure_of(model)  # still describes the weights until they are cut
     plans = compaction_plan(model)
-    layout = compaction_layout(prunable_layers(model), plans, getattr(model.config, LAYOUT_ATTRIBUTE, None))
+    layout = compaction_layout(structure.bind(model), plans, getattr(model.config, LAYOUT_ATTRIBUTE, None))
     remove_block_pruning(model, merge=True, fuse=False)
     if pruning_config is not None:  # the compacted model records how it was pruned
         setattr(model.config, PRUNING_CONFIG_KEY, pruning_config.to_dict())
-    # The layers are found under the earlier layout (if any), which still describes the weights.
-    for layer, plan in zip(prunable_layers(model, pruning_config), plans, strict=True):
+    for layer, plan in zip(structure.bind(model), plans, strict=True):
         _compact_layer(model, layer, plan)
     fuse_projections(model)
     setattr(model.config, LAYOUT_ATTRIBUTE, layout)
+    keep_structure(model, structure.with_layout(layout))  # the compacted shapes, from the record just written
     as_block_pruned(model)  # saves with its loader, under a model type plain transformers cannot mistake
     kept_heads = sum(len(heads) for plan in plans for heads in plan.heads)
     kept_neurons = sum(len(plan.neurons or ()) for plan in plans)

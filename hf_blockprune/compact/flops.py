@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..pruning.config import BlockPruningConfig
-from ..pruning.model import AttentionModules, PrunableLayer, is_block_pruned, prunable_layers
+from ..pruning.model import is_block_pruned
+from ..structure.discovery import prunable_layers
+from ..structure.layers import AttentionModules, PrunableLayer
 from ..structure.projections import ProjectionView, is_projection, linear_weight
 from .compaction import LayerPlan, compaction_plan
 
@@ -153,9 +154,7 @@ def _layer_flops(layer: PrunableLayer, plan: LayerPlan | None, seq_len: int) -> 
     return flops
 
 
-def model_flops(
-    model: nn.Module, seq_len: int, kept_only: bool = False, config: BlockPruningConfig | None = None
-) -> FlopsBreakdown:
+def model_flops(model: nn.Module, seq_len: int, kept_only: bool = False) -> FlopsBreakdown:
     """FLOPs of one forward pass of `model` over one sequence of `seq_len` tokens (see the module docstring).
 
     Args:
@@ -165,15 +164,16 @@ def model_flops(
             would keep: heads that are not dead (`report.dead_heads`), at full head size, and FFN neurons whose input
             row and output column both survive (`compaction_plan`). This is the cost of the compacted model. With
             `False`, a masked model costs as much as the dense one. No effect on an unmasked model.
-        config (`BlockPruningConfig`, *optional*): to find the layers of a custom architecture whose masks (and so
-            their config) are gone; defaults to the model's own config, else the built-in module maps.
+
+    The layers are those of `structure_of(model)` (a custom architecture's are found with its module patterns when
+    it is masked, and kept with the model).
 
     Returns:
         `FlopsBreakdown`: the counts by kind.
     """
     if seq_len < 1:
         raise ValueError(f"`seq_len` must be >= 1, got {seq_len}.")
-    layers = prunable_layers(model, config)
+    layers = prunable_layers(model)
     plans = compaction_plan(model) if kept_only and is_block_pruned(model) else [None] * len(layers)
     flops = FlopsBreakdown(fixed=fixed_flops(model, layers, seq_len))
     for layer, plan in zip(layers, plans, strict=True):

@@ -43,15 +43,9 @@ import torch
 from torch import nn
 
 from ..pruning.config import BlockPruningConfig
-from ..pruning.model import (
-    PrunableLayer,
-    apply_block_pruning,
-    block_scores,
-    is_block_pruned,
-    prunable_layers,
-    remove_block_pruning,
-    set_threshold,
-)
+from ..pruning.model import apply_block_pruning, block_scores, is_block_pruned, remove_block_pruning, set_threshold
+from ..structure.discovery import prunable_layers
+from ..structure.layers import PrunableLayer
 from .compaction import compact_model, compaction_plan
 
 logger = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 
-from ..pruning.model import LAYOUT_ATTRIBUTE
 from ..pruning.report import parameter_counts
+from ..structure.model_structure import LAYOUT_ATTRIBUTE
 from ..structure.modeling_blockprune import auto_class_name, base_model_type
 from .card_figure import heads_cell, layer_rows, original_sizes, write_figure
 from .card_metadata import (

@@ -35,18 +35,11 @@ from torch import nn
 
 from ..pruning.config import BlockPruningConfig
 from ..pruning.importance import LossFunction, evaluating, to_device, unit_fisher
-from ..pruning.model import (
-    LAYOUT_ATTRIBUTE,
-    AttentionModules,
-    PrunableLayer,
-    apply_block_pruning,
-    block_scores,
-    check_model,
-    is_block_pruned,
-    prunable_layers,
-    set_threshold,
-)
+from ..pruning.model import apply_block_pruning, block_scores, check_model, is_block_pruned, set_threshold
 from ..pruning.report import parameter_counts
+from ..structure.discovery import prunable_layers
+from ..structure.layers import AttentionModules, PrunableLayer
+from ..structure.model_structure import LAYOUT_ATTRIBUTE
 from .card_metadata import base_model_metadata, public_stages
 from .compaction import compact_model
 from .flops import attention_flops, ffn_flops, model_flops

@@ -23,15 +23,11 @@ import transformers
 from torch import nn
 
 from ..pruning.config import BlockPruningConfig
-from ..pruning.model import (
-    CONFIG_ATTRIBUTE,
-    LAYOUT_ATTRIBUTE,
-    PRUNING_CONFIG_KEY,
-    is_block_pruned,
-    record_slots,
-    split_projections,
-)
+from ..pruning.model import CONFIG_ATTRIBUTE, is_block_pruned, split_projections
 from ..pruning.report import parameter_counts
+from ..structure.discovery import structure_of
+from ..structure.layers import PrunableLayer
+from ..structure.model_structure import LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY
 from ..structure.modeling_blockprune import (
     as_block_pruned,
     base_class,
@@ -40,20 +36,15 @@ from ..structure.modeling_blockprune import (
     block_pruned_config_class,
 )
 from ..structure.projections import fuse_projections
-from ..structure.wrappers import is_sentence_transformer
+from ..structure.wrappers import MODEL_WRAPPERS, ModelWrapper, model_wrapper
 from .atomic import atomic_directory, recover_interrupted_save
-from .card_metadata import CARD_DATA_ATTRIBUTE, public_settings, public_stages
+from .card_metadata import CARD_DATA_ATTRIBUTE, make_record_public, public_settings, public_stages
 from .compaction import compact_model
 from .model_card import write_model_card
-from .peft_models import is_peft_model, is_peft_model_class, load_pruning_state, merged_copy, save_pruning_state
 from .stages import FINE_TUNING, MOVEMENT_PRUNING, STAGES_KEY, add_stage
 
 logger = logging.getLogger(__name__)
 
-# Savers of containers around a transformers model, `(applies(model), saver)`, registered by their modules (the
-# sentence-transformers one by `compact/sentence_transformers.py`, imported by the package): `save_compacted` hands
-# such a model to the first that applies.
-CONTAINER_SAVERS: list = []
 MASKED_MODEL_TYPE = "blockprune_masked_checkpoint"
 MASKED_RECORD_KEY = "blockprune_checkpoint"
 
@@ -122,7 +113,8 @@ def compacted_copy(model: nn.Module, pruning_config: BlockPruningConfig | None =
     """
     if not is_block_pruned(model) and not is_compacted(model):
         raise ValueError("save_compacted expects a model masked by hf_blockprune, or one it compacted already.")
-    clone = merged_copy(model) if is_peft_model(model) else copy.deepcopy(model)  # LoRA: adapters merged, masks kept
+    wrapper = model_wrapper(model)
+    clone = copy.deepcopy(model) if wrapper is None else wrapper.compaction_copy(model)  # LoRA: adapters merged
     dense_counts = parameter_counts(clone)
     clone.__class__ = plain_class(type(clone))
     if not is_block_pruned(clone):
@@ -172,7 +164,7 @@ def save_compacted(
     and refuses it without), `README.md` (the model card) and `pruning_layout.png`, plus `processing_class` if given.
     A save killed midway leaves the old model or the new one, never a mix of their files (see `atomic_directory`);
     other entries of the folder are left alone. A sentence-transformers model (e.g. `SentenceTransformer`) is saved by
-    its own `save` with its transformer compacted (see `compact.sentence_transformers`).
+    its own `save` with its transformer compacted (see `hf_blockprune.integrations.sentence_transformers`).
 
     Args:
         model (`nn.Module`): a masked model (or an already compacted one).
@@ -212,18 +204,22 @@ def save_compacted(
         True
     """
     pruning_config = pruning_config or getattr(model, CONFIG_ATTRIBUTE, None)
-    for applies, saver in CONTAINER_SAVERS:  # e.g. a SentenceTransformer: its transformer compacted, its own `save`
-        if applies(model):
-            return saver(model, save_directory, pruning_config, processing_class, model_card, card_data=card_data)
+    wrapper = model_wrapper(model)  # e.g. a SentenceTransformer: its transformer compacted, saved by its own `save`
+    saved = None if wrapper is None else wrapper.save_compacted(
+        model, save_directory, pruning_config=pruning_config, processing_class=processing_class,
+        model_card=model_card, card_data=card_data)
+    if saved is not None:
+        return saved
     card_data = {**getattr(model, CARD_DATA_ATTRIBUTE, {}), **(card_data or {})}
     compacted = compacted_copy(model, pruning_config, card_data.get("training"))
     refuse_non_finite(compacted, save_directory)
     with atomic_directory(save_directory) as staging:
+        if model_card:
+            write_model_card(staging, compacted, card_data=card_data)
+        make_record_public(compacted.config)  # no local path (the teacher's) in config.json
         compacted.save_pretrained(staging)
         if processing_class is not None:
             processing_class.save_pretrained(staging)
-        if model_card:
-            write_model_card(staging, compacted, card_data=card_data)
     logger.info("Saved the compacted model to %s", save_directory)
     return compacted
 
@@ -281,7 +277,7 @@ def from_pretrained(path: str | os.PathLike, model_class: type | None = None, **
         )
     cls = block_pruned_class(model_class or architecture_class(config))  # saves its loading code again
     try:
-        return cls.from_pretrained(path, config=config, **kwargs)
+        model = cls.from_pretrained(path, config=config, **kwargs)
     except RuntimeError as error:
         if "mismatch" not in str(error).lower():
             raise
@@ -289,6 +285,8 @@ def from_pretrained(path: str | os.PathLike, model_class: type | None = None, **
             f"The weights in {path} do not match the pruning layout recorded in its config.json "
             f"(`{LAYOUT_ATTRIBUTE}`): the folder was modified or mixed with another model's files.\n{error}"
         ) from None
+    structure_of(model)  # found once, from the layout, and kept with the model
+    return model
 
 
 def _refuse_masked_checkpoint(path: str | os.PathLike) -> None:
@@ -310,25 +308,23 @@ def _slot_rows(slots: list[int | None], head_dim: int) -> tuple[torch.Tensor, to
 
 
 @torch.no_grad()
-def _scatter_layer(dense_layer: nn.Module, small_layer: nn.Module, entry: dict) -> None:
-    for attention in entry.get("attention", []):
-        slots, kv_slots = record_slots(attention)
-        query_rows = _slot_rows(slots, attention["head_dim"])
-        kv_rows = _slot_rows(kv_slots, attention["head_dim"])
-        targets = [(attention["query"], query_rows), (attention["key"], kv_rows), (attention["value"], kv_rows)]
-        for path, rows in targets + [(path, query_rows) for path in attention.get("head_rows", [])]:
-            _copy_rows(*_pair(dense_layer, small_layer, path), *rows)
-        _copy_cols(*_pair(dense_layer, small_layer, attention["output"]), *query_rows)
-    if "ffn" in entry:
-        ffn = entry["ffn"]
-        kept = torch.arange(ffn["size"])  # neurons are interchangeable: pack them first
-        for path in ffn.get("inputs", [ffn.get("input")]):
-            _copy_rows(*_pair(dense_layer, small_layer, path), kept, kept)
-        _copy_cols(*_pair(dense_layer, small_layer, ffn["output"]), kept, kept)
-
-
-def _pair(dense_layer: nn.Module, small_layer: nn.Module, path: str) -> tuple[nn.Module, nn.Module]:
-    return dense_layer.get_submodule(path), small_layer.get_submodule(path)
+def _scatter_layer(dense: PrunableLayer, small: PrunableLayer) -> None:
+    """Copy a compacted layer's weights into the zeroed rows and columns of its dense counterpart."""
+    for dense_attention, attention in zip(dense.attentions, small.attentions, strict=True):
+        query_rows = _slot_rows(attention.slots, attention.head_dim)
+        kv_rows = _slot_rows(attention.kv_slots, attention.head_dim)
+        pairs = [(dense_attention.query, attention.query, query_rows), (dense_attention.key, attention.key, kv_rows),
+                 (dense_attention.value, attention.value, kv_rows)]
+        pairs += [(dense_attention.head_rows[path], module, query_rows)
+                  for path, module in attention.head_rows.items()]
+        for dense_linear, linear, rows in pairs:
+            _copy_rows(dense_linear, linear, *rows)
+        _copy_cols(dense_attention.output, attention.output, *query_rows)
+    if small.has_ffn:
+        kept = torch.arange(small.ffn_input.out_features)  # neurons are interchangeable: pack them first
+        for dense_linear, linear in zip(dense.ffn_inputs, small.ffn_inputs, strict=True):
+            _copy_rows(dense_linear, linear, kept, kept)
+        _copy_cols(dense.ffn_output, small.ffn_output, kept, kept)
 
 
 def _copy_rows(dense: nn.Linear, small: nn.Linear, small_rows: torch.Tensor, dense_rows: torch.Tensor) -> None:
@@ -388,7 +384,6 @@ def export_dense(model: nn.Module, save_directory: str | os.PathLike, processing
         True
     """
     compacted = compacted_copy(model)
-    layout = getattr(compacted.config, LAYOUT_ATTRIBUTE)
     base = plain_class(type(compacted))
     dense = base(dense_config(compacted.config)).to(dtype=next(compacted.parameters()).dtype)
     small_state = {k: v for k, v in compacted.state_dict().items()}
@@ -397,12 +392,11 @@ def export_dense(model: nn.Module, save_directory: str | os.PathLike, processing
         if key in dense_state and dense_state[key].shape == value.shape:
             dense_state[key].copy_(value)
     # fused projections and Conv1D are scattered part by part, as nn.Linear
-    recorded = getattr(compacted.config, PRUNING_CONFIG_KEY, None)
-    pruning_config = BlockPruningConfig.from_dict(recorded) if isinstance(recorded, dict) else None
-    split_projections(compacted, pruning_config)
-    split_projections(dense, pruning_config)
-    for layer_path, entry in layout["layers"].items():
-        _scatter_layer(dense.get_submodule(layer_path), compacted.get_submodule(layer_path), entry)
+    structure = structure_of(compacted)
+    structure_of(dense, structure.patterns)  # the dense layers: the same stacks, every head (no layout)
+    small_layers, dense_layers = split_projections(compacted), split_projections(dense)
+    for small, full in zip(small_layers, dense_layers, strict=True):
+        _scatter_layer(full, small)
     fuse_projections(dense)
     refuse_non_finite(dense, save_directory)
     with atomic_directory(save_directory) as staging:
@@ -492,26 +486,11 @@ def _save_pretrained(self, save_directory, is_main_process: bool = True, state_d
     saving_of = type(self)._blockprune_saving_of
     if is_main_process and is_block_pruned(self):
         refuse_non_finite(self, save_directory)  # e.g. `save_model()` after a run stopped on NaN scores
-    if is_sentence_transformer(self):  # its save_pretrained takes neither `is_main_process` nor `state_dict`
-        if is_main_process:
-            saving_of.save_pretrained(self, save_directory, **kwargs)
-    else:
-        saving_of.save_pretrained(
-            self, save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs
-        )
+    wrapper = model_wrapper(self) or ModelWrapper()
+    wrapper.save_pretrained(saving_of, self, save_directory, is_main_process, state_dict, **kwargs)
     if is_main_process and is_block_pruned(self):
         mark_masked_checkpoint(save_directory)
-        if is_peft_model(self):  # peft saved the adapters only
-            save_pruning_state(self, save_directory)
-
-
-def _load_adapter(self, model_id, adapter_name, *args, **kwargs):
-    """`PeftModel.load_adapter` of a PEFT model in a save mode: the Trainer resumes through it, so the checkpoint's
-    mask scores and controller state are loaded too."""
-    result = type(self)._blockprune_saving_of.load_adapter(self, model_id, adapter_name, *args, **kwargs)
-    if is_block_pruned(self) and os.path.isdir(model_id):
-        load_pruning_state(self, model_id)
-    return result
+        wrapper.after_checkpoint_save(self, save_directory)  # e.g. a PEFT model's scores beside its adapters
 
 
 _SAVING_CLASSES: dict[type, type] = {}
@@ -526,7 +505,8 @@ def _set_save_mode(model: nn.Module, compact: bool) -> nn.Module:
             (current,),
             {
                 "save_pretrained": _save_pretrained,
-                **({"load_adapter": _load_adapter} if is_peft_model_class(current) else {}),
+                **{name: method for wrapper in MODEL_WRAPPERS if wrapper.applies_to_class(current)
+                   for name, method in wrapper.class_methods(current).items()},
                 "_blockprune_saving_of": current,
                 "_blockprune_base": plain_class(current),
                 "__module__": current.__module__,

@@ -16,7 +16,7 @@ as one movement-pruning stage with the pruning config it records.
 
 from __future__ import annotations
 
-from ..pruning.model import LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY
+from ..structure.model_structure import LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY
 
 STAGES_KEY = "blockprune_stages"
 MOVEMENT_PRUNING = "block_movement_pruning"

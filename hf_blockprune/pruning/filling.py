@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..structure.discovery import prunable_layers
 from .layer import MaskedLinear
-from .model import prunable_layers
 from .report import dead_heads, weight_mask
 
 

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import dense_weight, has_lora_dropout, is_lora_layer, lora_delta_output, unwrap
 from .binarizers import binarize
 
 GRID_VIEWS = ("grid", "rows", "cols")
@@ -166,6 +165,54 @@ class BlockScores(nn.Module):
         return f"grid={tuple(self.scores.shape)}, method={self.method}, kind={self.kind}"
 
 
+class WrappedLinear:
+    """What `MaskedLinear` needs to know of a module that wraps an `nn.Linear` and adds to its output (peft's LoRA
+    layers): one instance per kind, in `WRAPPED_LINEARS`, registered by its integration
+    (`hf_blockprune.integrations.peft`), so that the core never imports the library that defines the wrapper.
+
+    Example:
+        >>> from torch import nn
+        >>> from hf_blockprune.pruning.layer import wrapped_linear
+        >>> wrapped_linear(nn.Linear(4, 4)) is None  # a plain nn.Linear is masked as it is
+        True
+    """
+
+    def applies(self, module: nn.Module) -> bool:
+        """Whether `module` is a wrapper of this kind."""
+        raise NotImplementedError
+
+    def weight(self, module: nn.Module) -> torch.Tensor:
+        """The `(out, in)` weight the wrapper computes with (base plus its deltas, with their gradient)."""
+        raise NotImplementedError
+
+    def linear(self, module: nn.Module) -> nn.Linear:
+        """The wrapped `nn.Linear`."""
+        raise NotImplementedError
+
+    def separate_delta(self, module: nn.Module) -> bool:
+        """Whether, in training, its delta must be computed apart from the base (a dropout on the delta's input)."""
+        return False
+
+    def delta_output(self, module: nn.Module, hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The delta's share of the output with the `(out, in)` mask applied (used when `separate_delta`)."""
+        raise NotImplementedError
+
+    def unwrap(self, module: nn.Module, merge: bool, safe_merge: bool = False, adapter_names=None) -> nn.Module:
+        """The wrapped layer, the deltas merged into its weight if `merge`."""
+        raise NotImplementedError
+
+    def check(self, path: str, module: nn.Module, config) -> None:
+        """Refuse (`ValueError`, naming `path`) a wrapper that masks cannot act on exactly under `config`."""
+
+
+WRAPPED_LINEARS: list[WrappedLinear] = []
+
+
+def wrapped_linear(module: nn.Module) -> WrappedLinear | None:
+    """The registered kind of wrapper `module` is (`WRAPPED_LINEARS`), or `None` for a plain layer."""
+    return next((kind for kind in WRAPPED_LINEARS if kind.applies(module)), None)
+
+
 class MaskedLinear(nn.Module):
     """An `nn.Linear` whose weight is multiplied, block by block, by the mask of a `BlockScores`.
 
@@ -175,8 +222,8 @@ class MaskedLinear(nn.Module):
     value projections of grouped-query attention, whose heads each serve `g` query heads.
 
     The base layer may be a peft LoRA layer over an `nn.Linear`: the mask then applies to its effective weight (base
-    plus the active adapters' deltas, see `hf_blockprune.pruning.adapters`), and peft's `merge_and_unload()` keeps
-    the mask (`unload_and_optionally_merge_module`).
+    plus the active adapters' deltas, see `WrappedLinear` and `hf_blockprune.integrations.peft`), and peft's
+    `merge_and_unload()` keeps the mask (`unload_and_optionally_merge_module`).
 
     Args:
         base_layer (`nn.Linear` or a peft LoRA `Linear`): the layer to mask; kept as the child `base_layer`.
@@ -266,7 +313,8 @@ class MaskedLinear(nn.Module):
 
     def masked_weight(self, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The (effective) weight multiplied block by block by the mask grid (or by the fixed mask, once set)."""
-        weight = dense_weight(self.base_layer)
+        kind = wrapped_linear(self.base_layer)
+        weight = self.base_layer.weight if kind is None else kind.weight(self.base_layer)
         if self.fixed_mask is not None and mask is None:
             return weight * self.fixed_mask
         grid = self.weight_mask(mask)
@@ -278,11 +326,12 @@ class MaskedLinear(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """`F.linear` with the masked weight and the unmasked bias."""
         base = self.base_layer
-        if self.training and has_lora_dropout(base):
+        kind = wrapped_linear(base)
+        if self.training and kind is not None and kind.separate_delta(base):
             # the adapters see their dropout's input, as in peft: W x + delta dropout(x), both masked
             mask = self.full_mask()
-            output = F.linear(hidden_states, base.get_base_layer().weight * mask, self.bias)
-            return output + lora_delta_output(base, hidden_states, mask)
+            output = F.linear(hidden_states, kind.linear(base).weight * mask, self.bias)
+            return output + kind.delta_output(base, hidden_states, mask)
         return F.linear(hidden_states, self.masked_weight(), self.bias)
 
     def merge(self) -> nn.Linear:
@@ -290,12 +339,15 @@ class MaskedLinear(nn.Module):
         is taken out, its deltas merged."""
         with torch.no_grad():
             weight = self.masked_weight()
-            linear = self.base_layer.get_base_layer() if is_lora_layer(self.base_layer) else self.base_layer
+            kind = wrapped_linear(self.base_layer)
+            linear = self.base_layer if kind is None else kind.linear(self.base_layer)
             linear.weight.copy_(weight)
         return linear
 
     def unload_and_optionally_merge_module(self, merge: bool = True, safe_merge: bool = False, adapter_names=None):
         """peft's `merge_and_unload()` / `unload()` hook: take out the LoRA layer under the mask (its deltas merged
         into the base weight if `merge`), keep the mask and scores. Returns this module."""
-        self.base_layer = unwrap(self.base_layer, merge, safe_merge, adapter_names)
+        kind = wrapped_linear(self.base_layer)
+        if kind is not None:
+            self.base_layer = kind.unwrap(self.base_layer, merge, safe_merge, adapter_names)
         return self

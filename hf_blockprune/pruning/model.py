@@ -4,266 +4,35 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..structure.architectures import AttentionSpec, FFNSpec, LayerStackSpec, find_layer_lists, stack_specs
-from ..structure.projections import ProjectionView, SplitProjection, fuse_projections, split_views
-from .adapters import check_lora_base, check_lora_layer, is_lora_layer
+from ..structure.discovery import prunable_layers, structure_of
+from ..structure.layers import AttentionModules, PrunableLayer
+from ..structure.model_structure import PRUNING_CONFIG_KEY
+from ..structure.projections import ProjectionView, fuse_projections, split_views
 from .config import BlockPruningConfig
-from .layer import BlockScores, MaskedLinear
+from .layer import BlockScores, MaskedLinear, wrapped_linear
 
-# Every name hf_blockprune adds to a model, its config or its state dict starts with `blockprune_`.
+# Every name hf_blockprune adds to a model, its config or its state dict starts with `blockprune_` (the structure's
+# records: hf_blockprune.structure.model_structure).
 CONFIG_ATTRIBUTE = "blockprune_config"  # the BlockPruningConfig object a model was masked with (not saved)
-LAYOUT_ATTRIBUTE = "blockprune_layout"
-PRUNING_CONFIG_KEY = "blockprune_config"  # the pruning config, as a dict, in model.config (so checkpoints carry it)
 RECORD_BEFORE_ATTRIBUTE = "_blockprune_config_before"  # model.config's record before masking, restored by remove
 TARGETS_ATTRIBUTE = "blockprune_targets"  # the density controller's state (hf_blockprune.pruning.targets), saved
 LEGACY_TARGETS_ATTRIBUTE = "block_pruning_targets"  # its name in checkpoints written before 0.1.0: still read
 
 
-@dataclass
-class AttentionModules:
-    """The four projections of one attention block, its head slots and their names relative to the layer.
-
-    A *slot* is a head's place in the projections' weights: query slot `s` is rows `s * head_dim ...` of the query
-    projection and the same columns of the output projection; key/value slot `g` is rows `g * head_dim ...` of the
-    key and value projections, and serves the query slots `g * group ... (g + 1) * group - 1` (`group =
-    num_heads // num_kv_heads`, 1 without grouped-query attention).
-
-    Args:
-        query (`nn.Module`), key (`nn.Module`), value (`nn.Module`), output (`nn.Module`): the projections.
-        spec (`AttentionSpec`): the projections' paths, head-count attributes and cache role.
-        head_dim (`int`): the size of one head (from the layout for a compacted model, which may have no head left).
-        slots (`list[int | None]`): per query slot, the original index of the head it holds (all heads of a model
-            never compacted, the kept heads recorded in `config.blockprune_layout` for a compacted one), or `None`
-            for a zero placeholder slot (zero query rows and output columns: it adds exactly 0).
-        kv_slots (`list[int | None]`): the same for key/value slots (equal to `slots` without grouped-query
-            attention); `None` is a zero placeholder key/value head, kept so that generation's KV cache has a length
-            (see `AttentionSpec.keeps_a_head`).
-        head_rows (`dict[str, nn.Module]`, *optional*): the projections of `spec.head_rows` this layer has, by path
-            (one block of rows per query slot; not masked).
-
-    A projection that is part of a fused one, or a `Conv1D`, is read through a `ProjectionView` until the model is
-    masked (`split_projections`).
-    """
-
-    query: nn.Module
-    key: nn.Module
-    value: nn.Module
-    output: nn.Module
-    spec: AttentionSpec
-    head_dim: int
-    slots: list[int | None]
-    kv_slots: list[int | None]
-    head_rows: dict[str, nn.Module] = field(default_factory=dict)
-
-    @property
-    def num_heads(self) -> int:
-        """Query head slots in the projections' weights (placeholders included)."""
-        return len(self.slots)
-
-    @property
-    def num_kv_heads(self) -> int:
-        """Key/value head slots in the key and value projections (placeholders included)."""
-        return len(self.kv_slots)
-
-    @property
-    def group(self) -> int:
-        """Query slots per key/value slot (1 without grouped-query attention)."""
-        return self.num_heads // max(self.num_kv_heads, 1)
-
-    @property
-    def heads(self) -> list[int]:
-        """The original indices of the real heads, in slot order."""
-        return [head for head in self.slots if head is not None]
-
-    @property
-    def real_heads(self) -> int:
-        """Query slots that hold real heads (all but placeholders)."""
-        return len(self.heads)
-
-    @property
-    def placeholder(self) -> bool:
-        """Whether the block holds a zero placeholder slot and no real head (a decoder self-attention emptied)."""
-        return self.num_heads > 0 and self.real_heads == 0
-
-
-@dataclass
-class PrunableLayer:
-    """One transformer layer: its name, its attention blocks and its FFN projections (`ffn_inputs` empty if absent).
-
-    `ffn_inputs` holds one input projection (classic FFN) or several combined element-wise (a gated MLP: gate, up).
-    `ffn_placeholder`: a compacted FFN that lost every neuron but keeps one zero neuron (its `Conv1D` output projection
-    cannot read 0 features); it has nothing left to prune.
-    """
-
-    name: str
-    attentions: list[AttentionModules]
-    ffn_inputs: list[nn.Module]
-    ffn_output: nn.Module | None
-    ffn_spec: FFNSpec | None = None
-    ffn_placeholder: bool = False
-
-    @property
-    def ffn_input(self) -> nn.Module | None:
-        """The first FFN input projection (the only one of a classic FFN), or `None` without FFN."""
-        return self.ffn_inputs[0] if self.ffn_inputs else None
-
-    @property
-    def has_ffn(self) -> bool:
-        """Whether the layer has an FFN to prune."""
-        return bool(self.ffn_inputs) and self.ffn_output is not None
-
-    def ffn_paths(self) -> dict[str, str]:
-        """The FFN projections' full module paths by role (`input`, `input.1`, ..., `output`)."""
-        inputs = self.ffn_spec.inputs
-        paths = {("input" if i == 0 else f"input.{i}"): f"{self.name}.{path}" for i, path in enumerate(inputs)}
-        return {**paths, "output": f"{self.name}.{self.ffn_spec.output}"}
-
-    def linears(self) -> list[nn.Module]:
-        """Every prunable projection of the layer: each attention's query, key, value, output, then the FFN's."""
-        modules = [m for attn in self.attentions for m in (attn.query, attn.key, attn.value, attn.output)]
-        return modules + list(self.ffn_inputs) + ([self.ffn_output] if self.ffn_output is not None else [])
-
-
-def _submodule(layer: nn.Module, layer_name: str, path: str) -> nn.Module:
-    try:
-        module = layer.get_submodule(path)
-    except AttributeError:
-        raise ValueError(f"Layer {layer_name!r} has no module {path!r}; check the module names.") from None
-    check_lora_base(f"{layer_name}.{path}", module)  # before reading its shape
-    return module
-
-
-def _projection(layer: nn.Module, layer_name: str, path: str) -> nn.Module:
-    """The module at `path`; a `Conv1D` is read through a `ProjectionView` (its weight is stored transposed)."""
-    module = _submodule(layer, layer_name, path)
-    return ProjectionView(module, path) if type(module).__name__ == "Conv1D" else module
-
-
-def _parts(layer: nn.Module, layer_name: str, fused: str, paths: list[str], sizes: list[int]) -> list[nn.Module]:
-    """The parts of the fused projection at `fused`: its `SplitProjection` children once split, else views of
-    consecutive rows of `sizes`."""
-    module = _submodule(layer, layer_name, fused)
-    if isinstance(module, SplitProjection):
-        return [_submodule(layer, layer_name, path) for path in paths]
-    whole = ProjectionView(module, fused).out_features
-    if sum(sizes) != whole:
-        raise ValueError(
-            f"{layer_name}.{fused} has {whole} output features, which do not split into parts of {sizes}: check the "
-            "head counts (`num_heads_attribute`, `num_kv_heads_attribute`)."
-        )
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    return [ProjectionView(module, fused, path.rpartition(".")[2], start, start + size)
-            for path, start, size in zip(paths, starts, sizes)]
-
-
-def _config_count(model: nn.Module, attribute: str, field_name: str) -> int:
-    value = getattr(getattr(model, "config", None), attribute, None)
-    if not isinstance(value, int) or value <= 0:
-        raise ValueError(
-            f"Cannot read a head count from model.config.{attribute}; set `{field_name}` to the model-config field "
-            "that holds it."
-        )
-    return value
-
-
-def _head_counts(model: nn.Module, spec: AttentionSpec) -> tuple[int, int]:
-    """`(query heads, key/value heads)` of a dense attention block, from the model config."""
-    heads = _config_count(model, spec.num_heads, "num_heads_attribute")
-    if spec.num_kv_heads is None:
-        return heads, heads
-    return heads, _config_count(model, spec.num_kv_heads, "num_kv_heads_attribute")
-
-
-def _layout_record(model: nn.Module, layer_name: str, spec: AttentionSpec) -> dict | None:
-    """The record of this attention in `config.blockprune_layout` (a compacted model), matched by query path."""
-    layout = getattr(getattr(model, "config", None), LAYOUT_ATTRIBUTE, None) or {}
-    entry = layout.get("layers", {}).get(layer_name) or {}
-    return next((record for record in entry.get("attention", []) if record["query"] == spec.query), None)
-
-
-def record_slots(record: dict) -> tuple[list[int | None], list[int | None]]:
-    """`(query slots, key/value slots)` of a layout record (see `AttentionModules`; `None` is a zero placeholder).
-
-    Version 3 records of grouped-query attention list them (`"slots"`, `"kv_heads"`); earlier records hold the kept
-    heads, then one placeholder slot if `"placeholder"` is true, with as many key/value heads as query heads.
-    """
-    if "slots" in record:
-        return list(record["slots"]), list(record["kv_heads"])
-    slots = list(record["heads"]) + ([None] if record.get("placeholder") else [])
-    return slots, list(slots)
-
-
-def _width(layer: nn.Module, layer_name: str, path: str) -> int:
-    """Output features of the projection at `path` (summed over the parts of a split fused projection)."""
-    module = _submodule(layer, layer_name, path)
-    if isinstance(module, SplitProjection):
-        return sum(module.get_submodule(name).out_features for name in module.part_names)
-    return getattr(_projection(layer, layer_name, path), "out_features", 0)  # not a Linear: refused later
-
-
-def _slots_and_head_dim(model, layer, layer_name: str, spec: AttentionSpec) -> tuple[list, list, int]:
-    """`(query slots, key/value slots, head size)`: from the layout of a compacted model, else the config."""
-    record = _layout_record(model, layer_name, spec)
-    if record is not None:
-        return *record_slots(record), record["head_dim"]
-    heads, kv_heads = _head_counts(model, spec)
-    if spec.fused:
-        head_dim = _width(layer, layer_name, spec.fused) // (heads + 2 * kv_heads)
-    else:
-        head_dim = _width(layer, layer_name, spec.query) // heads
-    return list(range(heads)), list(range(kv_heads)), head_dim  # head_dim 0: refused by check_prunable
-
-
-def _has_module(layer: nn.Module, path: str) -> bool:
-    try:
-        layer.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
-
-
-def _attention(model: nn.Module, layer: nn.Module, layer_name: str, spec: AttentionSpec) -> AttentionModules:
-    slots, kv_slots, head_dim = _slots_and_head_dim(model, layer, layer_name, spec)
-    if spec.fused:
-        sizes = [len(slots) * head_dim, len(kv_slots) * head_dim, len(kv_slots) * head_dim]
-        modules = _parts(layer, layer_name, spec.fused, [spec.query, spec.key, spec.value], sizes)
-    else:
-        modules = [_projection(layer, layer_name, path) for path in (spec.query, spec.key, spec.value)]
-    output = _projection(layer, layer_name, spec.output)
-    head_rows = {path: _projection(layer, layer_name, path) for path in spec.head_rows if _has_module(layer, path)}
-    return AttentionModules(*modules, output, spec, head_dim, slots, kv_slots, head_rows)
-
-
-def _ffn_inputs(layer: nn.Module, layer_name: str, spec: FFNSpec) -> list[nn.Module]:
-    if spec.fused is None:
-        return [_projection(layer, layer_name, path) for path in spec.inputs]
-    size = _width(layer, layer_name, spec.fused) // len(spec.inputs)
-    return _parts(layer, layer_name, spec.fused, list(spec.inputs), [size] * len(spec.inputs))
-
-
-def _prunable_layer(model: nn.Module, name: str, layer: nn.Module, spec: LayerStackSpec) -> PrunableLayer:
-    attentions = [_attention(model, layer, name, attention) for attention in spec.attentions]
-    ffn_inputs = _ffn_inputs(layer, name, spec.ffn) if spec.ffn else []
-    ffn_output = _projection(layer, name, spec.ffn.output) if spec.ffn else None
-    layout = getattr(getattr(model, "config", None), LAYOUT_ATTRIBUTE, None) or {}
-    placeholder = bool(((layout.get("layers", {}).get(name) or {}).get("ffn") or {}).get("placeholder"))
-    return PrunableLayer(name, attentions, ffn_inputs, ffn_output, spec.ffn, placeholder)
-
-
-def split_projections(model: nn.Module, config: BlockPruningConfig | None = None) -> list[PrunableLayer]:
+def split_projections(model: nn.Module) -> list[PrunableLayer]:
     """Give every prunable projection read through a `ProjectionView` its own `nn.Linear`, in place.
 
     A fused projection becomes a `SplitProjection` of its parts, a `Conv1D` a `Conv1DLinear`; the model computes the
-    same function. `fuse_projections` (called by `remove_block_pruning` and compaction) undoes it.
+    same function. `fuse_projections` (called by `remove_block_pruning` and compaction) undoes it. The layers are
+    those of `structure_of(model)`, whose paths stay valid.
 
     Returns:
-        `list[PrunableLayer]`: the layers listed again, now holding the new modules.
+        `list[PrunableLayer]`: the layers bound again, now holding the new modules.
     """
-    for layer in prunable_layers(model, config):
+    for layer in prunable_layers(model):
         owner = model.get_submodule(layer.name)
         modules = layer.linears() + [m for attention in layer.attentions for m in attention.head_rows.values()]
         by_source: dict[int, list[ProjectionView]] = {}
@@ -272,35 +41,7 @@ def split_projections(model: nn.Module, config: BlockPruningConfig | None = None
         for views in by_source.values():
             views.sort(key=lambda view: view.start)
             _replace(owner, views[0].path, split_views(views, [view.part for view in views]))
-    return prunable_layers(model, config)
-
-
-def prunable_layers(model: nn.Module, config: BlockPruningConfig | None = None) -> list[PrunableLayer]:
-    """List the layers of `model` that block pruning acts on, in module-tree order.
-
-    The head slots of each attention come from `config.blockprune_layout` when the model was compacted before.
-
-    Args:
-        model (`nn.Module`): a transformers model, masked or not, compacted or not.
-        config (`BlockPruningConfig`, *optional*): defaults to the config the model was masked with, else the one
-            recorded in `model.config` (a compacted model: its module patterns, for architectures without a map).
-    """
-    config = config or getattr(model, CONFIG_ATTRIBUTE, None) or _recorded_config(model) or BlockPruningConfig()
-    layers = []
-    for spec in stack_specs(model, config):
-        lists = find_layer_lists(model, spec.layers)
-        if not lists:
-            raise ValueError(f"No nn.ModuleList named like {spec.layers!r} in {type(model).__name__}.")
-        for list_name, layer_list in lists:
-            for index, layer in enumerate(layer_list):
-                layers.append(_prunable_layer(model, f"{list_name}.{index}", layer, spec))
-    return layers
-
-
-def _recorded_config(model: nn.Module) -> BlockPruningConfig | None:
-    """The pruning config recorded in `model.config` (saved with every checkpoint and compacted model), if any."""
-    recorded = getattr(getattr(model, "config", None), PRUNING_CONFIG_KEY, None)
-    return BlockPruningConfig.from_dict(recorded) if isinstance(recorded, dict) else None
+    return prunable_layers(model)
 
 
 def check_model(model: nn.Module) -> None:
@@ -356,10 +97,11 @@ def _block_grid(linear: nn.Linear, block_size: list[int], field_name: str, path:
 
 
 def _check_linear(path: str, module: nn.Module, config: BlockPruningConfig) -> None:
-    if is_lora_layer(module):
-        check_lora_layer(path, module, config)
+    kind = wrapped_linear(module)
+    if kind is not None:  # a LoRA layer (hf_blockprune.integrations.peft)
+        kind.check(path, module, config)
         return
-    if isinstance(module, ProjectionView) and is_lora_layer(module.source):
+    if isinstance(module, ProjectionView) and wrapped_linear(module.source) is not None:
         raise ValueError(
             f"{path} is part of a fused projection wrapped by LoRA: block pruning splits fused projections into their "
             "parts, which would drop the adapter. Leave the fused projection out of the LoRA `target_modules`."
@@ -551,14 +293,14 @@ def apply_block_pruning(model: nn.Module, config: BlockPruningConfig, score_scal
         )
     if is_block_pruned(model):
         raise ValueError("This model already has block-pruning masks; call remove_block_pruning(model) first.")
-    layers = prunable_layers(model, config)
+    layers = structure_of(model, config).bind(model, check=False)  # found (and kept) with config's module patterns
     check_prunable(layers, config)
     if not any(_has_units(layer) for layer in layers):
         raise ValueError(
             "Nothing left to prune: every attention head and FFN neuron these layers had was removed by an earlier "
             "compaction (see `config.blockprune_layout`)."
         )
-    for layer in split_projections(model, config):
+    for layer in split_projections(model):
         _mask_layer(model, layer, config, score_scale)
     setattr(model, CONFIG_ATTRIBUTE, config)
     if getattr(model, "config", None) is not None:

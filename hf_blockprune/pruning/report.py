@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..structure.discovery import prunable_layers
+from ..structure.layers import AttentionModules
 from .layer import MaskedLinear
-from .model import AttentionModules, prunable_layers
 
 
 @torch.no_grad()

@@ -60,6 +60,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..structure.discovery import prunable_layers
 from .layer import BlockScores
 
 LOG_LAMBDA_RANGE = (math.log(1e-6), math.log(1e4))
@@ -74,7 +75,6 @@ def _group_modules(model: nn.Module, kind: str | None) -> list[BlockScores]:
 def stack_partition(model: nn.Module, modules: list[BlockScores]) -> list[list[BlockScores]]:
     """Split `modules` by the layer stack (e.g. encoder, decoder) whose layers they mask, in first-seen order."""
     from .layer import MaskedLinear
-    from .model import prunable_layers
 
     stack_of = {}
     for layer in prunable_layers(model):

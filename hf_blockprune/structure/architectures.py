@@ -241,36 +241,72 @@ def known_activation_paths() -> list[str]:
     return list(dict.fromkeys(path for path in paths if path))
 
 
-def stack_specs(model: nn.Module, config) -> tuple[LayerStackSpec, ...]:
-    """Return the layer stacks to prune in `model`: the user's patterns from `config`, else the built-in map.
+@dataclass(frozen=True)
+class ModulePatterns:
+    """A user's description of the layers of an architecture without a built-in entry (`BlockPruningConfig`'s
+    `layers_pattern`, `attention_modules`, `ffn_modules`, `num_heads_attribute`, `num_kv_heads_attribute`).
+
+    Example:
+        >>> ModulePatterns.of({"layers_pattern": "blocks", "ffn_modules": ["fc1", "fc2"]}).ffn_modules
+        ('fc1', 'fc2')
+        >>> ModulePatterns.of({"pruning_method": "topk"}) is None  # no patterns: the built-in map
+        True
+    """
+
+    layers_pattern: str
+    attention_modules: tuple[str, ...] | None = None
+    ffn_modules: tuple[str, ...] | None = None
+    num_heads_attribute: str = "num_attention_heads"
+    num_kv_heads_attribute: str | None = None
+
+    @classmethod
+    def of(cls, config) -> ModulePatterns | None:
+        """The patterns of a `BlockPruningConfig` (or its dict, as recorded in a model config); `None` if it names no
+        layers (the built-in map applies)."""
+        if config is None or isinstance(config, ModulePatterns):
+            return config
+        read = config.get if isinstance(config, dict) else lambda name, default=None: getattr(config, name, default)
+        if read("layers_pattern") is None:
+            return None
+        as_tuple = lambda value: None if value is None else tuple(value)  # noqa: E731
+        return cls(read("layers_pattern"), as_tuple(read("attention_modules")), as_tuple(read("ffn_modules")),
+                   read("num_heads_attribute") or "num_attention_heads", read("num_kv_heads_attribute"))
+
+
+def _pattern_stack(model: nn.Module, patterns: ModulePatterns) -> LayerStackSpec:
+    attention = ()
+    if patterns.attention_modules is not None:
+        options = dict(sets_cache_length=can_generate(model), num_heads=patterns.num_heads_attribute,
+                       num_kv_heads=patterns.num_kv_heads_attribute)
+        modules = patterns.attention_modules
+        build = AttentionSpec.fused_qkv if len(modules) == 2 else AttentionSpec  # 2: a fused QKV, then output
+        attention = (build(*modules, **options),)
+    ffn = None
+    if patterns.ffn_modules is not None:
+        *inputs, output = patterns.ffn_modules
+        ffn = FFNSpec(inputs[0] if len(inputs) == 1 else tuple(inputs), output)
+    return LayerStackSpec(patterns.layers_pattern, attention, ffn)
+
+
+def stack_specs(model: nn.Module, patterns: ModulePatterns | None) -> tuple[LayerStackSpec, ...]:
+    """Return the layer stacks to prune in `model`: the user's `patterns`, else the built-in map.
 
     An attention named by patterns is taken to set the KV-cache length when the model can generate (its placeholder
     head, if it loses every head, is exact either way).
 
     Raises:
-        `ValueError`: the model type has no built-in map and the config names no modules, or its attention cannot be
-            compacted exactly (`UNSUPPORTED`) and the config would prune it.
+        `ValueError`: the model type has no built-in map and no patterns are given, or its attention cannot be
+            compacted exactly (`UNSUPPORTED`) and the patterns would prune it.
     """
     model_type = base_model_type(getattr(getattr(model, "config", None), "model_type", None))
-    if model_type in UNSUPPORTED and (config.layers_pattern is None or config.attention_modules is not None):
+    if model_type in UNSUPPORTED and (patterns is None or patterns.attention_modules is not None):
         raise ValueError(
             f"hf_blockprune cannot prune the attention heads of {model_type!r} models exactly: "
             f"{UNSUPPORTED[model_type]}. Prune only the FFN: `layers_pattern` and `ffn_modules` without "
             "`attention_modules`."
         )
-    if config.layers_pattern is not None:
-        attention = ()
-        if config.attention_modules is not None:
-            options = dict(sets_cache_length=can_generate(model), num_heads=config.num_heads_attribute,
-                           num_kv_heads=config.num_kv_heads_attribute)
-            modules = config.attention_modules
-            build = AttentionSpec.fused_qkv if len(modules) == 2 else AttentionSpec  # 2: a fused QKV, then output
-            attention = (build(*modules, **options),)
-        ffn = None
-        if config.ffn_modules is not None:
-            *inputs, output = config.ffn_modules
-            ffn = FFNSpec(inputs[0] if len(inputs) == 1 else tuple(inputs), output)
-        return (LayerStackSpec(config.layers_pattern, attention, ffn),)
+    if patterns is not None:
+        return (_pattern_stack(model, patterns),)
     if model_type not in ARCHITECTURES:
         raise ValueError(
             f"hf_blockprune has no module map for model_type {model_type!r}; supported: {sorted(ARCHITECTURES)}. "

@@ -47,7 +47,7 @@ from ..compact.saving import (
     save_compacted,
 )
 from ..pruning.config import BlockPruningConfig
-from ..pruning.model import LAYOUT_ATTRIBUTE
+from ..structure.model_structure import LAYOUT_ATTRIBUTE
 from ..structure.projections import is_projection
 from . import data, qa
 from .defaults import offline_minilm_path

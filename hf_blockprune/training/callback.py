@@ -8,13 +8,13 @@ import torch
 
 from ..pruning.config import BlockPruningConfig
 from ..pruning.model import score_parameters
-from ..structure.wrappers import is_sentence_transformer
+from ..structure.wrappers import model_wrapper
 from .accumulation import loss_shifts_labels, micro_batch_weight
 from .distillation import check_teacher_given
 from .lifecycle import LifecycleEvents, PruningLifecycle, attach_run_card_data
 from .trainer_patches import (
     keep_model_card,
-    load_masked_sentence_transformer_checkpoints,
+    load_checkpoints_through_wrapper,
     log_before_other_callbacks,
     resume_through_lifecycle,
     trainer_being_built,
@@ -125,8 +125,9 @@ class BlockPruningCallback(LifecycleEvents):
             keep_model_card(trainer)
             resume_through_lifecycle(trainer, self.lifecycle)
             log_before_other_callbacks(trainer, self)
-        if is_sentence_transformer(model):
-            load_masked_sentence_transformer_checkpoints(trainer, args)
+        wrapper = model_wrapper(model)
+        if wrapper is not None:
+            load_checkpoints_through_wrapper(trainer, args, wrapper)
 
     def _score_scale(self, args) -> float | None:
         """The scores' reparametrisation factor that gives them `mask_scores_learning_rate` (see `BlockScores`)."""
@@ -249,18 +250,20 @@ def _refuse_loss_computed_outside_the_model(model, args, trainer, config: BlockP
     initialization of the scores (`mask_init="fisher"`) differentiates the loss the model returns, which a
     sentence-transformers model does not: refused there too.
     """
-    if config.enabled and config.mask_init == "fisher" and is_sentence_transformer(model):
+    wrapper = model_wrapper(model)
+    without_loss = wrapper is not None and not wrapper.returns_loss  # e.g. a sentence-transformers model
+    if config.enabled and config.mask_init == "fisher" and without_loss:
         raise ValueError(
             f"`mask_init='fisher'` measures the gradient of the loss the model returns, and {type(model).__name__} "
             "returns embeddings (its Trainer's loss module computes the loss). Train with class PruningTrainer("
-            "BlockPruningTrainer, SentenceTransformerTrainer), which measures it through the Trainer's loss, or "
+            f"BlockPruningTrainer, {wrapper.trainer_class}), which measures it through the Trainer's loss, or "
             "leave `mask_init` at 'constant'."
         )
     if not adds_loss_terms(config, teacher_model):
         return
-    if is_sentence_transformer(model):
+    if without_loss:
         reason = f"{type(model).__name__} returns embeddings, and its Trainer computes the loss outside the model"
-        fix = ("class PruningTrainer(BlockPruningTrainer, SentenceTransformerTrainer) (BlockPruningTrainer adds the "
+        fix = (f"class PruningTrainer(BlockPruningTrainer, {wrapper.trainer_class}) (BlockPruningTrainer adds the "
                "terms to any loss)")
     elif getattr(args, "label_smoothing_factor", 0) > 0:
         reason = "with `label_smoothing_factor` > 0 the Trainer computes the loss outside the model"

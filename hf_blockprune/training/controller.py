@@ -17,14 +17,7 @@ from ..pruning.filling import fill_surviving_heads, is_filled
 from ..pruning.importance import LossFunction, broadcast_scores, calibration_batches, initialize_scores, score_fisher
 from ..pruning.layer import MaskedLinear
 from ..pruning.losses import expected_density, mask_density
-from ..pruning.model import (
-    TARGETS_ATTRIBUTE,
-    block_scores,
-    prunable_layers,
-    read_legacy_keys,
-    score_parameters,
-    set_threshold,
-)
+from ..pruning.model import TARGETS_ATTRIBUTE, block_scores, read_legacy_keys, score_parameters, set_threshold
 from ..pruning.report import sparsity_report
 from ..pruning.schedule import cubic_lambda, cubic_threshold, schedule_progress
 from ..pruning.targets import (
@@ -35,7 +28,8 @@ from ..pruning.targets import (
     keep_neurons,
     neuron_alive_scores,
 )
-from ..structure.wrappers import is_sentence_transformer, transformers_model
+from ..structure.discovery import prunable_layers
+from ..structure.wrappers import model_wrapper
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +64,10 @@ class PruningController:
             _log_no_pruning(config)
 
     def _targets_owner(self) -> nn.Module:
-        """The module that holds the density targets: a sentence-transformers model is an `nn.Sequential` whose every
-        child is a stage of its forward pass, so its transformer holds them."""
-        return transformers_model(self.model) if is_sentence_transformer(self.model) else self.model
+        """The module that holds the density targets: the model, or the one a wrapper names (the transformer of a
+        sentence-transformers model, an `nn.Sequential` whose every child is a stage of its forward pass)."""
+        wrapper = model_wrapper(self.model)
+        return self.model if wrapper is None else wrapper.inner(self.model)
 
     def _attach_targets(self) -> DensityTargets:
         owner = self._targets_owner()

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..structure.wrappers import is_sentence_transformer
+from ..structure.wrappers import model_wrapper
 
 IGNORE_INDEX = -100
 
@@ -160,12 +160,13 @@ def _head_kind(model: nn.Module) -> str:
     return name
 
 
-def _refuse_sentence_transformer(student: nn.Module) -> None:
-    if is_sentence_transformer(student):
+def _refuse_models_without_logits(student: nn.Module) -> None:
+    wrapper = model_wrapper(student)
+    if wrapper is not None and not wrapper.returns_loss:
         raise ValueError(
             f"Distillation compares the teacher's logits with the student's, and a {type(student).__name__} returns "
             "embeddings (its loss module computes the loss): prune it without a teacher (leave out `teacher_model`), "
-            "or distil with a sentence-transformers loss such as `MSELoss` against the teacher's embeddings."
+            f"or {wrapper.distillation_hint}."
         )
 
 
@@ -176,7 +177,7 @@ def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
     generation heads. Sentence-transformers models are refused: they return embeddings, whose loss the Trainer's loss
     module computes, and distillation compares logits.
     """
-    _refuse_sentence_transformer(student)
+    _refuse_models_without_logits(student)
     student_kind, teacher_kind = _head_kind(student), _head_kind(teacher)
     if student_kind != teacher_kind:
         raise ValueError(
@@ -224,7 +225,7 @@ def load_teacher(teacher: nn.Module | str | os.PathLike, student: nn.Module) -> 
 
         from ..structure.modeling_blockprune import auto_class_name
 
-        _refuse_sentence_transformer(student)
+        _refuse_models_without_logits(student)
         auto = getattr(transformers, auto_class_name(type(student)))
         teacher = auto.from_pretrained(teacher)
     check_teacher(student, teacher)

@@ -25,7 +25,7 @@ from ..compact.flops import densities_for_speedup, predicted_speedup
 from ..compact.saving import save_compacted
 from ..pruning.losses import mask_density
 from ..pruning.schedule import schedule_progress
-from ..structure.wrappers import is_sentence_transformer, transformers_model
+from ..structure.wrappers import model_wrapper
 from .controller import PruningController
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,8 @@ class Snapshots:
 
     @staticmethod
     def _costed(model: nn.Module) -> nn.Module:
-        return transformers_model(model) if is_sentence_transformer(model) else model
+        wrapper = model_wrapper(model)
+        return model if wrapper is None else wrapper.inner(model)
 
     def _save(self, model, folder: Path, kind: str, value: float, step: int, density: float, processing_class):
         save_compacted(model, folder, processing_class=processing_class)

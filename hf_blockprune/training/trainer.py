@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from transformers import Trainer
 
-from ..compact.sentence_transformers import load_sentence_transformer_checkpoint
 from ..pruning.config import BlockPruningConfig
 from ..pruning.model import score_parameters
-from ..structure.wrappers import is_sentence_transformer
+from ..structure.wrappers import model_wrapper
 from .accumulation import micro_batch_weight
 from .distillation import check_teacher_given
 from .lifecycle import LifecycleEvents, PruningLifecycle, attach_run_card_data
@@ -116,10 +115,10 @@ class BlockPruningTrainer(Trainer):
         super().save_model(output_dir, _internal_call)
 
     def _load_from_checkpoint(self, checkpoint, *args, **kwargs):
-        """Load a checkpoint (to resume, or the best model at the end); a masked sentence-transformers model is
-        loaded module by module into the masked model (see `load_sentence_transformer_checkpoint`)."""
-        if is_sentence_transformer(self.model):
-            load_sentence_transformer_checkpoint(self.model, checkpoint)
+        """Load a checkpoint (to resume, or the best model at the end); a wrapper may load it into the masked model
+        itself (a sentence-transformers model, module by module: `ModelWrapper.load_checkpoint`)."""
+        wrapper = model_wrapper(self.model)
+        if wrapper is not None and wrapper.load_checkpoint(self.model, checkpoint):
             return None
         return super()._load_from_checkpoint(checkpoint, *args, **kwargs)
 

@@ -8,8 +8,8 @@ the model, optimizer and dataloaders, never the Trainer), so it finds the Traine
   and the Trainer's own card would replace the pruning card `save_model()` wrote;
 - `train` (`resume_through_lifecycle`): the checkpoint to resume from is chosen by the lifecycle (an incomplete
   checkpoint skipped, one without mask scores refused) before the Trainer loads it non-strictly;
-- `_load_from_checkpoint` (private; `load_masked_sentence_transformer_checkpoints`): a sentence-transformers Trainer
-  loads a checkpoint by building a new model from its folder, which a masked checkpoint cannot be;
+- `_load_from_checkpoint` (private; `load_checkpoints_through_wrapper`): a sentence-transformers Trainer loads a
+  checkpoint by building a new model from its folder, which a masked checkpoint cannot be;
 - `callback_handler.callbacks` (`log_before_other_callbacks`): the Trainer runs the `report_to` integrations before
   user callbacks, so the callback moves itself first for them to log the `pruning/*` values.
 """
@@ -23,7 +23,7 @@ from transformers import Trainer, TrainerCallback
 
 from ..compact.card_metadata import run_card_data
 from ..compact.model_card import update_model_card
-from ..compact.sentence_transformers import load_sentence_transformer_checkpoint
+from ..structure.wrappers import ModelWrapper
 
 
 def trainer_being_built(callback: TrainerCallback, depth: int = 16) -> Trainer | None:
@@ -107,21 +107,25 @@ def resume_through_lifecycle(trainer: Trainer, lifecycle) -> Trainer:
     return trainer
 
 
-def load_masked_sentence_transformer_checkpoints(trainer: Trainer | None, args) -> None:
-    """Make a sentence-transformers Trainer load its masked checkpoints (to resume, and for `load_best_model_at_end`)
-    into the masked model; its own loader builds a new model from the folder, which a masked checkpoint refuses."""
+def load_checkpoints_through_wrapper(trainer: Trainer | None, args, wrapper: ModelWrapper) -> None:
+    """Make the Trainer of a wrapped model load its masked checkpoints (to resume, and for `load_best_model_at_end`)
+    with `wrapper.load_checkpoint`, into the masked model: a sentence-transformers Trainer's own loader builds a new
+    model from the folder, which a masked checkpoint refuses. Nothing for a wrapper whose checkpoints the Trainer
+    loads."""
+    if type(wrapper).load_checkpoint is ModelWrapper.load_checkpoint:  # the Trainer's loader reads them
+        return
     if trainer is None:
         if getattr(args, "load_best_model_at_end", False):
             raise ValueError(
-                "BlockPruningCallback did not find its Trainer, so the sentence-transformers Trainer could not load "
+                f"BlockPruningCallback did not find its Trainer, so the {wrapper.name} Trainer could not load "
                 "the best masked checkpoint at the end (it would keep the last model and only log an error). Leave "
                 "out `load_best_model_at_end`, or train with `class PruningTrainer(BlockPruningTrainer, "
-                "SentenceTransformerTrainer)`."
+                f"{wrapper.trainer_class})`."
             )
         return
 
     def load_from_checkpoint(checkpoint, model=None):
-        load_sentence_transformer_checkpoint(trainer.model, checkpoint)
+        wrapper.load_checkpoint(trainer.model, checkpoint)
 
     trainer._load_from_checkpoint = load_from_checkpoint
 

@@ -1,4 +1,4 @@
-"""Save block-pruned sentence-transformers models: the transformer compacted, the other modules as they were.
+"""sentence-transformers with block pruning: recognize its models, save them compacted, load their checkpoints.
 
 A `SentenceTransformer` (or `CrossEncoder`, `SparseEncoder`) is a `torch.nn.Sequential` whose first module holds a
 transformers model and whose `config` is that model's: `apply_block_pruning` and `BlockPruningCallback` (through
@@ -6,7 +6,11 @@ transformers model and whose `config` is that model's: `apply_block_pruning` and
 module path). `save_compacted` then comes here: the container is saved through its own `save` (modules.json, pooling,
 normalization, tokenizer, ...) with the transformer replaced by its compacted copy, whose `config.json` carries the
 `AutoModel` entry that sentence-transformers loads, so `SentenceTransformer(path, trust_remote_code=True)` gives the
-masked model's embeddings. sentence-transformers is never imported here: a model that is one was built with it.
+masked model's embeddings. Such a model returns embeddings, not a loss: the callback and distillation refuse what
+needs a loss (`SentenceTransformersWrapper.returns_loss`).
+
+sentence-transformers is never imported here: a model that is one was built with it, and is recognized by the
+package of its class. `hf_blockprune.integrations` registers `SentenceTransformersWrapper` (`MODEL_WRAPPERS`).
 """
 
 from __future__ import annotations
@@ -18,15 +22,29 @@ from pathlib import Path
 
 from torch import nn
 
+from ..compact.atomic import atomic_directory
+from ..compact.card_metadata import CARD_DATA_ATTRIBUTE, make_record_public
+from ..compact.model_card import write_model_card
+from ..compact.saving import compacted_copy, refuse_non_finite, restore_save
 from ..pruning.config import BlockPruningConfig
-from ..pruning.model import PRUNING_CONFIG_KEY, rename_legacy_keys
-from ..structure.wrappers import is_sentence_transformer, transformers_model
-from .atomic import atomic_directory
-from .card_metadata import CARD_DATA_ATTRIBUTE
-from .model_card import write_model_card
-from .saving import CONTAINER_SAVERS, compacted_copy, refuse_non_finite, restore_save
+from ..pruning.model import rename_legacy_keys
+from ..structure.model_structure import PRUNING_CONFIG_KEY
+from ..structure.wrappers import MODEL_WRAPPERS, ModelWrapper, transformers_model
 
 logger = logging.getLogger(__name__)
+_PACKAGE = "sentence_transformers"
+
+
+def is_sentence_transformer(model: nn.Module) -> bool:
+    """Whether `model` is a sentence-transformers model (a class of that package, or a subclass of one).
+
+    Example:
+        >>> from torch import nn
+        >>> is_sentence_transformer(nn.Sequential())
+        False
+    """
+    return any(cls.__module__.split(".")[0] == _PACKAGE for cls in type(model).__mro__)
+
 
 def _add_usage(readme: Path, container: nn.Module) -> None:
     """Append how to load the folder with sentence-transformers to the model card."""
@@ -76,17 +94,15 @@ def save_compacted_sentence_transformer(
     container = restore_save(copy.deepcopy(model, memo={id(inner): compacted}))  # the masked transformer not copied
     refuse_non_finite(container, save_directory)
     with atomic_directory(save_directory) as staging:
-        container.save(str(staging), create_model_card=False)
-        if processing_class is not None:
-            processing_class.save_pretrained(staging)
         if model_card:
             card_data = {**getattr(model, CARD_DATA_ATTRIBUTE, {}), **(card_data or {})}
             _add_usage(write_model_card(staging, compacted, card_data=card_data), container)
+        make_record_public(compacted.config)  # no local path (the teacher's) in config.json
+        container.save(str(staging), create_model_card=False)
+        if processing_class is not None:
+            processing_class.save_pretrained(staging)
     logger.info("Saved the compacted %s to %s", type(container).__name__, save_directory)
     return container
-
-
-CONTAINER_SAVERS.append((is_sentence_transformer, save_compacted_sentence_transformer))
 
 
 def _weights_in(folder: Path) -> dict | None:
@@ -145,3 +161,35 @@ def load_sentence_transformer_checkpoint(model: nn.Module, checkpoint: str | os.
                 f"(missing: {missing[:5]}, unexpected: {unexpected[:5]}): resume with the same pruning config."
             )
         target.load_state_dict(state, strict=False)
+
+
+class SentenceTransformersWrapper(ModelWrapper):
+    """A sentence-transformers model in a pruning run (see the module docstring)."""
+
+    name = "sentence-transformers"
+    returns_loss = False
+    trainer_class = "SentenceTransformerTrainer"
+    distillation_hint = "distil with a sentence-transformers loss such as `MSELoss` against the teacher's embeddings"
+    checks_own_checkpoints = True  # `load_sentence_transformer_checkpoint` refuses missing or unexpected weights
+
+    def applies(self, model: nn.Module) -> bool:
+        return is_sentence_transformer(model)
+
+    def inner(self, model: nn.Module) -> nn.Module:
+        # an nn.Sequential whose every child is a stage of its forward pass: its transformer holds the targets
+        return transformers_model(model)
+
+    def save_compacted(self, model: nn.Module, save_directory, **kwargs) -> nn.Module:
+        return save_compacted_sentence_transformer(model, save_directory, **kwargs)
+
+    def save_pretrained(self, saving_of: type, model: nn.Module, save_directory, is_main_process: bool,
+                        state_dict, **kwargs) -> None:
+        if is_main_process:  # its save_pretrained takes neither `is_main_process` nor `state_dict`
+            saving_of.save_pretrained(model, save_directory, **kwargs)
+
+    def load_checkpoint(self, model: nn.Module, checkpoint) -> bool:
+        load_sentence_transformer_checkpoint(model, checkpoint)
+        return True
+
+
+MODEL_WRAPPERS.append(SentenceTransformersWrapper())
