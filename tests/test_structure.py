@@ -38,14 +38,15 @@ def test_the_structure_is_found_once_per_model_and_once_at_load(discoveries, tmp
     model_flops(model, 16, kept_only=True)
     sparsity_report(model)
     compaction_plan(model)
-    save_compacted(model, tmp_path / "out", model_card=True)  # compacts a copy, writes the card
     compact_model(model)
     model_flops(model, 16)
     assert len(discoveries) == 1  # every consumer read the kept structure; compaction replaced it
+    save_compacted(model, tmp_path / "out", model_card=True)  # a copy finds its own (it could have been changed)
+    assert len(discoveries) == 2
     loaded = hf_blockprune.from_pretrained(tmp_path / "out")
     model_flops(loaded, 16)
     sparsity_report(loaded)
-    assert len(discoveries) == 2  # found once at load, from the layout
+    assert len(discoveries) == 3  # found once at load, from the layout
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -56,6 +57,15 @@ def test_compaction_keeps_what_a_fresh_discovery_of_the_compacted_model_finds(ar
     kept = structure_of(model)
     assert kept == find_structure(model, kept.patterns)
     assert [layer.name for layer in prunable_layers(model)] == [layer.name for layer in kept.layers]
+
+
+def test_a_copy_changed_before_use_finds_its_own_structure():
+    """A deep copy truncated to fewer layers (as a distillation baseline does) is measured as it is."""
+    model = tiny_model("bert")
+    full = model_flops(model, 16)
+    short = copy.deepcopy(model)
+    del short.bert.encoder.layer[1]
+    assert len(prunable_layers(short)) == 1 and model_flops(short, 16).total < full.total
 
 
 def test_a_model_changed_behind_its_structure_is_refused():
@@ -86,8 +96,8 @@ def test_a_structure_found_with_module_patterns_serves_every_consumer_after_comp
     masked_flops = model_flops(model, 16, kept_only=True).total
     compact_model(model)
     assert model_flops(model, 16).total == masked_flops
-    assert model_flops(copy.deepcopy(model), 16).total == masked_flops
     assert len(discoveries) == 1
+    assert model_flops(copy.deepcopy(model), 16).total == masked_flops  # found again, with the recorded patterns
 
 
 def test_new_module_patterns_find_the_structure_again():

@@ -83,15 +83,17 @@ def find_structure(model: nn.Module, patterns: ModulePatterns | None = None) -> 
 
 
 def kept_structure(model: nn.Module) -> ModelStructure | None:
-    """The structure kept on `model` itself (not on a module it wraps or is wrapped by), or `None`."""
-    return model.__dict__.get(STRUCTURE_ATTRIBUTE)
+    """The structure kept on `model` itself (not on a module it wraps or is wrapped by, nor on the model it was copied
+    from: a copy may be changed, e.g. truncated, so it finds its own), or `None`."""
+    owner, structure = model.__dict__.get(STRUCTURE_ATTRIBUTE, (None, None))
+    return structure if owner == id(model) else None
 
 
 def keep_structure(model: nn.Module, structure: ModelStructure) -> ModelStructure:
     """Keep `structure` on `model`, forgetting any kept on a module inside it (their shapes may be stale)."""
     for module in model.modules():
         module.__dict__.pop(STRUCTURE_ATTRIBUTE, None)
-    model.__dict__[STRUCTURE_ATTRIBUTE] = structure
+    model.__dict__[STRUCTURE_ATTRIBUTE] = (id(model), structure)  # a deep copy carries it, but not as its own
     return structure
 
 
