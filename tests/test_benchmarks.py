@@ -30,7 +30,8 @@ def test_accuracy_speed_benchmark_quick(tmp_path):
                  "--output", str(tmp_path / "out" / "result"))
     results = json.loads((tmp_path / "out" / "result.json").read_text())
     kinds = [r["kind"] for r in results["runs"]]
-    assert kinds == ["dense", "one-shot", "hybrid-filled", "struct", "truncated"]
+    assert kinds == ["dense", "one-shot", "hybrid-filled", "struct", "truncated", "struct"]
+    assert results["runs"][-1]["hidden_size"] < 384 == results["runs"][3]["hidden_size"]  # prune_hidden
     for record in results["runs"]:
         assert 0.0 <= record["dev_accuracy"] <= 1.0 and record["measured_speedup"] > 0
         assert record["measured_speedup_batch1"] > 0

@@ -263,8 +263,8 @@ def test_the_loader_reads_layouts_of_version_1_and_2(version, record, slots):
     attention = model.model.decoder.layers[0].self_attn
     assert attention.num_heads == slots and attention.q_proj.weight.shape == (8 * slots, 32)
     assert attention.out_proj.weight.shape == (32, 8 * slots)
-    with pytest.raises(ValueError, match="version 5.*Upgrade hf_blockprune"):
-        shrink_to_layout(tiny_model("bart"), {"version": 5, "layers": {}})
+    with pytest.raises(ValueError, match="version 6.*Upgrade hf_blockprune"):
+        shrink_to_layout(tiny_model("bart"), {"version": 6, "layers": {}})
 
 
 # Compacting again: a compacted model, masked anew, compacts to the composed layout.

@@ -98,14 +98,15 @@ class Round:
     seed: int
     kills: tuple[LayerKill, ...]  # one per prunable layer (BART: encoder 0, 1, decoder 0, 1)
 
-    def pruning_config(self) -> BlockPruningConfig:
-        """The `BlockPruningConfig` of this round."""
+    def pruning_config(self, **extra) -> BlockPruningConfig:
+        """The `BlockPruningConfig` of this round (with the fields `extra`, e.g. `prune_hidden=True`)."""
         return BlockPruningConfig(
             pruning_method=self.method,
             attention_granularity="head" if self.attention_block is None else "block",
             attention_block_size=list(self.attention_block or (1, 1)),
             ffn_granularity="neuron" if self.ffn_block is None else "block",
             ffn_block_size=list(self.ffn_block or (1, 1)),
+            **extra,
         )
 
 
@@ -189,9 +190,10 @@ def _kill_layer(layer, kill: LayerKill) -> None:
         _kill(layer.ffn_input if kill.ffn_via == "input" else layer.ffn_output)
 
 
-def mask(model, round_: Round):
-    """`model` masked with the random scores of `round_` at its threshold, its chosen layers emptied."""
-    apply_block_pruning(model, round_.pruning_config())
+def mask(model, round_: Round, **extra):
+    """`model` masked with the random scores of `round_` at its threshold (`extra`: more config fields, whose scores
+    are drawn too), its chosen layers emptied."""
+    apply_block_pruning(model, round_.pruning_config(**extra))
     generator = torch.Generator().manual_seed(round_.seed)
     with torch.no_grad():
         for scores in block_scores(model):
@@ -305,8 +307,12 @@ def generation_inputs(arch: str) -> dict:
 @example(case=EMPTY_FIRST_LLAMA_LAYER)
 def test_generative_models_generate_the_same_tokens_after_compaction(case):
     model = mask(build_model(case), case.first)
-    inputs = generation_inputs(case.arch)
-    compacted = compact_model(copy.deepcopy(model))
+    assert_same_generation(model, compact_model(copy.deepcopy(model)), generation_inputs(case.arch))
+
+
+def assert_same_generation(model, compacted, inputs: dict) -> None:
+    """`generate()` of `compacted` gives the tokens and scores of the masked `model` (greedy and beam, with and
+    without cache)."""
     for num_beams, use_cache in GENERATE_SETTINGS:
         settings_ = dict(max_new_tokens=6, num_beams=num_beams, do_sample=False, use_cache=use_cache,
                          return_dict_in_generate=True, output_scores=True, pad_token_id=0)

@@ -51,7 +51,8 @@ def test_docstring_examples_run(name):
 # Modules whose own examples run too: the structure every consumer reads and the hooks the integrations fill.
 MODULES = ["hf_blockprune.structure.discovery", "hf_blockprune.structure.model_structure",
            "hf_blockprune.structure.layers", "hf_blockprune.structure.architectures",
-           "hf_blockprune.structure.wrappers", "hf_blockprune.pruning.layer",
+           "hf_blockprune.structure.wrappers", "hf_blockprune.structure.stream", "hf_blockprune.pruning.layer",
+           "hf_blockprune.pruning.norm",
            "hf_blockprune.integrations.sentence_transformers"]
 
 

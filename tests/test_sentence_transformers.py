@@ -263,3 +263,23 @@ def test_minilm_pruned_on_mrpc_loads_in_sentence_transformers_with_the_masked_em
     assert [type(module).__name__ for module in loaded] == [type(module).__name__ for module in model]
     layout = transformers_model(loaded).config.blockprune_layout
     assert sum(len(a["heads"]) for entry in layout["layers"].values() for a in entry["attention"]) == 6 * 12 // 2
+
+
+def test_pruning_the_hidden_size_of_a_sentence_embedding_model_is_refused(dense_folder):
+    model = SentenceTransformer(str(dense_folder), device="cpu")
+    with pytest.raises(ValueError, match="sentence-transformers model's embedding size is what users index"):
+        hf_blockprune.apply_block_pruning(model, BlockPruningConfig.from_preset("struct", prune_hidden=True))
+    assert not hf_blockprune.is_block_pruned(model)
+
+
+def test_a_cross_encoder_prunes_its_hidden_size_and_loads_with_remote_code(dense_folder, tmp_path):
+    model = CrossEncoder(str(dense_folder), device="cpu")
+    config = BlockPruningConfig.from_preset("struct", prune_hidden=True, initial_threshold=0.5, mask_init_value=1.0)
+    hf_blockprune.apply_block_pruning(model, config)
+    with torch.no_grad():
+        next(m for m in model.modules() if hasattr(m, "kind") and m.kind == "hidden").scores[::3] = -1.0
+    want = _predict(model)
+    save_compacted(model, tmp_path / "out")
+    loaded = CrossEncoder(str(tmp_path / "out"), trust_remote_code=True, device="cpu")
+    assert transformers_model(loaded).config.blockprune_layout["hidden"]["size"] == 21
+    torch.testing.assert_close(_predict(loaded), want, atol=1e-5, rtol=1e-5)

@@ -46,13 +46,22 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from ..pruning.model import CONFIG_ATTRIBUTE, check_model, is_block_pruned, remove_block_pruning
+from ..pruning.model import (
+    CONFIG_ATTRIBUTE,
+    check_model,
+    hidden_scores,
+    is_block_pruned,
+    remove_block_pruning,
+    unmask_stream,
+)
+from ..pruning.norm import sliced_norm
 from ..pruning.report import ffn_rows_alive, removed_heads, weight_mask
 from ..structure.architectures import known_activation_paths
 from ..structure.discovery import keep_structure, prunable_layers, structure_of
 from ..structure.layers import AttentionModules, PrunableLayer
-from ..structure.model_structure import LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY
+from ..structure.model_structure import LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY, StreamStructure
 from ..structure.modeling_blockprune import as_block_pruned, set_head_counts
 from ..structure.projections import Conv1DLinear, fuse_projections
 
@@ -61,9 +70,9 @@ logger = logging.getLogger(__name__)
 # 2: an attention record may hold a placeholder head (`"placeholder": true`). 3: a grouped-query attention record lists
 # its query and key/value slots (`"slots"`, `"kv_heads"`), an FFN record may have several inputs (`"inputs"`, a gated
 # MLP). 4: a record may name a fused projection (`"fused"`, split into the named parts while masked) and projections
-# with head rows (`"head_rows"`). Each layout is written with the lowest version that describes it, which older loaders
-# read.
-LAYOUT_VERSION = 4
+# with head rows (`"head_rows"`). 5: the hidden size was compacted (`"hidden"`, see `StreamStructure.record`). Each
+# layout is written with the lowest version that describes it, which older loaders read.
+LAYOUT_VERSION = 5
 
 @dataclass
 class LayerPlan:
@@ -216,7 +225,9 @@ def _merge_entries(previous: dict | None, entry: dict) -> dict:
     return merged
 
 
-def _layout_version(entries: dict) -> int:
+def _layout_version(entries: dict, hidden: bool = False) -> int:
+    if hidden:
+        return 5
     records = [record for entry in entries.values() for record in entry.get("attention", [])]
     ffns = [entry["ffn"] for entry in entries.values() if "ffn" in entry]
     if any("fused" in record or "head_rows" in record for record in records + ffns):
@@ -250,7 +261,7 @@ def compaction_layout(layers: list[PrunableLayer], plans: list[LayerPlan], previ
     for layer, plan in zip(layers, plans, strict=True):
         entries[plan.name] = _merge_entries(entries.get(plan.name), _layer_entry(layer, plan))
     previous.pop("version", None)
-    return {"version": _layout_version(entries), "layers": entries, **previous}
+    return {"version": _layout_version(entries, "hidden" in previous), "layers": entries, **previous}
 
 
 def _head_index(heads: list[int], head_dim: int, device) -> torch.Tensor:
@@ -353,6 +364,50 @@ def _compact_ffn(layer: PrunableLayer, plan: LayerPlan, activation) -> None:
         ffn_output.weight.zero_()
 
 
+@torch.no_grad()
+def kept_channels(model: nn.Module) -> list[int] | None:
+    """The hidden channels (current indices) the hidden mask of `model` keeps; `None` if its hidden size is not
+    masked (the mask always keeps one, see `BlockScores`)."""
+    scores = hidden_scores(model)
+    return None if scores is None else _indices(scores.mask().detach() > 0)
+
+
+@torch.no_grad()
+def compact_stream(model: nn.Module, stream: StreamStructure, kept: list[int]) -> StreamStructure:
+    """Slice every module of the residual stream to the channels `kept`, in place (tables and readers by column,
+    writers by row with their bias, norms entry by entry; a tensor shared by several modules, as tied embeddings are,
+    is sliced once and stays shared). Returns the compacted stream (channels by original index)."""
+    device = model.get_submodule(stream.norms[0]).weight.device
+    index = torch.tensor(kept, dtype=torch.long, device=device)
+    sliced: dict[int, nn.Parameter] = {}
+
+    def cut(parameter: nn.Parameter, dim: int) -> nn.Parameter:
+        if id(parameter) not in sliced:
+            sliced[id(parameter)] = nn.Parameter(parameter.index_select(dim, index).clone(), parameter.requires_grad)
+        return sliced[id(parameter)]
+
+    for path in stream.embeddings:
+        table = model.get_submodule(path)
+        table.weight = cut(table.weight, 1)
+        table.embedding_dim = len(kept)
+    for path, role in [(path, "reader") for path in stream.readers] + [(path, "writer") for path in stream.writers]:
+        linear = model.get_submodule(path)
+        conv1d = isinstance(linear, Conv1D)  # weight (in, out)
+        if role == "reader":
+            linear.weight = cut(linear.weight, 0 if conv1d else 1)
+            setattr(linear, "nx" if conv1d else "in_features", len(kept))
+            continue
+        linear.weight = cut(linear.weight, 1 if conv1d else 0)
+        if linear.bias is not None:
+            linear.bias = cut(linear.bias, 0)
+        setattr(linear, "nf" if conv1d else "out_features", len(kept))
+    for path in stream.norms:
+        sliced_norm(model.get_submodule(path), index)
+    channels = tuple(stream.channels[channel] for channel in kept)
+    return StreamStructure(channels, stream.embeddings, stream.norms, stream.readers, stream.writers,
+                           stream.original_size)
+
+
 def _compact_layer(model: nn.Module, layer, plan: LayerPlan) -> None:
     layer_module = model.get_submodule(layer.name)
     for index, attention in enumerate(layer.attentions):
@@ -412,13 +467,21 @@ def compact_model(model: nn.Module) -> nn.Module:
     pruning_config = getattr(model, CONFIG_ATTRIBUTE, None)  # removed with the masks
     structure = structure_of(model)  # still describes the weights until they are cut
     plans = compaction_plan(model)
-    layout = compaction_layout(structure.bind(model), plans, getattr(model.config, LAYOUT_ATTRIBUTE, None))
+    masked_layers = structure.bind(model)  # what the layout records (paths, slots) is read from the masked layers
+    channels = kept_channels(model)
+    previous = getattr(model.config, LAYOUT_ATTRIBUTE, None)
+    if channels is not None:
+        unmask_stream(model)  # the channels are sliced below: nothing to merge
     remove_block_pruning(model, merge=True, fuse=False)
     if pruning_config is not None:  # the compacted model records how it was pruned
         setattr(model.config, PRUNING_CONFIG_KEY, pruning_config.to_dict())
     for layer, plan in zip(structure.bind(model), plans, strict=True):
         _compact_layer(model, layer, plan)
     fuse_projections(model)
+    stream = compact_stream(model, structure.stream, channels) if channels is not None else None
+    if stream is not None:
+        previous = {**(previous or {}), "hidden": stream.record()}
+    layout = compaction_layout(masked_layers, plans, previous)
     setattr(model.config, LAYOUT_ATTRIBUTE, layout)
     keep_structure(model, structure.with_layout(layout))  # the compacted shapes, from the record just written
     as_block_pruned(model)  # saves with its loader, under a model type plain transformers cannot mistake

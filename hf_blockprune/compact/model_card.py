@@ -61,12 +61,14 @@ def _results_section(card_data: dict, stages: list[dict] | None = None) -> list[
     return lines + [_RESULTS_END]
 
 
-def _method_lines(stages: list[dict]) -> list[str]:
+def _method_lines(stages: list[dict], hidden: dict | None = None) -> list[str]:
     """The card's method line: one stage in a line, several as a numbered list."""
+    removed = "pruned heads, FFN neurons and hidden channels removed" if hidden else \
+        "pruned heads and FFN neurons removed"
     if len(stages) <= 1:
         done = stage_summary(stages[0]) if stages else TITLES[MOVEMENT_PRUNING]
-        return [f"- **Method:** {done}; pruned heads and FFN neurons removed."]
-    lines = [f"- **Method:** in {len(stages)} stages, pruned heads and FFN neurons removed:"]
+        return [f"- **Method:** {done}; {removed}."]
+    lines = [f"- **Method:** in {len(stages)} stages, {removed}:"]
     return lines + [f"  {index}. {stage_summary(stage)}" for index, stage in enumerate(stages, 1)]
 
 
@@ -88,10 +90,19 @@ def _size_lines(model: nn.Module, stages: list[dict]) -> list[str]:
     return lines
 
 
-def _structure_lines(rows: list[dict], sizes: tuple[int, int | None]) -> list[str]:
+def _hidden_lines(hidden: dict | None) -> list[str]:
+    if not hidden:
+        return []
+    return [f"Hidden size (the residual stream every layer reads and writes): **{hidden['size']} of "
+            f"{hidden['original_size']}** channels kept. The embeddings, norms and every projection that reads or "
+            "writes the stream are narrower; the model's hidden states (`output_hidden_states`) have "
+            f"{hidden['size']} features.", ""]
+
+
+def _structure_lines(rows: list[dict], sizes: tuple[int, int | None], hidden: dict | None = None) -> list[str]:
     num_heads, ffn_total = sizes
-    lines = ["## Kept structure", "", f"| layer | heads kept (of {num_heads} per attention block) | FFN size (of "
-             f"{ffn_total}) |", "|---|---|---|"]
+    header = f"| layer | heads kept (of {num_heads} per attention block) | FFN size (of {ffn_total}) |"
+    lines = ["## Kept structure", "", *_hidden_lines(hidden), header, "|---|---|---|"]
     for row in rows:
         ffn = row["ffn_size"] if row["ffn_size"] is not None else "-"
         lines.append(f"| `{row['layer']}` | {heads_cell(row)} | {ffn} |")
@@ -143,17 +154,18 @@ def _card_body(model: nn.Module, rows: list[dict], sizes: tuple[int, int | None]
     base_model = metadata.base_model
     base_link = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "not recorded"
     stages = public_stages(model.config)
+    hidden = getattr(model.config, LAYOUT_ATTRIBUTE).get("hidden")
     lines = [
         CARD_MARKER,
         f"# {card_title(model)}",
         "",
         f"- **Base model:** {base_link}",
         f"- **Task:** `{auto_class_name(type(model))}` ({base_model_type(model.config.model_type)})",
-        *_method_lines(stages),
+        *_method_lines(stages, hidden),
         "",
         *_size_lines(model, stages),
         "",
-        *_structure_lines(rows, sizes),
+        *_structure_lines(rows, sizes, hidden),
         "",
         f"![kept heads and FFN neurons per layer]({FIGURE_NAME})",
         "",

@@ -270,7 +270,8 @@ def prune_one_shot(model: nn.Module, batches: Iterable[dict], target_speedup: fl
         latency_table (`LatencyTable`, *optional*): a table measured earlier (`cost_model="latency"`).
         rescale_outputs (`bool`, *optional*, defaults to `True`): rescale the kept heads and neurons by least squares.
         loss_fn (`Callable`, *optional*): `(model, batch) -> loss`; defaults to the loss the model returns.
-        config (`BlockPruningConfig`, *optional*): module patterns for an architecture without a built-in entry.
+        config (`BlockPruningConfig`, *optional*): module patterns for an architecture without a built-in entry
+            (`prune_hidden` is refused: one-shot pruning does not prune the hidden size yet).
 
     Returns:
         `nn.Module`: the same model object, compacted (its heads and FFN neurons physically removed), its config
@@ -304,6 +305,9 @@ def prune_one_shot(model: nn.Module, batches: Iterable[dict], target_speedup: fl
         raise ValueError(f"`target_speedup` must be > 1, got {target_speedup}.")
     if cost_model not in ("flops", "latency"):
         raise ValueError(f"`cost_model` must be 'flops' or 'latency', got {cost_model!r}.")
+    if config is not None and config.prune_hidden:
+        raise ValueError("prune_one_shot prunes heads and FFN neurons only: it does not prune the hidden size yet. "
+                         "Leave `prune_hidden` off, or prune the hidden size while fine-tuning.")
     batches = list(batches)
     device = next(model.parameters()).device
     batches = [to_device(dict(batch), device) for batch in batches]

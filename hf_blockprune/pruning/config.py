@@ -56,7 +56,8 @@ NO_PRUNING = "none"
 PRUNING_FIELDS = (
     "pruning_method", "attention_granularity", "attention_block_size", "ffn_granularity", "ffn_block_size",
     "initial_threshold", "final_threshold", "final_lambda", "mask_init_value", "mask_init", "fill_after",
-    "target_density", "target_density_attention", "target_density_ffn", "target_speedup", "snapshot_densities",
+    "target_density", "target_density_attention", "target_density_ffn", "target_density_hidden", "target_speedup",
+    "snapshot_densities",
     "snapshot_speedups",
 )
 
@@ -106,6 +107,14 @@ class BlockPruningConfig:
             matrix units): each layer's count is rounded to the nearest multiple, the highest-scored neurons kept (a
             layer that keeps all its neurons keeps them all). Densities and targets then land within half a multiple
             per layer. Neuron granularity only.
+        prune_hidden (`bool`, *optional*, defaults to `False`):
+            Also prune channels of the hidden size (the residual stream that every layer reads and writes): one score
+            per channel for the whole model, under the same method, schedule and penalty as the other scores.
+            Exact: while masked, the norms of the stream normalize over the kept channels only, and compaction
+            slices the embeddings, norms and every projection that reads or writes the stream (see
+            `hf_blockprune.pruning.norm`). Refused, before anything changes, for a model where that would not be
+            exact, or whose output is the stream itself (a bare encoder, a sentence-transformers model); not yet
+            with a target density or speedup, nor with layer-wise distillation.
         initial_threshold (`float`, *optional*):
             Threshold during the initial warmup (top-k: 1.0, sigmoid: 0.0).
         final_threshold (`float`, *optional*):
@@ -145,6 +154,12 @@ class BlockPruningConfig:
             Target for the attention blocks alone (with or without `target_density_ffn`; not with `target_density`).
         target_density_ffn (`float`, *optional*):
             Target for the FFN blocks alone.
+        target_density_hidden (`float`, *optional*):
+            With `prune_hidden` and a target: the fraction of hidden channels to keep. By default the hidden size
+            takes half of the reduction on a log scale: `sqrt(target_density)` of its channels, or `1 /
+            sqrt(target_speedup)`; the heads and neurons then take what is left (`target_density` divided by the
+            hidden fraction, or the densities that meet the speedup at that hidden width). The target densities of
+            attention and FFN blocks count their blocks at full width, the hidden fraction apart.
         target_speedup (`float`, *optional*):
             Wished speedup on the FLOPs cost model (`hf_blockprune.compact.flops`), turned into one target density for
             attention and FFN at the start of training; not with the target densities.
@@ -264,6 +279,11 @@ class BlockPruningConfig:
     ffn_round_to: int = field(
         default=1, metadata={"help": "Keep a multiple of this many FFN neurons per layer (e.g. 8; 1: any count)."}
     )
+    prune_hidden: bool = field(
+        default=False,
+        metadata={"help": "Also prune channels of the hidden size (the residual stream), one score per channel for "
+                          "the whole model; exact (the norms normalize over the kept channels)."},
+    )
     initial_threshold: float | None = field(default=None, metadata={"help": "Threshold before the cubic schedule."})
     final_threshold: float | None = field(default=None, metadata={"help": "Threshold at the end of the schedule."})
     initial_warmup: float = field(
@@ -299,6 +319,11 @@ class BlockPruningConfig:
         default=None, metadata={"help": "Fraction of attention weights to keep."}
     )
     target_density_ffn: float | None = field(default=None, metadata={"help": "Fraction of FFN weights to keep."})
+    target_density_hidden: float | None = field(
+        default=None,
+        metadata={"help": "With prune_hidden and a target: fraction of hidden channels to keep (default: the square "
+                          "root of the target density, or 1 / sqrt(target_speedup))."},
+    )
     target_speedup: float | None = field(
         default=None, metadata={"help": "Wished speedup on the FLOPs cost model (sets the target densities)."}
     )
@@ -365,6 +390,8 @@ class BlockPruningConfig:
         if self._resolve_no_pruning():
             if self.ffn_round_to != 1:
                 raise ValueError("`ffn_round_to` rounds the kept FFN neurons: it needs a pruning preset.")
+            if self.prune_hidden:
+                raise ValueError("`prune_hidden` prunes channels of the hidden size: it needs a pruning preset.")
             self._validate_fractions()
             self._validate_distillation()
             self._validate_custom_modules()
@@ -376,6 +403,7 @@ class BlockPruningConfig:
         self._validate_rounding()
         self._validate_schedule()
         self._validate_targets()
+        self._validate_hidden()
         self._validate_snapshots()
         self._validate_custom_modules()
         self._validate_fill_learning_rate()
@@ -421,6 +449,21 @@ class BlockPruningConfig:
         names = ("target_density", "target_density_attention", "target_density_ffn", "target_speedup")
         return any(getattr(self, name) is not None for name in names)
 
+    def hidden_density(self) -> float | None:
+        """With `prune_hidden` and a target: the fraction of hidden channels to keep (`target_density_hidden`, else
+        half of the reduction on a log scale); `None` otherwise."""
+        if not (self.prune_hidden and self.has_target):
+            return None
+        if self.target_density_hidden is not None:
+            return self.target_density_hidden
+        if self.target_speedup is not None:
+            return 1.0 / math.sqrt(self.target_speedup)
+        overall = self.target_density
+        if overall is None:
+            overall = min(value for value in (self.target_density_attention, self.target_density_ffn)
+                          if value is not None)
+        return math.sqrt(overall)
+
     def cuts_on_units(self, kind: str) -> bool:
         """Whether the `kind` (`"attention"` or `"ffn"`) blocks are cut on the units compaction keeps: a
         `target_speedup` with blocks inside heads or neurons (see `hf_blockprune.pruning.targets.UnitSet`). A unit
@@ -430,11 +473,19 @@ class BlockPruningConfig:
                 and granularity == "block")
 
     def density_targets(self) -> dict[str, float]:
-        """The final target per group: `{"all": t}` or `{"attention": a, "ffn": f}` (either may be absent)."""
+        """The final target per group: `{"all": t}` or `{"attention": a, "ffn": f}` (either may be absent); with
+        `prune_hidden`, also `"hidden"` (the fraction of channels, see `hidden_density`), the others then divided by
+        it (capped at 1)."""
+        hidden = self.hidden_density()
+        share = 1.0 if hidden is None else hidden
         if self.target_density is not None:
-            return {"all": self.target_density}
-        pairs = (("attention", self.target_density_attention), ("ffn", self.target_density_ffn))
-        return {group: value for group, value in pairs if value is not None}
+            targets = {"all": min(self.target_density / share, 1.0)}
+        else:
+            pairs = (("attention", self.target_density_attention), ("ffn", self.target_density_ffn))
+            targets = {group: min(value / share, 1.0) for group, value in pairs if value is not None}
+        if hidden is not None:
+            targets["hidden"] = hidden
+        return targets
 
     def _validate_targets(self):
         for name in ("target_density", "target_density_attention", "target_density_ffn"):
@@ -463,6 +514,27 @@ class BlockPruningConfig:
                     "and neurons compaction keeps), or head/neuron granularity (`struct`), or a `target_density`."
                 )
         self._validate_distillation()
+
+    def _validate_hidden(self):
+        if self.target_density_hidden is not None:
+            if not (self.prune_hidden and self.has_target):
+                raise ValueError("`target_density_hidden` is the hidden share of a target: it needs `prune_hidden` "
+                                 "and a `target_density` or `target_speedup`.")
+            if not 0.0 < self.target_density_hidden <= 1.0:
+                raise ValueError("`target_density_hidden` is a fraction of hidden channels kept and must be in "
+                                 f"(0, 1], got {self.target_density_hidden}.")
+        if not self.prune_hidden:
+            return
+        if self.target_speedup is not None and self.speedup_cost_model == "latency":
+            raise ValueError(
+                "`prune_hidden` with `speedup_cost_model='latency'` is not supported yet: the latency table times "
+                "heads and neurons at the full hidden size. Use the FLOPs cost model (the default)."
+            )
+        if self.layer_distillation_weight > 0:
+            raise ValueError(
+                "`prune_hidden` with layer-wise distillation is not supported yet: the student's hidden states lose "
+                "channels the teacher's keep. Set `layer_distillation_weight=0`."
+            )
 
     def _validate_snapshots(self):
         densities, speedups = self.snapshot_densities or [], self.snapshot_speedups or []

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..structure.discovery import prunable_layers
-from .layer import MaskedLinear
+from .layer import BlockScores, MaskedLinear
 from .report import dead_heads, weight_mask
 
 
@@ -49,9 +49,9 @@ def fill_surviving_heads(model: nn.Module) -> None:
     """Switch a masked model to the filled stage, in place.
 
     Every head that is not dead (see `report.dead_heads`) becomes dense: its masked blocks are zeroed and become
-    trainable. Dead heads stay removed, and the FFN masks are frozen as they are. The scores no longer take gradients
-    (`requires_grad=False`), so the optimizer leaves them alone. On a model restored from a checkpoint taken after
-    the switch, only the masks are rebuilt (from the scores, which have not moved since).
+    trainable. Dead heads stay removed, and the FFN (and hidden-size) masks are frozen as they are. The scores no
+    longer take gradients (`requires_grad=False`), so the optimizer leaves them alone. On a model restored from a
+    checkpoint taken after the switch, only the masks are rebuilt (from the scores, which have not moved since).
     """
     for layer in prunable_layers(model):
         for attention in layer.attentions:
@@ -60,9 +60,9 @@ def fill_surviving_heads(model: nn.Module) -> None:
             if isinstance(linear, MaskedLinear):
                 _freeze(linear, weight_mask(linear))
     for module in model.modules():
-        if isinstance(module, MaskedLinear):
-            module.scores_module.scores.requires_grad_(False)
-            module.scores_module.mark_filled()
+        if isinstance(module, BlockScores):  # the hidden scores (`prune_hidden`) too: the stream is frozen as well
+            module.scores.requires_grad_(False)
+            module.mark_filled()
 
 
 def is_filled(model: nn.Module) -> bool:

@@ -34,6 +34,14 @@ def round_kept(mask: torch.Tensor, scores: torch.Tensor, multiple: int) -> torch
     return mask + (target - mask).detach()
 
 
+def keep_one(mask: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """`mask` (1-D, {0, 1}), or the highest of `scores` alone where it keeps nothing, with `mask`'s gradient
+    (straight through). No host sync."""
+    best = torch.zeros_like(mask).scatter(0, torch.argmax(scores).reshape(1), 1.0)
+    target = torch.where(mask.detach().sum() > 0, mask.detach(), best)
+    return mask + (target - mask).detach()
+
+
 class BlockScores(nn.Module):
     """Learnable scores over a grid of blocks, and the binary mask they give.
 
@@ -55,10 +63,13 @@ class BlockScores(nn.Module):
     method gives, rounded to the nearest multiple (all entries stay when all are kept), the highest scores first; the
     gradient still goes straight through to the scores.
 
+    Hidden-size scores (`kind="hidden"`) always keep at least one entry, the highest-scored (a model without hidden
+    channels computes a constant).
+
     Args:
         grid_shape (`tuple[int, ...]`): shape of the score grid.
         method (`str`): `"topk"` or `"sigmoid_threshold"`.
-        kind (`str`): `"attention"` or `"ffn"`, for density reporting.
+        kind (`str`): `"attention"`, `"ffn"` or `"hidden"`, for density reporting.
         init_value (`float`): initial score value.
         threshold (`float`): initial threshold (kept fraction for top-k).
         score_scale (`float`, *optional*, defaults to 1.0): the reparametrisation factor `c` above.
@@ -81,6 +92,7 @@ class BlockScores(nn.Module):
         self.filled_value = False
         self.weights_per_block = 0.0  # filled in by the layers that use these scores
         self.round_to = 1  # keep a multiple of this many entries (see the class docstring); set from the config
+        self.keeps_one = kind == "hidden"  # a model with no hidden channel left computes a constant
         # dL/dM summed over the masks' uses since the last reset, while tracked (see `track_task_gradient`)
         self.register_buffer("task_gradient", None, persistent=False)
         self.register_load_state_dict_post_hook(BlockScores._sync_mirrors)
@@ -105,6 +117,8 @@ class BlockScores(nn.Module):
             mask = mask + (torch.maximum(mask, self.unit_floor.to(mask.dtype)) - mask).detach()
         if self.round_to > 1:
             mask = round_kept(mask, self.effective_scores().detach(), self.round_to)
+        if self.keeps_one:
+            mask = keep_one(mask, self.effective_scores().detach())
         if self.task_gradient is not None and mask.requires_grad:
             mask = self._tracked(mask)
         return mask

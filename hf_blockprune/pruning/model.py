@@ -7,12 +7,14 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from ..structure.discovery import prunable_layers, structure_of
+from ..structure.discovery import forget_stream, keep_stream, prunable_layers, structure_of
 from ..structure.layers import AttentionModules, PrunableLayer
-from ..structure.model_structure import PRUNING_CONFIG_KEY
-from ..structure.projections import ProjectionView, fuse_projections, split_views
+from ..structure.model_structure import PRUNING_CONFIG_KEY, StreamStructure
+from ..structure.projections import ProjectionView, fuse_projections, linear_weight, split_views
+from ..structure.stream import find_stream
 from .config import BlockPruningConfig
 from .layer import BlockScores, MaskedLinear, wrapped_linear
+from .norm import MaskedNorm, MaskedSource, check_maskable_norm
 
 # Every name hf_blockprune adds to a model, its config or its state dict starts with `blockprune_` (the structure's
 # records: hf_blockprune.structure.model_structure).
@@ -293,8 +295,11 @@ def apply_block_pruning(model: nn.Module, config: BlockPruningConfig, score_scal
         )
     if is_block_pruned(model):
         raise ValueError("This model already has block-pruning masks; call remove_block_pruning(model) first.")
-    layers = structure_of(model, config).bind(model, check=False)  # found (and kept) with config's module patterns
+    structure = structure_of(model, config)  # found (and kept) with config's module patterns
+    layers = structure.bind(model, check=False)
     check_prunable(layers, config)
+    stream = _checked_stream(model, structure) if getattr(config, "prune_hidden", False) else None
+    channel_weights = _stream_weights(model, stream) if stream is not None else 0.0  # before projections are split
     if not any(_has_units(layer) for layer in layers):
         raise ValueError(
             "Nothing left to prune: every attention head and FFN neuron these layers had was removed by an earlier "
@@ -302,12 +307,69 @@ def apply_block_pruning(model: nn.Module, config: BlockPruningConfig, score_scal
         )
     for layer in split_projections(model):
         _mask_layer(model, layer, config, score_scale)
+    if stream is not None:
+        _mask_stream(model, stream, config, score_scale, channel_weights)
+        keep_stream(model, stream)
     setattr(model, CONFIG_ATTRIBUTE, config)
     if getattr(model, "config", None) is not None:
         # kept so that `remove_block_pruning` restores it (a compacted model keeps the record of its compaction)
         setattr(model, RECORD_BEFORE_ATTRIBUTE, getattr(model.config, PRUNING_CONFIG_KEY, None))
         setattr(model.config, PRUNING_CONFIG_KEY, config.to_dict())
     return model
+
+
+def _checked_stream(model: nn.Module, structure) -> StreamStructure:
+    """The residual stream of `model`, refused (before anything changes) where masking it would not be exact."""
+    wrapped = next((name for name, module in model.named_modules() if wrapped_linear(module) is not None), None)
+    if wrapped is not None:
+        raise ValueError(
+            f"{wrapped} is wrapped by a LoRA adapter: hidden-size pruning does not slice adapters yet. Leave "
+            "`prune_hidden` off, or prune the hidden size before adding the adapters."
+        )
+    stream = find_stream(model, structure)
+    for path in stream.norms:
+        check_maskable_norm(path, model.get_submodule(path))
+    return stream
+
+
+def _stream_weights(model: nn.Module, stream: StreamStructure) -> float:
+    """Weights one hidden channel governs: a column of every table and reader, a row of every writer, one entry per
+    norm (each shared tensor counted once)."""
+    seen, total = set(), 0
+    for path in stream.embeddings + stream.readers + stream.writers:
+        module = model.get_submodule(path)
+        weight = module.weight if isinstance(module, nn.Embedding) else linear_weight(module)
+        if id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            total += weight.shape[1] if path in stream.writers else weight.shape[0]
+    return float(total + len(stream.norms))
+
+
+def _mask_stream(model: nn.Module, stream: StreamStructure, config: BlockPruningConfig, score_scale: float,
+                 channel_weights: float) -> None:
+    """Put one set of hidden scores on the model: every norm of the stream becomes a `MaskedNorm` sharing it."""
+    first = model.get_submodule(stream.norms[0])
+    scores = _new_scores((stream.size,), config, "hidden", score_scale, first)
+    scores.weights_per_block = channel_weights
+    for index, path in enumerate(stream.norms):
+        _replace(model, path, MaskedNorm(model.get_submodule(path), scores, owns_scores=index == 0))
+    for path in stream.sources:
+        _replace(model, path, MaskedSource(model.get_submodule(path), scores))
+
+
+def hidden_scores(model: nn.Module) -> BlockScores | None:
+    """The hidden-size scores of a masked `model` (`prune_hidden`), or `None`."""
+    return next((module.scores_module for module in model.modules() if isinstance(module, MaskedNorm)), None)
+
+
+def unmask_stream(model: nn.Module) -> None:
+    """Put the norms of the stream back in place of their `MaskedNorm`s (their hidden mask is dropped)."""
+    masked = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, (MaskedNorm, MaskedSource))]
+    for name, module in masked:
+        _replace(model, name, module.base_layer)
+    if masked:
+        forget_stream(model)
 
 
 def _relative_path(owner: nn.Module, target: nn.Module) -> str:
@@ -346,6 +408,13 @@ def remove_block_pruning(model: nn.Module, merge: bool = True, fuse: bool = True
         >>> bool((query.weight[:8] == 0).all()), bool((query.weight[8:] == 0).any())  # head 0's rows are zero
         (True, False)
     """
+    if merge and hidden_scores(model) is not None:
+        raise ValueError(
+            "This model's hidden size is masked (`prune_hidden`): the mask cannot be merged into the weights (its "
+            "norms compute over the kept channels only). compact_model removes the pruned channels; "
+            "remove_block_pruning(model, merge=False) drops the masks."
+        )
+    unmask_stream(model)
     wrapped = [(name, module) for name, module in model.named_modules() if isinstance(module, MaskedLinear)]
     # Merge everything before unwrapping: a shared score lives in the first layer that uses it.
     plain = [(name, module.merge() if merge else module.base_layer) for name, module in wrapped]

@@ -68,8 +68,14 @@ LOG_LAMBDA_RANGE = (math.log(1e-6), math.log(1e4))
 TASK_GRADIENT_MOMENTUM = 0.1
 
 
+def _in_group(module: BlockScores, kind: str | None) -> bool:
+    """Whether `module` belongs to the group of `kind`: that kind, or (`None`, the `"all"` group) any block of the
+    attention or FFN; the hidden channels (`prune_hidden`) are a group of their own."""
+    return module.kind == kind if kind is not None else module.kind != "hidden"
+
+
 def _group_modules(model: nn.Module, kind: str | None) -> list[BlockScores]:
-    return [m for m in model.modules() if isinstance(m, BlockScores) and (kind is None or m.kind == kind)]
+    return [m for m in model.modules() if isinstance(m, BlockScores) and _in_group(m, kind)]
 
 
 def stack_partition(model: nn.Module, modules: list[BlockScores]) -> list[list[BlockScores]]:
@@ -205,7 +211,7 @@ def keep_neurons(layer, kept: torch.Tensor) -> None:
 def _group_sums(model: nn.Module, kind: str | None, values) -> torch.Tensor:
     total_value, total_weights = None, 0.0
     for module in model.modules():
-        if isinstance(module, BlockScores) and (kind is None or module.kind == kind):
+        if isinstance(module, BlockScores) and _in_group(module, kind):
             value = values(module).sum() * module.weights_per_block
             total_value = value if total_value is None else total_value + value
             total_weights += module.scores.numel() * module.weights_per_block
@@ -216,7 +222,8 @@ class DensityTargets(nn.Module):
     """Per-group log-multipliers and their update (see the module docstring for the maths).
 
     Args:
-        targets (`dict`): group -> final target density; a group is `"attention"`, `"ffn"` or `"all"`.
+        targets (`dict`): group -> final target density; a group is `"attention"`, `"ffn"`, `"all"` (both) or
+            `"hidden"` (the hidden channels, `prune_hidden`).
         rate (`float`): step size of the log-multiplier update.
         initial_lambda (`float`): starting multiplier.
         per_stack (`bool`, *optional*, defaults to `True`): place one cut per layer stack (encoder, decoder) so that

@@ -217,6 +217,76 @@ ARCHITECTURES: dict[str, tuple[LayerStackSpec, ...]] = {
 }
 
 
+@dataclass(frozen=True)
+class StreamSpec:
+    """What carries an architecture's residual stream (the hidden size) besides the layers' projections.
+
+    Every layer reads the stream through its attention's query, key and value projections and its FFN's input
+    projections, and writes it through their output projections (the `LayerStackSpec`). Besides those, the stream
+    runs through embedding tables (one column per channel) and norms; hidden-size pruning masks the norms so that
+    they normalize over the kept channels only, which is what the compacted model computes. What reads the stream
+    outside the layers (a pooler, a task head, an LM head) is found by a probe forward pass
+    (`hf_blockprune.structure.stream`), not listed here.
+
+    Args:
+        embeddings (`tuple[str, ...]`): path suffixes of the `nn.Embedding` tables whose width is the stream (word,
+            position, token type), matched like `LayerStackSpec.layers`.
+        layer_norms (`tuple[str, ...]`): norms of a layer that read the stream, relative to the layer (one tuple for
+            every stack; a path a stack's layers lack is skipped, e.g. BART's encoder has no cross-attention norm).
+        outer_norms (`tuple[str, ...]`): path suffixes of the norms outside the layers (on the embeddings, after the
+            last layer).
+        sources (`tuple[str, ...]`): path suffixes of projections that start the stream without a norm after them
+            (ELECTRA's `embeddings_project`, present when its `embedding_size` differs from the hidden size): their
+            output is masked itself, and the embeddings and norms before them, of another width, are not part of the
+            stream.
+    """
+
+    embeddings: tuple[str, ...]
+    layer_norms: tuple[str, ...]
+    outer_norms: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()
+
+
+_BERT_STREAM = StreamSpec(
+    ("embeddings.word_embeddings", "embeddings.position_embeddings", "embeddings.token_type_embeddings"),
+    ("attention.output.LayerNorm", "output.LayerNorm"),
+    ("embeddings.LayerNorm",),
+)
+_LLAMA_STREAM = StreamSpec(("embed_tokens",), ("input_layernorm", "post_attention_layernorm"), ("norm",))
+
+# One entry per model type whose hidden size can be pruned exactly; `HIDDEN_UNSUPPORTED` says why the others cannot
+# (yet). Models of a type listed here are still probed before anything changes (`hf_blockprune.structure.stream`).
+STREAMS: dict[str, StreamSpec] = {
+    "bert": _BERT_STREAM,
+    "roberta": _BERT_STREAM,
+    "xlm-roberta": _BERT_STREAM,
+    "electra": StreamSpec(_BERT_STREAM.embeddings, _BERT_STREAM.layer_norms, _BERT_STREAM.outer_norms,
+                          ("embeddings_project",)),
+    "distilbert": StreamSpec(
+        ("embeddings.word_embeddings", "embeddings.position_embeddings"),
+        ("sa_layer_norm", "output_layer_norm"),
+        ("embeddings.LayerNorm",),
+    ),
+    "gpt2": StreamSpec(("wte", "wpe"), ("ln_1", "ln_2"), ("ln_f",)),
+    "bart": StreamSpec(
+        ("shared", "encoder.embed_tokens", "decoder.embed_tokens", "encoder.embed_positions",
+         "decoder.embed_positions"),
+        ("self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"),
+        ("encoder.layernorm_embedding", "decoder.layernorm_embedding"),
+    ),
+    "llama": _LLAMA_STREAM,
+    "mistral": _LLAMA_STREAM,
+    "qwen2": _LLAMA_STREAM,
+}
+HIDDEN_UNSUPPORTED: dict[str, str] = {
+    "deberta-v2": (
+        "its relative-position embeddings are projected by the attention's own key and query projections, so their "
+        "width is tied to the hidden size in a way hf_blockprune does not describe yet"
+    ),
+    "modernbert": "hf_blockprune does not describe its residual stream yet (its first layer has no attention norm)",
+}
+
+
 # Model types whose attention cannot be compacted exactly, and why: refused before anything changes, also when the
 # user describes the layers with module patterns.
 _SHARED_BIAS = (

@@ -8,6 +8,8 @@ module tree to find layers (`tests/test_layout.py` checks it).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from .architectures import AttentionSpec, LayerStackSpec, ModulePatterns, find_layer_lists, stack_specs
@@ -15,14 +17,17 @@ from .layers import PrunableLayer, width
 from .model_structure import (
     LAYOUT_ATTRIBUTE,
     PRUNING_CONFIG_KEY,
+    STREAM_ATTRIBUTE,
     STRUCTURE_ATTRIBUTE,
     AttentionStructure,
     LayerStructure,
     ModelStructure,
+    StreamStructure,
     attention_record,
     layout_entry,
     record_slots,
 )
+from .wrappers import transformers_model
 
 
 def _config_count(model: nn.Module, attribute: str, field_name: str) -> int:
@@ -79,7 +84,27 @@ def find_structure(model: nn.Module, patterns: ModulePatterns | None = None) -> 
         for list_name, layer_list in lists:
             for index, layer in enumerate(layer_list):
                 layers.append(_layer(model, f"{list_name}.{index}", layer, stack, layout))
-    return ModelStructure(tuple(layers), patterns)
+    return ModelStructure(tuple(layers), patterns, _recorded_stream(model))
+
+
+def _inner_path(model: nn.Module) -> str:
+    """The path of the transformers model whose config records the stream inside `model` (`""`: `model` itself, or a
+    model that holds none or several)."""
+    try:
+        inner = transformers_model(model)
+    except ValueError:
+        return ""
+    return next(name for name, module in model.named_modules() if module is inner)
+
+
+def _recorded_stream(model: nn.Module) -> StreamStructure | None:
+    """The stream recorded in `model.config` (paths relative to the transformers model it belongs to): while its
+    hidden size is masked (`keep_stream`), else the one its layout compacted; `None` if neither."""
+    config = getattr(model, "config", None)
+    record = getattr(config, STREAM_ATTRIBUTE, None)
+    if record is None:
+        record = (getattr(config, LAYOUT_ATTRIBUTE, None) or {}).get("hidden")
+    return None if record is None else StreamStructure.from_record(record).moved("", _inner_path(model))
 
 
 def kept_structure(model: nn.Module) -> ModelStructure | None:
@@ -126,6 +151,26 @@ def structure_of(model: nn.Module, config=None) -> ModelStructure:
     if patterns is None:
         patterns = ModulePatterns.of(getattr(getattr(model, "config", None), PRUNING_CONFIG_KEY, None))
     return keep_structure(model, find_structure(model, patterns))
+
+
+def keep_stream(model: nn.Module, stream: StreamStructure) -> ModelStructure:
+    """Keep `stream` (found by `hf_blockprune.structure.stream.find_stream`) in the structure kept on `model`, and
+    record it in `model.config` while the hidden size is masked (so that a copy of the model finds it again)."""
+    structure = structure_of(model)
+    if getattr(model, "config", None) is not None:  # recorded relative to the transformers model owning the config
+        setattr(model.config, STREAM_ATTRIBUTE, stream.moved(_inner_path(model), "").record())
+    return keep_structure(model, replace(structure, stream=stream))
+
+
+def forget_stream(model: nn.Module) -> None:
+    """Undo `keep_stream` once the hidden mask is gone: the kept structure's stream is again the one the layout
+    records (or none)."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, STREAM_ATTRIBUTE):
+        delattr(config, STREAM_ATTRIBUTE)
+    structure = kept_structure(model)
+    if structure is not None:
+        keep_structure(model, replace(structure, stream=_recorded_stream(model)))
 
 
 def prunable_layers(model: nn.Module) -> list[PrunableLayer]:

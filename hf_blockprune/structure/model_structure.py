@@ -7,8 +7,9 @@ it once (when pruning is applied, or when a compacted model is loaded) and keeps
 it with the compacted shapes (`ModelStructure.with_layout`). Consumers bind it to the modules (`ModelStructure.bind`)
 when they need the projections themselves.
 
-Structure that lives outside the layers (the hidden size: embeddings, norms, heads) is to be described beside
-`layers`, in this object.
+Structure that lives outside the layers, the residual stream (the hidden size: embeddings, norms, what reads it),
+is described beside `layers` (`StreamStructure`), found when hidden-size pruning asks for it
+(`hf_blockprune.structure.stream`) or read from the layout of a model whose hidden size was compacted.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .layers import AttentionModules, PrunableLayer, fused_parts, has_module, pr
 LAYOUT_ATTRIBUTE = "blockprune_layout"  # the compacted shapes, in model.config (see compact.compaction)
 PRUNING_CONFIG_KEY = "blockprune_config"  # the pruning config, as a dict, in model.config (so checkpoints carry it)
 STRUCTURE_ATTRIBUTE = "blockprune_structure"  # the ModelStructure kept on the model (not saved: found again at load)
+STREAM_ATTRIBUTE = "blockprune_stream"  # the stream of a model whose hidden size is masked, in model.config
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,63 @@ class LayerStructure:
 
 
 @dataclass(frozen=True)
+class StreamStructure:
+    """The residual stream of a model: its width, the original channel each current one is, and the modules it runs
+    through, by path from the model's root. Found once by a probe (`hf_blockprune.structure.stream.find_stream`).
+
+    Args:
+        channels (`tuple[int, ...]`): per current channel, its index in the original (dense) model; its length is
+            the current hidden size.
+        embeddings (`tuple[str, ...]`): embedding tables, one column per channel (shared tables listed once).
+        norms (`tuple[str, ...]`): the norms that normalize the stream (inside and outside the layers).
+        readers (`tuple[str, ...]`): projections reading the stream (one input column per channel): the layers'
+            query, key, value and FFN input projections, and what reads it outside the layers (a pooler, a task or
+            LM head).
+        writers (`tuple[str, ...]`): projections writing the stream (one output row per channel): the layers'
+            attention and FFN output projections, and the `sources`.
+        original_size (`int`): the hidden size of the dense model.
+        sources (`tuple[str, ...]`, *optional*): the writers that start the stream with no norm after them
+            (`StreamSpec.sources`), whose output is masked itself.
+    """
+
+    channels: tuple[int, ...]
+    embeddings: tuple[str, ...]
+    norms: tuple[str, ...]
+    readers: tuple[str, ...]
+    writers: tuple[str, ...]
+    original_size: int
+    sources: tuple[str, ...] = ()
+
+    @property
+    def size(self) -> int:
+        """The current hidden size."""
+        return len(self.channels)
+
+    def record(self) -> dict:
+        """The layout record of this stream (`config.blockprune_layout["hidden"]`, JSON-serializable)."""
+        return {"size": self.size, "channels": list(self.channels), "original_size": self.original_size,
+                "embeddings": list(self.embeddings), "norms": list(self.norms), "readers": list(self.readers),
+                "writers": list(self.writers), "sources": list(self.sources)}
+
+    def moved(self, old: str, new: str) -> StreamStructure:
+        """This stream with the path prefix `old` (`""`: none) of every module replaced by `new` (paths relative to
+        another root: the transformers model inside a sentence-transformers model, or the container)."""
+        def move(paths: tuple[str, ...]) -> tuple[str, ...]:
+            stripped = [path[len(old) + 1:] if old else path for path in paths]
+            return tuple(f"{new}.{path}" if new else path for path in stripped)
+
+        return replace(self, embeddings=move(self.embeddings), norms=move(self.norms), readers=move(self.readers),
+                       writers=move(self.writers), sources=move(self.sources))
+
+    @classmethod
+    def from_record(cls, record: dict) -> StreamStructure:
+        """The stream a layout record describes (see `record`)."""
+        return cls(tuple(record["channels"]), tuple(record["embeddings"]), tuple(record["norms"]),
+                   tuple(record["readers"]), tuple(record["writers"]), int(record["original_size"]),
+                   tuple(record.get("sources", ())))
+
+
+@dataclass(frozen=True)
 class ModelStructure:
     """The prunable structure of one model, relative to that model's root module; holds no module.
 
@@ -74,6 +133,8 @@ class ModelStructure:
         layers (`tuple[LayerStructure, ...]`): the prunable layers, in module-tree order.
         patterns (`ModulePatterns`, *optional*): the user's module patterns the structure was found with; `None`:
             the built-in map of the model type (`ARCHITECTURES`).
+        stream (`StreamStructure`, *optional*): the residual stream, once found for hidden-size pruning or read from
+            a layout that compacted it; `None` otherwise.
 
     Example:
         >>> from transformers import BertConfig, BertModel
@@ -91,6 +152,7 @@ class ModelStructure:
 
     layers: tuple[LayerStructure, ...]
     patterns: ModulePatterns | None = None
+    stream: StreamStructure | None = None
 
     def bind(self, model: nn.Module, check: bool = True) -> list[PrunableLayer]:
         """The layers bound to `model`'s modules (`PrunableLayer`, in the order of `layers`).
@@ -107,8 +169,9 @@ class ModelStructure:
 
     def with_layout(self, layout: dict) -> ModelStructure:
         """This structure after a compaction recorded in `layout` (`config.blockprune_layout`): the same layers and
-        specs, with the slots, head sizes and FFN placeholders of the layout's records."""
-        return replace(self, layers=tuple(_layer_with_layout(layer, layout) for layer in self.layers))
+        specs, with the slots, head sizes and FFN placeholders of the layout's records, and the stream it records."""
+        stream = StreamStructure.from_record(layout["hidden"]) if "hidden" in layout else self.stream
+        return replace(self, layers=tuple(_layer_with_layout(layer, layout) for layer in self.layers), stream=stream)
 
 
 def record_slots(record: dict) -> tuple[list[int | None], list[int | None]]:

@@ -22,8 +22,12 @@ then) it holds one head slot of zero weights, so that generation's KV cache has 
 grouped-query attention record lists its query `"slots"` and `"kv_heads"` (`null`: a zero slot), and a gated FFN its
 `"inputs"`; 4, where a record may name a `"fused"` projection (GPT-2's `c_attn`: the query, key and value rows in one
 module; ModernBERT's `Wi`: the FFN inputs in one module) and `"head_rows"` projections (one block of rows per kept
-head, DeBERTa-v2's relative-position projections). transformers' `Conv1D` (weight stored transposed) is resized like
-an `nn.Linear`.
+head, DeBERTa-v2's relative-position projections); 5, where the hidden size was compacted: `"hidden"` gives its
+`"size"` and the modules of the residual stream by path, the `"embeddings"` tables and `"readers"` (one column per
+channel), the `"writers"` (one row per channel) and the `"norms"`, all resized to it (a tensor shared by several of
+them, as tied embeddings are, stays shared). The config keeps the original hidden size, which the model's code reads
+for its constants (BART's embedding scale, the head size). transformers' `Conv1D` (weight stored transposed) is resized
+like an `nn.Linear`.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 LAYOUT_ATTRIBUTE = "blockprune_layout"
-SUPPORTED_LAYOUT_VERSIONS = (1, 2, 3, 4)
+SUPPORTED_LAYOUT_VERSIONS = (1, 2, 3, 4, 5)
 CLASS_PREFIX = "BlockPruned"
 MODEL_TYPE_PREFIX = "blockpruned_"
 _HEAD_COUNT_ATTRIBUTES = ("num_attention_heads", "num_heads", "n_heads")
@@ -156,6 +160,25 @@ def _layer_path(model: nn.Module, path: str) -> str | None:
     return next((candidate for candidate in candidates if _has_submodule(model, candidate)), None)
 
 
+def _rebase_hidden(model: nn.Module, hidden: dict) -> dict:
+    """The hidden record with its paths as they lie in `model`; a reader `model` lacks (the task head, for the bare
+    base model) is left out, any other missing module refused."""
+    rebased = dict(hidden)
+    for key in ("embeddings", "norms", "readers", "writers"):
+        paths = []
+        for path in hidden.get(key, []):
+            found = _layer_path(model, path)
+            if found is None and key != "readers":
+                raise ValueError(
+                    f"config.{LAYOUT_ATTRIBUTE} names {path!r} in the hidden stream, which {type(model).__name__} "
+                    "does not have."
+                )
+            if found is not None:
+                paths.append(found)
+        rebased[key] = paths
+    return rebased
+
+
 def rebase_layout(model: nn.Module, layout: dict) -> dict:
     """`layout` with its layer paths as they lie in `model` (see `_layer_path`); the same dict if none moves.
 
@@ -174,9 +197,53 @@ def rebase_layout(model: nn.Module, layout: dict) -> dict:
                 f"config.{LAYOUT_ATTRIBUTE} names layer {path!r}, which {type(model).__name__} does not have."
             )
         layers[found] = entry
-    if list(layers) == list(layout.get("layers", {})):
-        return layout
-    return {**layout, "layers": layers}
+    rebased = layout if list(layers) == list(layout.get("layers", {})) else {**layout, "layers": layers}
+    if "hidden" in layout:
+        hidden = _rebase_hidden(model, layout["hidden"])
+        if hidden != layout["hidden"]:
+            rebased = {**rebased, "hidden": hidden}
+    return rebased
+
+
+def _shrink_stream(model: nn.Module, hidden: dict) -> None:
+    """Resize the modules of the residual stream to `hidden["size"]` channels (see the module docstring)."""
+    size = hidden["size"]
+    resized: dict[int, nn.Parameter] = {}
+
+    def new(parameter: nn.Parameter, shape: tuple[int, ...]) -> nn.Parameter:
+        if id(parameter) not in resized:
+            resized[id(parameter)] = nn.Parameter(parameter.new_zeros(shape), parameter.requires_grad)
+        return resized[id(parameter)]
+
+    for path in hidden["embeddings"]:
+        table = model.get_submodule(path)
+        table.weight = new(table.weight, (table.weight.shape[0], size))
+        table.embedding_dim = size
+    for path in hidden["readers"] + hidden["writers"]:
+        linear = model.get_submodule(path)
+        if not isinstance(linear, (nn.Linear, Conv1D)):
+            raise ValueError(f"config.{LAYOUT_ATTRIBUTE} names {path}, which is not an nn.Linear of this model.")
+        out_features, in_features = _features(linear)
+        if path in hidden["readers"]:
+            in_features = size
+        else:
+            out_features = size
+            if linear.bias is not None:
+                linear.bias = new(linear.bias, (size,))
+        conv1d = isinstance(linear, Conv1D)
+        linear.weight = new(linear.weight, (in_features, out_features) if conv1d else (out_features, in_features))
+        if conv1d:
+            linear.nx, linear.nf = in_features, out_features
+        else:
+            linear.in_features, linear.out_features = in_features, out_features
+    for path in hidden["norms"]:
+        norm = model.get_submodule(path)
+        for name in ("weight", "bias"):
+            parameter = getattr(norm, name, None)
+            if isinstance(parameter, nn.Parameter):
+                setattr(norm, name, new(parameter, (size,)))
+        if isinstance(norm, nn.LayerNorm):
+            norm.normalized_shape = (size,)
 
 
 @torch.no_grad()
@@ -198,7 +265,10 @@ def shrink_to_layout(model: nn.Module, layout: dict) -> nn.Module:
             f"config.{LAYOUT_ATTRIBUTE} has version {layout.get('version')!r}; this loader reads versions "
             f"{list(SUPPORTED_LAYOUT_VERSIONS)}. Upgrade hf_blockprune (or re-save the model with this version)."
         )
-    for layer_path, entry in rebase_layout(model, layout).get("layers", {}).items():
+    layout = rebase_layout(model, layout)
+    if "hidden" in layout:  # first: the layers' projections below are rebuilt with their current hidden width
+        _shrink_stream(model, layout["hidden"])
+    for layer_path, entry in layout.get("layers", {}).items():
         layer = model.get_submodule(layer_path)
         for attention in entry.get("attention", []):
             _shrink_attention(layer, layer_path, attention)

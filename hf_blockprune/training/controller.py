@@ -10,14 +10,21 @@ import os
 import torch
 from torch import nn
 
-from ..compact.flops import attention_flops, densities_for_speedup, ffn_flops
+from ..compact.flops import attention_flops, densities_for_speedup, ffn_flops, hidden_width
 from ..compact.latency import LatencyTable, densities_for_latency, measure_latency_table
 from ..pruning.config import BlockPruningConfig
 from ..pruning.filling import fill_surviving_heads, is_filled
 from ..pruning.importance import LossFunction, broadcast_scores, calibration_batches, initialize_scores, score_fisher
 from ..pruning.layer import MaskedLinear
 from ..pruning.losses import expected_density, mask_density
-from ..pruning.model import TARGETS_ATTRIBUTE, block_scores, read_legacy_keys, score_parameters, set_threshold
+from ..pruning.model import (
+    TARGETS_ATTRIBUTE,
+    block_scores,
+    hidden_scores,
+    read_legacy_keys,
+    score_parameters,
+    set_threshold,
+)
 from ..pruning.report import sparsity_report
 from ..pruning.schedule import cubic_lambda, cubic_threshold, schedule_progress
 from ..pruning.targets import (
@@ -84,7 +91,7 @@ class PruningController:
             targets = {"attention": 1.0, "ffn": 1.0}  # measured when training starts (`resolve_latency_targets`)
         else:
             targets = densities_for_speedup(self.model, self.config.target_speedup,
-                                            self.config.speedup_sequence_length)
+                                            self.config.speedup_sequence_length, self.config.hidden_density())
         device = next(self.model.parameters()).device
         state = DensityTargets(targets, self.config.target_rate, initial_lambda=1e-2,
                                per_stack=self.config.target_per_stack, penalty_ratio=ratio or None,
@@ -102,19 +109,20 @@ class PruningController:
             return {}
         length = config.speedup_sequence_length
         units: dict[str, list[UnitSet]] = {}
+        hidden = hidden_width(self.model, config.hidden_density())  # the units cost what they will at that width
         for layer in prunable_layers(self.model):
             stack = layer.name.rpartition(".")[0]
             if config.cuts_on_units("attention"):
                 for attention in (a for a in layer.attentions if isinstance(a.query, MaskedLinear)):
                     modules = [m.scores_module for m in (attention.query, attention.key, attention.value,
                                                          attention.output)]
-                    cost = sum(attention_flops(attention, length)) / attention.num_heads
+                    cost = sum(attention_flops(attention, length, hidden=hidden)) / attention.num_heads
                     units.setdefault("attention", []).append(
                         UnitSet(stack, modules, functools.partial(head_alive_scores, attention), cost,
                                 functools.partial(keep_heads, attention)))
             if config.cuts_on_units("ffn") and layer.has_ffn and isinstance(layer.ffn_output, MaskedLinear):
                 modules = [m.scores_module for m in (*layer.ffn_inputs, layer.ffn_output)]
-                cost = ffn_flops(layer, length) / layer.ffn_input.out_features
+                cost = ffn_flops(layer, length, hidden=hidden) / layer.ffn_input.out_features
                 units.setdefault("ffn", []).append(
                     UnitSet(stack, modules, functools.partial(neuron_alive_scores, layer), cost,
                             functools.partial(keep_neurons, layer)))
@@ -196,7 +204,8 @@ class PruningController:
             return
         if self.targets is not None and config.pruning_method == "topk":
             for group, value in self.targets.scheduled(self.progress).items():
-                set_threshold(self.model, value, None if group == "all" else group)
+                for kind in (("attention", "ffn") if group == "all" else (group,)):  # "all": not the hidden channels
+                    set_threshold(self.model, value, kind)
             return
         if self.soft_targets:
             # the target owns the cuts: resetting them to logit(threshold) here would unmask everything
@@ -331,6 +340,10 @@ class PruningController:
             "pruning/density_ffn": mask_density(self.model, "ffn").item(),
             "pruning/density": mask_density(self.model).item(),
         }
+        hidden = hidden_scores(self.model)
+        if hidden is not None:  # the fraction of hidden channels kept
+            with torch.no_grad():
+                logs["pruning/density_hidden"] = hidden.mask().mean().item()
         if self.targets is not None:
             logs.update(self.targets.metrics(self.model, self.progress))
         return logs
