@@ -248,6 +248,8 @@ def test_module_patterns_and_options_the_stream_does_not_support_yet_are_refused
         preset_config("struct", prune_hidden=True, target_speedup=2.0, speedup_cost_model="latency")
     with pytest.raises(ValueError, match="`target_density_hidden` is the hidden share of a target"):
         preset_config("struct", target_speedup=2.0, target_density_hidden=0.5)
+    with pytest.raises(ValueError, match="`prune_hidden` with snapshots"):
+        preset_config("struct", prune_hidden=True, target_speedup=3.0, snapshot_speedups=[2.0])
     with pytest.raises(ValueError, match="layer-wise distillation"):
         preset_config("struct", prune_hidden=True, layer_distillation_weight=1.0)
     with pytest.raises(ValueError, match="needs a pruning preset"):

@@ -530,6 +530,12 @@ class BlockPruningConfig:
                 "`prune_hidden` with `speedup_cost_model='latency'` is not supported yet: the latency table times "
                 "heads and neurons at the full hidden size. Use the FLOPs cost model (the default)."
             )
+        if self.snapshot_densities or self.snapshot_speedups:
+            raise ValueError(
+                "`prune_hidden` with snapshots is not supported yet: when a snapshot is due depends on the hidden "
+                "width and the heads and neurons together, which the snapshot schedule does not model. Drop "
+                "`snapshot_densities` / `snapshot_speedups`, or save models of several speedups from separate runs."
+            )
         if self.layer_distillation_weight > 0:
             raise ValueError(
                 "`prune_hidden` with layer-wise distillation is not supported yet: the student's hidden states lose "
