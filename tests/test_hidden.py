@@ -382,3 +382,35 @@ def test_the_filled_stage_freezes_the_hidden_channels(tmp_path):
     trainer.train()
     scores = hidden_scores(trainer.model)
     assert not scores.scores.requires_grad and scores.filled_value
+
+
+TASK_HEADS = [
+    ("bert", "BertForMultipleChoice"), ("bert", "BertForNextSentencePrediction"),
+    ("roberta", "RobertaForQuestionAnswering"), ("roberta", "RobertaForMultipleChoice"),
+    ("distilbert", "DistilBertForQuestionAnswering"), ("distilbert", "DistilBertForMultipleChoice"),
+    ("electra", "ElectraForPreTraining"), ("electra", "ElectraForTokenClassification"),
+    ("bart", "BartForSequenceClassification"), ("bart", "BartForQuestionAnswering"),
+    ("llama", "LlamaForSequenceClassification"), ("llama", "LlamaForQuestionAnswering"),
+    ("gpt2", "GPT2ForSequenceClassification"), ("gpt2", "GPT2DoubleHeadsModel"),
+    ("qwen2", "Qwen2ForSequenceClassification"), ("mistral", "MistralForTokenClassification"),
+]
+
+
+@pytest.mark.parametrize("arch, class_name", TASK_HEADS)
+def test_the_probe_finds_what_every_task_head_reads_and_compaction_stays_exact(arch, class_name):
+    import transformers
+
+    config = tiny_config(arch)
+    config.pad_token_id = 0 if config.pad_token_id is None else config.pad_token_id
+    torch.manual_seed(0)
+    model = _half_hidden(getattr(transformers, class_name)(config))
+    ids = torch.randint(4, 90, (2, 7), generator=torch.Generator().manual_seed(0))
+    if isinstance(config.eos_token_id, int):
+        ids[:, -1] = config.eos_token_id  # BART's classification head reads the EOS token
+    inputs = {"input_ids": ids[:, None].repeat(1, 2, 1) if "MultipleChoice" in class_name else ids}
+    with torch.no_grad():
+        expected = model(**inputs)
+        key = next(name for name in expected.keys() if "logits" in name)
+        compact_model(model)
+        torch.testing.assert_close(model(**inputs)[key], expected[key], atol=1e-5, rtol=1e-5)
+    assert structure_of(model).stream.size == 16

@@ -89,11 +89,11 @@ def probe_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(PROBE_SEED)
     ids = torch.randint(3, max(int(config.vocab_size), 4), (1, PROBE_TOKENS), generator=generator)
     eos = getattr(config, "eos_token_id", None)
-    if isinstance(eos, int) and 4 < eos < int(config.vocab_size):
+    if isinstance(eos, int) and 0 <= eos < int(config.vocab_size):
         ids = torch.where(ids == eos, torch.full_like(ids, 3 if eos != 3 else 4), ids)
         ids[0, -1] = eos
     if type(model).__name__.endswith("ForMultipleChoice"):
-        ids = ids[:, None].expand(1, 2, PROBE_TOKENS)
+        ids = ids[:, None].repeat(1, 2, 1)
     device = next(model.parameters()).device
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
 
