@@ -30,7 +30,6 @@ GROUPED = ("llama", "qwen2", "mistral")  # grouped-query attention (multi-query 
 DECODERS = GROUPED + ("gpt2",)  # causal LMs
 GENERATIVE = ENCODER_DECODERS + DECODERS
 GATED_FFN = GROUPED + ("modernbert",)  # gate, up -> down (ModernBERT: one fused input): neuron scores only
-KEEPS_A_HEAD = DECODERS + ("deberta-v2",)  # a self-attention that loses every head keeps a zero one
 VOCAB = 99
 SEQ_LEN = 12
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification
 
 import hf_blockprune
 from hf_blockprune.compact.atomic import MARKER_NAME, STAGING_PREFIX, recover_interrupted_save
-from hf_blockprune.compact.card_figure import heads_cell, layer_rows
+from hf_blockprune.compact.card_figure import ffn_cell, heads_cell, layer_rows
 from hf_blockprune.compact.saving import export_dense, save_compacted
 
 from helpers import biased_model, model_inputs, random_masks
@@ -100,8 +100,7 @@ def _plain_load(folder: Path, references) -> str:
 def _card_matches(folder: Path, model) -> None:
     card = (folder / "README.md").read_text()
     for row in layer_rows(model):
-        ffn = row["ffn_size"] if row["ffn_size"] is not None else "-"
-        assert f"| `{row['layer']}` | {heads_cell(row)} | {ffn} |" in card
+        assert f"| `{row['layer']}` | {heads_cell(row)} | {ffn_cell(row)} |" in card
 
 
 def _check_folder(folder: Path, references, extras: dict[str, bytes]) -> tuple[str, str]:

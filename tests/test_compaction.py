@@ -11,9 +11,9 @@ from hf_blockprune.compact.compaction import LAYOUT_ATTRIBUTE, compact_model, co
 from hf_blockprune.pruning.layer import MaskedLinear
 from hf_blockprune.pruning.model import block_scores, set_threshold
 from hf_blockprune.structure.discovery import prunable_layers
-from hf_blockprune.structure.modeling_blockprune import shrink_to_layout
+from hf_blockprune.structure.modeling_blockprune import ConstantOutput, RemovedAttention, shrink_to_layout
 
-from conftest import ARCHS, GENERATIVE, KEEPS_A_HEAD, VOCAB, auto_class, tiny_model
+from conftest import ARCHS, DECODERS, GENERATIVE, VOCAB, auto_class, tiny_model
 from helpers import (
     ALIVE,
     DEAD,
@@ -47,9 +47,8 @@ def test_compacted_model_computes_the_masked_function_with_fewer_parameters(arch
     reference, base_parameters = model_outputs(model, inputs), plain_parameter_count(model)
     plan = compaction_plan(model)
     if force_empty:
-        assert plan[0].heads == [[] for _ in plan[0].heads]
-        assert plan[-1].ffn_placeholder == (arch == "gpt2")  # a Conv1D cannot read 0 features: one zero neuron
-        assert plan[-1].neurons == ([0] if plan[-1].ffn_placeholder else [])
+        assert plan[0].heads == [[] for _ in plan[0].heads] and plan[0].removed == [True for _ in plan[0].heads]
+        assert plan[-1].neurons == [] and plan[-1].ffn_removed and not plan[-1].ffn_placeholder
 
     compacted = compact_model(model)
     assert not is_block_pruned(compacted)
@@ -62,13 +61,14 @@ def test_compacted_model_computes_the_masked_function_with_fewer_parameters(arch
 def test_backward_runs_on_a_compacted_model_with_empty_layers(arch):
     model = compact_model(random_masks(biased_model(arch), "hybrid", "sigmoid_threshold", 0, force_empty=True))
     layers = prunable_layers(model)
-    placeholder = HEAD_DIM if arch in KEEPS_A_HEAD else 0  # a decoder self-attention keeps a zero slot for the cache
-    neuron = 1 if arch == "gpt2" else 0  # a Conv1D cannot read 0 features: a zero neuron stays
-    assert layers[0].attentions[0].query.out_features == placeholder and layers[-1].ffn_input.out_features == neuron
+    assert not layers[0].attentions and not layers[-1].has_ffn  # removed: nothing left to prune there
+    assert all(parameter.numel() for parameter in model.parameters())  # no projection with zero features is left
     model.train()
     model(**model_inputs(arch, labels=True)).loss.backward()
-    grads = [p.grad for p in model.parameters() if p.numel()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    # a pre-norm read only by a removed sublayer (ModernBERT's `mlp_norm`) feeds nothing any more: no gradient
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert all(torch.isfinite(g).all() for g in grads.values() if g is not None)
+    assert grads[next(name for name in grads if "embed" in name or "wte" in name or "shared" in name)] is not None
 
 
 def test_removed_units_with_constant_output_are_folded_into_the_output_bias():
@@ -111,7 +111,7 @@ def test_bart_generate_gives_the_same_tokens_after_compaction(num_beams, use_cac
                     return_dict_in_generate=True, output_scores=True)
     expected = model.generate(**inputs, **settings)
     compact_model(model)
-    assert model.model.decoder.layers[1].encoder_attn.q_proj.out_features == 0
+    assert isinstance(model.model.decoder.layers[1].encoder_attn, RemovedAttention)
     actual = model.generate(**inputs, **settings)
     assert torch.equal(actual.sequences, expected.sequences)
     for step_scores, expected_scores in zip(actual.scores, expected.scores, strict=True):
@@ -128,13 +128,18 @@ def test_layout_in_config_matches_the_layers_and_survives_json(arch, tmp_path):
     for layer, plan in zip(prunable_layers(model), plans):
         entry = layout["layers"][layer.name]
         assert [attention["heads"] for attention in entry["attention"]] == plan.heads
-        assert entry["ffn"]["size"] == len(plan.neurons)
-        for attention, recorded in zip(layer.attentions, entry["attention"]):
-            slots = len(recorded["heads"]) + recorded.get("placeholder", False)
-            assert attention.num_heads == slots and attention.real_heads == len(recorded["heads"])
+        assert [attention.get("removed", False) for attention in entry["attention"]] == plan.removed
+        assert entry["ffn"]["size"] == len(plan.neurons) and entry["ffn"].get("removed", False) == plan.ffn_removed
+        kept = [recorded for recorded in entry["attention"] if not recorded.get("removed")]
+        for attention, recorded in zip(layer.attentions, kept, strict=True):
+            slots = len(recorded["heads"])
+            assert attention.num_heads == slots and attention.real_heads == len(recorded["heads"]) > 0
             assert recorded["head_dim"] == 8
             assert attention.query.out_features == attention.output.in_features == 8 * slots
-        assert layer.ffn_input.out_features == layer.ffn_output.in_features == entry["ffn"]["size"]
+        if plan.ffn_removed:
+            assert not layer.has_ffn
+        else:
+            assert layer.ffn_input.out_features == layer.ffn_output.in_features == entry["ffn"]["size"]
     assert json.loads(json.dumps(model.config.to_dict()))[LAYOUT_ATTRIBUTE] == layout
     model.config.save_pretrained(tmp_path)
     assert getattr(type(model.config).from_pretrained(tmp_path), LAYOUT_ATTRIBUTE) == layout
@@ -142,10 +147,9 @@ def test_layout_in_config_matches_the_layers_and_survives_json(arch, tmp_path):
 
 
 def test_compacted_attention_modules_report_their_new_head_count():
-    model = random_masks(biased_model("bert"), "struct", "sigmoid_threshold", 0, force_empty=True)
-    compact_model(model)
+    model = compact_model(mask_heads(biased_model("bert"), {0: [0, 2]}))
     attention = model.bert.encoder.layer[0].attention.self
-    assert (attention.num_attention_heads, attention.all_head_size) == (0, 0)
+    assert (attention.num_attention_heads, attention.all_head_size) == (2, 16)
     assert model.config.num_attention_heads == 4 and model.config.intermediate_size == 37
 
 
@@ -187,39 +191,41 @@ def mask_heads(model, dead_slots: dict[int, list[int]], config=None):
     return model
 
 
-def test_attentions_without_heads_keep_a_zero_placeholder_only_where_the_cache_reads_its_length():
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_attentions_without_heads_are_removed_and_decoder_self_attentions_keep_the_cache_length(use_cache):
     model = random_masks(biased_model("bart"), "struct", "sigmoid_threshold", 0, force_empty=False)
     for layer in prunable_layers(model):
         for attention in layer.attentions:
             kill_scores(attention.value.scores_module)
     inputs = model_inputs("bart")
     reference = model_outputs(model, inputs)
+    prompt = {k: v for k, v in inputs.items() if k != "decoder_input_ids"}
+    expected = model.generate(**prompt, **GENERATE, use_cache=use_cache)
 
     compact_model(model)
     layout = getattr(model.config, LAYOUT_ATTRIBUTE)
-    assert layout["version"] == 2
+    assert layout["version"] == 6
     for name, entry in layout["layers"].items():
         for record in entry["attention"]:
             decoder_self = name.startswith("model.decoder") and record["query"] == "self_attn.q_proj"
-            assert record["heads"] == [] and record.get("placeholder", False) is decoder_self
-    for layer in model.model.decoder.layers:
-        attention = layer.self_attn
-        assert attention.num_heads == 1
-        for linear in (attention.q_proj, attention.k_proj, attention.v_proj):
-            assert linear.weight.shape == (8, 32) and not linear.weight.any() and not linear.bias.any()
-        assert attention.out_proj.weight.shape == (32, 8) and not attention.out_proj.weight.any()
-        assert layer.encoder_attn.q_proj.out_features == 0
-    assert all(layer.self_attn.q_proj.out_features == 0 for layer in model.model.encoder.layers)
-    for actual, expected in zip(model_outputs(model, inputs), reference, strict=True):
-        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+            assert record["heads"] == [] and record["removed"] and record.get("caches", False) is decoder_self
+            assert "placeholder" not in record
+    for layer in [*model.model.encoder.layers, *model.model.decoder.layers]:
+        for attention in (layer.self_attn, getattr(layer, "encoder_attn", None)):
+            if attention is not None:
+                assert isinstance(attention, RemovedAttention) and isinstance(attention.out_proj, ConstantOutput)
+                assert attention.caches == (attention is layer.self_attn and layer in list(model.model.decoder.layers))
+    for actual, expected_output in zip(model_outputs(model, inputs), reference, strict=True):
+        torch.testing.assert_close(actual, expected_output, atol=1e-5, rtol=1e-5)
+    assert_same_generation(model.generate(**prompt, **GENERATE, use_cache=use_cache), expected)
 
 
 @pytest.mark.parametrize("attention_index", [0, 1], ids=["self_attn", "encoder_attn"])
 @pytest.mark.parametrize("num_beams, use_cache", [(1, True), (3, True), (3, False)])
 def test_bart_generates_the_same_tokens_when_the_first_decoder_layer_loses_an_attention(attention_index, num_beams,
                                                                                         use_cache):
-    # The cache reads its length from decoder layer 0's self-attention keys: that one keeps a placeholder head. The
-    # cross-attention caches the encoder's keys too, but never gives the length: it may keep no head at all.
+    # The cache reads its length from decoder layer 0's self-attention keys: removed, it caches zero keys of size 1.
+    # The cross-attention caches the encoder's keys too, but never gives the length.
     model = random_masks(biased_model("bart", 1), "hybrid", "sigmoid_threshold", 1, force_empty=False)
     kill_scores(prunable_layers(model)[2].attentions[attention_index].value.scores_module)
     inputs = model_inputs("bart")
@@ -228,7 +234,7 @@ def test_bart_generates_the_same_tokens_when_the_first_decoder_layer_loses_an_at
     expected = model.generate(**inputs, **settings)
     compact_model(model)
     first = model.model.decoder.layers[0]
-    assert (first.self_attn, first.encoder_attn)[attention_index].q_proj.out_features == (8, 0)[attention_index]
+    assert isinstance((first.self_attn, first.encoder_attn)[attention_index], RemovedAttention)
     assert_same_generation(model.generate(**inputs, **settings), expected)
 
 
@@ -263,8 +269,8 @@ def test_the_loader_reads_layouts_of_version_1_and_2(version, record, slots):
     attention = model.model.decoder.layers[0].self_attn
     assert attention.num_heads == slots and attention.q_proj.weight.shape == (8 * slots, 32)
     assert attention.out_proj.weight.shape == (32, 8 * slots)
-    with pytest.raises(ValueError, match="version 6.*Upgrade hf_blockprune"):
-        shrink_to_layout(tiny_model("bart"), {"version": 6, "layers": {}})
+    with pytest.raises(ValueError, match="version 7.*Upgrade hf_blockprune"):
+        shrink_to_layout(tiny_model("bart"), {"version": 7, "layers": {}})
 
 
 # Compacting again: a compacted model, masked anew, compacts to the composed layout.
@@ -326,16 +332,21 @@ def remask(model, seed):
 AUTO_CLASSES = {arch: auto_class(arch) for arch in ARCHS}
 
 
+def spec_caches(arch: str, layer: str, record: dict) -> bool:
+    """Whether the attention of a layout record gives generation's cache its length (a decoder's self-attention)."""
+    return arch in DECODERS or ("decoder" in layer and record["query"] == "self_attn.q_proj")
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_a_reloaded_compacted_model_pruned_again_saves_and_reloads_the_masked_function(arch, tmp_path):
     first = random_masks(biased_model(arch, 5), "struct", "sigmoid_threshold", 5, force_empty=True)
     if arch == "bart":
-        kill_scores(prunable_layers(first)[2].attentions[0].value.scores_module)  # decoder layer 0: a placeholder
+        kill_scores(prunable_layers(first)[2].attentions[0].value.scores_module)  # decoder layer 0: removed
     save_compacted(first, tmp_path / "once", model_card=False)
     once = getattr(hf_blockprune.from_pretrained(tmp_path / "once").config, LAYOUT_ATTRIBUTE)
     model = remask(hf_blockprune.from_pretrained(tmp_path / "once").eval(), seed=6)
-    layers = prunable_layers(model)  # the first layer has no head left, the last no FFN neuron: no scores
-    assert not any(isinstance(m, MaskedLinear) for m in (layers[0].attentions[0].value, layers[-1].ffn_input))
+    layers = prunable_layers(model)  # the first layer's attention and the last FFN were removed: nothing to score
+    assert not layers[0].attentions and not layers[-1].has_ffn
     inputs = model_inputs(arch)
     reference = model_outputs(model, inputs)
     generation = dict(GENERATE, num_beams=3, use_cache=True)
@@ -348,12 +359,12 @@ def test_a_reloaded_compacted_model_pruned_again_saves_and_reloads_the_masked_fu
     for name, entry in twice["layers"].items():
         for record, before in zip(entry["attention"], once["layers"][name]["attention"], strict=True):
             assert set(record["heads"]) <= set(before["heads"])
-            self_attention = arch in KEEPS_A_HEAD or ("decoder" in name and record["query"] == "self_attn.q_proj")
-            assert record.get("placeholder", False) == (self_attention and not record["heads"])
+            assert record.get("removed", False) == (not record["heads"]) and "placeholder" not in record
+            assert record.get("caches", False) == (record.get("removed", False) and spec_caches(arch, name, record))
     if arch == "bart":
-        assert twice["layers"]["model.decoder.layers.0"]["attention"][0]["placeholder"]
-        assert twice["layers"]["model.decoder.layers.1"]["attention"][0] == {
-            **twice["layers"]["model.decoder.layers.1"]["attention"][0], "heads": [], "placeholder": True}
+        for layer in ("model.decoder.layers.0", "model.decoder.layers.1"):  # removed in the first round, the second
+            assert twice["layers"][layer]["attention"][0] == {**twice["layers"][layer]["attention"][0], "heads": [],
+                                                              "removed": True, "caches": True}
     reloaded = hf_blockprune.from_pretrained(tmp_path / "twice").eval()
     remote = AUTO_CLASSES[arch].from_pretrained(tmp_path / "twice", trust_remote_code=True).eval()
     assert getattr(reloaded.config, LAYOUT_ATTRIBUTE)["layers"] == twice["layers"]

@@ -46,22 +46,22 @@ def _struct_masked(arch: str, query_heads: list[list[float]], neurons_alive: int
 
 def test_uneven_query_groups_are_padded_with_zero_slots_and_compute_the_masked_function():
     # layer 0: key/value head 0 keeps query heads 0 and 1, head 1 keeps only query head 3 (padded by a zero slot);
-    # layer 1: every head goes (a zero placeholder head keeps the cache length)
+    # layer 1: every head goes (the attention is removed; its zero keys of size 1 keep the cache length)
     model = _struct_masked("llama", [[ALIVE, ALIVE, DEAD, ALIVE], [DEAD] * 4])
     inputs = model_inputs("llama")
     expected = model_outputs(model, inputs)
     plan = compaction_plan(model)
     assert plan[0].slots == [[0, 1, 3, None]] and plan[0].kv_slots == [[0, 1]]
-    assert plan[1].slots == [[None]] and plan[1].kv_slots == [[None]] and plan[1].placeholders == [True]
+    assert plan[1].slots == [[]] and plan[1].removed == [True] and plan[1].placeholders == [False]
     compact_model(model)
     attention = model.model.layers[0].self_attn
     assert attention.q_proj.out_features == 4 * HEAD_DIM and attention.k_proj.out_features == 2 * HEAD_DIM
     assert attention.num_key_value_groups == 2
-    assert model.model.layers[1].self_attn.num_key_value_groups == 1
+    assert type(model.model.layers[1].self_attn).__name__ == "RemovedAttention"
     for got, want in zip(model_outputs(model, inputs), expected, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     layout = getattr(model.config, LAYOUT_ATTRIBUTE)
-    assert layout["version"] == 3
+    assert layout["version"] == 6
     record = layout["layers"]["model.layers.0"]["attention"][0]
     assert record["heads"] == [0, 1, 3] and record["slots"] == [0, 1, 3, None] and record["kv_heads"] == [0, 1]
     assert layout["layers"]["model.layers.0"]["ffn"]["inputs"] == ["mlp.gate_proj", "mlp.up_proj"]
@@ -109,9 +109,14 @@ def test_block_granularity_on_a_gated_ffn_is_refused_before_anything_changes():
 
 @pytest.mark.parametrize("arch", DECODERS)
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_compacted_decoders_generate_the_masked_tokens_with_dynamic_and_static_caches(arch, cache):
-    model = _struct_masked(arch, [[ALIVE, DEAD, DEAD, ALIVE], [DEAD] * 4], neurons_alive=11).eval()
+@pytest.mark.parametrize("emptied", [1, 0], ids=["last-attention-removed", "first-attention-removed"])
+def test_compacted_decoders_generate_the_masked_tokens_with_dynamic_and_static_caches(arch, cache, emptied):
+    # the cache reads its length from layer 0's keys: removed there, its zero keys of size 1 must give it
+    heads = [[ALIVE, DEAD, DEAD, ALIVE], [ALIVE, DEAD, DEAD, ALIVE]]
+    heads[emptied] = [DEAD] * 4
+    model = _struct_masked(arch, heads, neurons_alive=11).eval()
     compacted = compact_model(copy.deepcopy(model))
+    assert [type(module).__name__ for module in compacted.modules()].count("RemovedAttention") == 1
     prompts = _left_padded_prompts()
     for num_beams in (1, 3):
         settings = dict(max_new_tokens=6, num_beams=num_beams, do_sample=False, pad_token_id=0,

@@ -7,7 +7,7 @@ from hf_blockprune.compact.flops import FlopsBreakdown, model_flops, predicted_s
 from hf_blockprune.pruning.model import set_threshold
 from hf_blockprune.structure.discovery import prunable_layers
 
-from conftest import ARCHS, KEEPS_A_HEAD, tiny_model
+from conftest import ARCHS, tiny_model
 from helpers import biased_model, kill_scores, preset_config, random_masks
 
 HIDDEN, FFN, VOCAB = 32, 37, 99
@@ -102,12 +102,9 @@ def test_each_dead_head_and_pruned_neuron_removes_its_share(arch):
     set_threshold(model, 0.75, kind="ffn")  # round(0.75 * 37) = 28 neurons per FFN
     dense, kept = hand_flops(arch, 12), model_flops(model, 12, kept_only=True)
     blocks = SHAPES[arch][0]
-    # a decoder's self-attention keeps one zero slot of 8 for the KV cache (DeBERTa-v2's, as its code divides by the
-    # head count): its query, key, value and output (and DeBERTa's position projections)
-    projections = 4 + HEAD_ROWS.get(arch, 0)
-    placeholder = (2 * 12 * HIDDEN * 8 * projections, 2 * 2 * 12 * 12 * 8) if arch in KEEPS_A_HEAD else (0, 0)
-    assert kept.attention_projections == dense.attention_projections * (blocks - 1) // blocks + placeholder[0]
-    assert kept.attention_scores == dense.attention_scores * (blocks - 1) // blocks + placeholder[1]
+    # the attention is removed at compaction (a decoder's self-attention too: it caches zero keys of size 1)
+    assert kept.attention_projections == dense.attention_projections * (blocks - 1) // blocks
+    assert kept.attention_scores == dense.attention_scores * (blocks - 1) // blocks
     assert kept.ffn == dense.ffn * 28 // 37
 
 

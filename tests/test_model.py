@@ -224,22 +224,23 @@ def test_a_config_that_prunes_nothing_is_refused():
 @pytest.mark.parametrize("preset", ["struct", "block"])
 def test_a_compacted_model_is_masked_by_its_remaining_heads_and_neurons(preset):
     model = random_masks(biased_model("bart"), "struct", "sigmoid_threshold", 0, force_empty=True)
-    kill_scores(prunable_layers(model)[2].attentions[0].value.scores_module)  # decoder layer 0: a placeholder head
+    kill_scores(prunable_layers(model)[2].attentions[0].value.scores_module)  # decoder layer 0: removed
     plans = compaction_plan(model)
     compact_model(model)
 
     apply_block_pruning(model, preset_config(preset))
     for layer, plan in zip(prunable_layers(model), plans, strict=True):
-        for attention, kept in zip(layer.attentions, plan.heads, strict=True):
-            assert attention.real_heads == len(kept) and attention.heads == kept
-            assert isinstance(attention.value, MaskedLinear) == bool(kept)  # no head left: no scores
-            if kept and preset == "struct":
+        kept_heads = [kept for kept, removed in zip(plan.heads, plan.removed, strict=True) if not removed]
+        for attention, kept in zip(layer.attentions, kept_heads, strict=True):  # a removed attention is gone
+            assert attention.real_heads == len(kept) > 0 and attention.heads == kept
+            assert isinstance(attention.value, MaskedLinear)
+            if preset == "struct":
                 assert attention.value.scores_module.scores.shape == (len(kept),)
-        assert isinstance(layer.ffn_input, MaskedLinear) == bool(plan.neurons)
-    placeholder = prunable_layers(model)[2].attentions[0]
-    assert placeholder.placeholder and placeholder.num_heads == 1 and placeholder.real_heads == 0
+        assert layer.has_ffn != plan.ffn_removed and isinstance(layer.ffn_input, MaskedLinear) == bool(plan.neurons)
+    assert [attention.spec.query for attention in prunable_layers(model)[2].attentions] == ["encoder_attn.q_proj"]
     report = sparsity_report(model)
-    assert [entry["num_heads"] for entry in report] == [[len(h) for h in plan.heads] for plan in plans]
+    assert [entry["num_heads"] for entry in report] == [
+        [len(h) for h, removed in zip(plan.heads, plan.removed) if not removed] for plan in plans]
     with torch.no_grad():
         model(**_inputs("bart"))
 

@@ -102,7 +102,7 @@ def test_weights_that_do_not_match_the_layout_fail_to_load(tmp_path):
     save_compacted(_masked("bert"), tmp_path / "model")
     path = tmp_path / "model" / "config.json"
     config = json.loads(path.read_text())
-    layer = config["blockprune_layout"]["layers"]["bert.encoder.layer.1"]
+    layer = config["blockprune_layout"]["layers"]["bert.encoder.layer.0"]  # layer 1's FFN was removed: no weights
     layer["ffn"]["size"] += 3
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="do not match the pruning layout"):
@@ -138,7 +138,8 @@ def test_model_card_tells_what_was_pruned(tmp_path):
     for text in ("AutoModelForSequenceClassification", "prunable linear weights", "bert.encoder.layer.0",
                  "bert.encoder.layer.1", FIGURE_NAME, '"pruning_method": "topk"', "Base model"):
         assert text in card
-    assert "| `bert.encoder.layer.0` | 0: [] |" in card  # the first layer lost every head
+    assert "| `bert.encoder.layer.0` | 0: [] (removed) |" in card and "*removed*" in card  # it lost every head
+    assert "| `bert.encoder.layer.1` | " in card and " | 0 (removed) |" in card  # and the last layer every neuron
     assert (tmp_path / "model" / FIGURE_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -219,9 +220,9 @@ def test_a_masked_checkpoint_points_to_compaction_and_loads_masked(tmp_path):
         torch.testing.assert_close(masked(**inputs).logits, trainer.model.eval()(**inputs).logits)
 
 
-def test_dense_export_of_a_model_with_a_placeholder_head(tmp_path):
-    """Decoder layer 0 loses every self-attention head: compaction keeps a zero head for the cache; the dense
-    export leaves it out and computes the same function."""
+def test_dense_export_of_a_model_with_a_removed_attention(tmp_path):
+    """Decoder layer 0 loses every self-attention head: compaction removes it (its zero keys of size 1 keep the cache
+    length); the dense export zeroes it and computes the same function."""
     from transformers import BartForConditionalGeneration
 
     from hf_blockprune.pruning.model import prunable_layers
@@ -237,9 +238,9 @@ def test_dense_export_of_a_model_with_a_placeholder_head(tmp_path):
     dense = BartForConditionalGeneration.from_pretrained(tmp_path / "dense").eval()
     for a, b in zip(expected, model_outputs(dense, inputs)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    save_compacted(model, tmp_path / "small")  # the card says what the one slot left is
+    save_compacted(model, tmp_path / "small")  # the card says it was removed
     card = (tmp_path / "small" / "README.md").read_text()
-    assert f"| `{decoder_first.name}` | 0: [] + zero placeholder; " in card and "*zero placeholder*" in card
+    assert f"| `{decoder_first.name}` | 0: [] (removed); " in card and "*removed*" in card
 
 
 # ---------------------------------------------------- what plain transformers does with the folders a run leaves

@@ -19,23 +19,30 @@ def layer_rows(model: nn.Module) -> list[dict]:
     """Per prunable layer of a compacted model (`structure_of(model)`): kept heads per attention block and the FFN
     size.
 
-    Each row has `layer`, `heads` (kept original query heads per attention block), `placeholders` (whether the block
-    keeps only a zero placeholder head), `kv_heads` (kept original key/value heads of a grouped-query attention, else
-    `None`), `zero_slots` (zero query slots that pad the query groups, or the placeholder) and `ffn_size`.
+    Each row has `layer`, `heads` (kept original query heads per attention block of the layer's stack, `[]` for one
+    removed at compaction), `removed` (whether each block was removed), `placeholders` (whether the block keeps only a
+    zero placeholder head), `kv_heads` (kept original key/value heads of a grouped-query attention, else `None`),
+    `zero_slots` (zero query slots that pad the query groups, or the placeholder), `ffn_size` (0 for a removed FFN)
+    and `ffn_removed`.
     """
     structure = structure_of(model)
     rows = []
     for layer, bound in zip(structure.layers, structure.bind(model), strict=True):
-        attentions = layer.attentions
-        heads = [[head for head in attention.slots if head is not None] for attention in attentions]
+        present = {attention.spec.query: attention for attention in layer.attentions}
+        attentions = [present.get(spec.query) for spec in layer.stack.attentions]  # None: removed
+        heads = [[head for head in (attention.slots if attention else ()) if head is not None]
+                 for attention in attentions]
         rows.append({
             "layer": layer.name,
             "heads": heads,
-            "placeholders": [bool(attention.slots) and not kept for attention, kept in zip(attentions, heads)],
-            "kv_heads": [[head for head in attention.kv_slots if head is not None] if attention.spec.grouped else None
-                         for attention in attentions],
-            "zero_slots": [attention.slots.count(None) for attention in attentions],
-            "ffn_size": bound.ffn_input.out_features if bound.has_ffn else None,
+            "removed": [attention is None for attention in attentions],
+            "placeholders": [bool(attention and attention.slots) and not kept
+                             for attention, kept in zip(attentions, heads)],
+            "kv_heads": [[head for head in attention.kv_slots if head is not None]
+                         if attention and attention.spec.grouped else None for attention in attentions],
+            "zero_slots": [attention.slots.count(None) if attention else 0 for attention in attentions],
+            "ffn_size": bound.ffn_input.out_features if bound.has_ffn else (0 if layer.ffn_removed else None),
+            "ffn_removed": layer.ffn_removed,
         })
     return rows
 
@@ -49,12 +56,22 @@ def heads_cell(row: dict) -> str:
         kv_heads = (row.get("kv_heads") or [None] * len(row["heads"]))[index]
         if kv_heads is not None:
             cell += f", KV {len(kv_heads)}: {kv_heads}"
-        if row.get("placeholders", [False] * len(row["heads"]))[index]:
+        if (row.get("removed") or [False] * len(row["heads"]))[index]:
+            cell += " (removed)"
+        elif row.get("placeholders", [False] * len(row["heads"]))[index]:
             cell += " + zero placeholder"
         elif (row.get("zero_slots") or [0] * len(row["heads"]))[index]:
             cell += f" + {row['zero_slots'][index]} zero query slot(s)"
         cells.append(cell)
     return "; ".join(cells) or "-"
+
+
+def ffn_cell(row: dict) -> str:
+    """The card's "FFN size" cell of a `layer_rows` row: the kept neurons, "(removed)" for a removed FFN, "-" for a
+    layer without FFN."""
+    if row["ffn_size"] is None:
+        return "-"
+    return f"{row['ffn_size']} (removed)" if row.get("ffn_removed") else str(row["ffn_size"])
 
 
 def original_sizes(model: nn.Module) -> tuple[int, int | None]:

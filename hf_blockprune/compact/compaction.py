@@ -22,15 +22,19 @@ attention code, which reshapes with `-1` heads, runs unchanged. The kept heads a
 to layer, are recorded in `model.config.blockprune_layout` (see `compaction_layout`); the config's head count and FFN
 size keep their original values.
 
-An attention whose keys give generation's KV-cache length (`AttentionSpec.sets_cache_length`, a decoder's
-self-attention) never ends with no head: transformers' cache would report length 0 and restart the positions at
-every step. When it keeps no real head it keeps one placeholder head whose query, key and value rows (weights and
-biases) and output-projection columns are zero: it adds exactly 0, and its cached keys have the real length. The
-layout records it as `"heads": [], "placeholder": true` (0 real heads).
+A sublayer left with no unit is removed (layout version 6): an attention with no head is replaced by a
+`RemovedAttention`, an FFN with no neuron has its input projections replaced by `InputStub`s, and the output
+projection of either by a `ConstantOutput` that holds its folded bias (what the sublayer still adds at every position;
+nothing when it has no bias). No projection with zero features is left (runtimes such as OpenVINO cannot build one),
+and the sublayer costs nothing. An attention whose keys give generation's KV-cache length
+(`AttentionSpec.sets_cache_length`, a decoder's self-attention) writes one zero key of size 1 per position into the
+cache when removed, so that transformers' cache keeps the real length (with no keys it would report 0 and restart the
+positions at every step). An attention described by the user's module patterns (`AttentionSpec.removable` false),
+whose calling convention is not known, keeps empty projections instead, or, where the cache reads its length, one
+placeholder head whose query, key and value rows and output-projection columns are zero (it adds exactly 0; the
+layout records `"heads": [], "placeholder": true`).
 
-An attention whose code divides by its head count (`AttentionSpec.needs_a_head`, DeBERTa-v2) keeps such a placeholder
-head too. An FFN whose output projection is a transformers `Conv1D` (GPT-2), which cannot read 0 features, keeps one
-zero neuron when it loses every neuron (`"placeholder": true` in its layout record). Fused projections (GPT-2's
+Fused projections (GPT-2's
 `c_attn`, ModernBERT's `Wqkv` and `Wi`) are compacted part by part and fused back; the layout names them (`"fused"`).
 
 A compacted model can be masked and compacted again: its head slots come from the layout, and the new layout
@@ -42,7 +46,7 @@ from __future__ import annotations
 import copy
 import logging
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -62,17 +66,18 @@ from ..structure.architectures import known_activation_paths
 from ..structure.discovery import keep_structure, prunable_layers, structure_of
 from ..structure.layers import AttentionModules, PrunableLayer
 from ..structure.model_structure import LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY, StreamStructure
-from ..structure.modeling_blockprune import as_block_pruned, set_head_counts
-from ..structure.projections import Conv1DLinear, fuse_projections
+from ..structure.modeling_blockprune import as_block_pruned, is_constant_output, remove_sublayers, set_head_counts
+from ..structure.projections import fuse_projections
 
 logger = logging.getLogger(__name__)
 
 # 2: an attention record may hold a placeholder head (`"placeholder": true`). 3: a grouped-query attention record lists
 # its query and key/value slots (`"slots"`, `"kv_heads"`), an FFN record may have several inputs (`"inputs"`, a gated
 # MLP). 4: a record may name a fused projection (`"fused"`, split into the named parts while masked) and projections
-# with head rows (`"head_rows"`). 5: the hidden size was compacted (`"hidden"`, see `StreamStructure.record`). Each
-# layout is written with the lowest version that describes it, which older loaders read.
-LAYOUT_VERSION = 5
+# with head rows (`"head_rows"`). 5: the hidden size was compacted (`"hidden"`, see `StreamStructure.record`). 6: a
+# sublayer left with no unit is removed (`"removed": true`, see `remove_sublayers`). Each layout is written with the
+# lowest version that describes it, which older loaders read.
+LAYOUT_VERSION = 6
 
 @dataclass
 class LayerPlan:
@@ -91,9 +96,12 @@ class LayerPlan:
             current slot each comes from, or `None` for a zero slot (a placeholder, or padding that gives every kept
             key/value head of a grouped-query attention the same number of query slots).
         kv_slots (`list[list[int | None]]`): the same for the key/value slots.
-        ffn_placeholder (`bool`, *optional*, defaults to `False`): the FFN lost every neuron but its output projection
-            cannot read 0 features (a `Conv1D` reshapes its input with -1): `neurons` holds one neuron kept with zero
-            weights, which adds exactly 0.
+        ffn_placeholder (`bool`, *optional*, defaults to `False`): the FFN of an earlier compaction that kept one
+            zero neuron when it lost every neuron (layout versions before 6): it stays as it is.
+        removed (`list[bool]`): for each attention block, whether it keeps no head and is removed (replaced by a
+            `RemovedAttention`, see `AttentionSpec.removable`).
+        ffn_removed (`bool`, *optional*, defaults to `False`): the FFN keeps no neuron and is removed (its inputs
+            replaced by `InputStub`s, its output projection by a `ConstantOutput` holding its folded bias).
     """
 
     name: str
@@ -104,6 +112,8 @@ class LayerPlan:
     slots: list[list[int | None]]
     kv_slots: list[list[int | None]]
     ffn_placeholder: bool = False
+    removed: list[bool] = field(default_factory=list)
+    ffn_removed: bool = False
 
 
 def _indices(flags: torch.Tensor) -> list[int]:
@@ -119,12 +129,6 @@ def _ffn_neurons(layer: PrunableLayer) -> tuple[list[int], list[int]]:
         # no single activation to fold through (gated), or no bias to fold into: such neurons stay, exactly as they are
         return _indices((rows_alive | constant) & cols_alive), []
     return _indices(rows_alive & cols_alive), _indices(constant)
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    """Whether a (masked) projection is a transformers `Conv1D`, which cannot read 0 input features."""
-    base = getattr(module, "base_layer", module)
-    return isinstance(base, Conv1DLinear) or type(getattr(base, "source", base)).__name__ == "Conv1D"
 
 
 def _kept_heads(attention: AttentionModules) -> list[int]:
@@ -164,7 +168,7 @@ def compaction_plan(model: nn.Module) -> list[LayerPlan]:
         neurons, constant, ffn_placeholder = None, [], False
         if layer.has_ffn:
             neurons, constant = _ffn_neurons(layer)
-            ffn_placeholder = layer.ffn_placeholder or (not neurons and _is_conv1d(layer.ffn_output))
+            ffn_placeholder = layer.ffn_placeholder
             neurons = [0] if ffn_placeholder else neurons
         plans.append(
             LayerPlan(
@@ -173,6 +177,9 @@ def compaction_plan(model: nn.Module) -> list[LayerPlan]:
                 slots=[slots for slots, _, _ in slot_plans],
                 kv_slots=[kv_slots for _, kv_slots, _ in slot_plans],
                 ffn_placeholder=ffn_placeholder,
+                removed=[attention.spec.removable and not slots for attention, (slots, _, _) in
+                         zip(layer.attentions, slot_plans)],
+                ffn_removed=neurons == [],
             )
         )
     return plans
@@ -183,9 +190,14 @@ def _original(indices: list[int | None], slots: list[int | None]) -> list[int | 
     return [None if slot is None else indices[slot] for slot in slots]
 
 
-def _attention_record(attention: AttentionModules, kept: list[int], slots, kv_slots, placeholder: bool) -> dict:
+def _attention_record(attention: AttentionModules, kept: list[int], slots, kv_slots, placeholder: bool,
+                      removed: bool) -> dict:
     """The layout record of one attention: its paths, head size and kept heads by original index."""
     record = {**attention.spec.paths(), "head_dim": attention.head_dim, "heads": _original(attention.slots, kept)}
+    if removed:
+        record.update(removed=True, module=attention.spec.module_path)
+        if attention.spec.sets_cache_length:
+            record["caches"] = True
     if attention.spec.fused:
         record["fused"] = attention.spec.fused
     if attention.head_rows:
@@ -199,7 +211,8 @@ def _attention_record(attention: AttentionModules, kept: list[int], slots, kv_sl
 
 
 def _layer_entry(layer: PrunableLayer, plan: LayerPlan) -> dict:
-    records = zip(layer.attentions, plan.heads, plan.slots, plan.kv_slots, plan.placeholders, strict=True)
+    records = zip(layer.attentions, plan.heads, plan.slots, plan.kv_slots, plan.placeholders, plan.removed,
+                  strict=True)
     entry = {"attention": [_attention_record(*record) for record in records]}
     if plan.neurons is not None:
         inputs = layer.ffn_spec.inputs
@@ -209,6 +222,8 @@ def _layer_entry(layer: PrunableLayer, plan: LayerPlan) -> dict:
         entry["ffn"] = {**ffn, "output": layer.ffn_spec.output, "size": len(plan.neurons)}
         if plan.ffn_placeholder:
             entry["ffn"]["placeholder"] = True
+        if plan.ffn_removed:
+            entry["ffn"]["removed"] = True
     return entry
 
 
@@ -226,10 +241,12 @@ def _merge_entries(previous: dict | None, entry: dict) -> dict:
 
 
 def _layout_version(entries: dict, hidden: bool = False) -> int:
-    if hidden:
-        return 5
     records = [record for entry in entries.values() for record in entry.get("attention", [])]
     ffns = [entry["ffn"] for entry in entries.values() if "ffn" in entry]
+    if any(record.get("removed") for record in records + ffns):
+        return 6
+    if hidden:
+        return 5
     if any("fused" in record or "head_rows" in record for record in records + ffns):
         return 4
     if any("slots" in record for record in records) or any("inputs" in e.get("ffn", {}) for e in entries.values()):
@@ -392,6 +409,11 @@ def compact_stream(model: nn.Module, stream: StreamStructure, kept: list[int]) -
         table.embedding_dim = len(kept)
     for path, role in [(path, "reader") for path in stream.readers] + [(path, "writer") for path in stream.writers]:
         linear = model.get_submodule(path)
+        if is_constant_output(linear):  # the output of a sublayer removed before: its constant, channel by channel
+            if linear.bias is not None:
+                linear.bias = cut(linear.bias, 0)
+            linear.out_features = len(kept)
+            continue
         conv1d = isinstance(linear, Conv1D)  # weight (in, out)
         if role == "reader":
             linear.weight = cut(linear.weight, 0 if conv1d else 1)
@@ -424,7 +446,7 @@ def compact_model(model: nn.Module) -> nn.Module:
     neurons of `compaction_plan(model)`, folding the constant output of removed units into the output-projection
     biases, so that the result computes the same function as the masked model in eval mode (attention dropout
     would make a removed head's output no longer constant in training). A layer may lose every head or every
-    neuron (an attention that sets the KV-cache length then keeps a zero placeholder head). The layout is recorded in
+    neuron: the sublayer is then removed, its constant kept (see the module docstring). The layout is recorded in
     `model.config.blockprune_layout` (see `compaction_layout`); a model compacted before, masked again, gets the two
     layouts composed. Deep-copy the model first to keep the masked one.
 
@@ -482,6 +504,7 @@ def compact_model(model: nn.Module) -> nn.Module:
     if stream is not None:
         previous = {**(previous or {}), "hidden": stream.record()}
     layout = compaction_layout(masked_layers, plans, previous)
+    remove_sublayers(model, layout)
     setattr(model.config, LAYOUT_ATTRIBUTE, layout)
     keep_structure(model, structure.with_layout(layout))  # the compacted shapes, from the record just written
     as_block_pruned(model)  # saves with its loader, under a model type plain transformers cannot mistake

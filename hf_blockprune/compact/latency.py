@@ -44,7 +44,7 @@ from torch import nn
 
 from ..pruning.config import BlockPruningConfig
 from ..pruning.model import apply_block_pruning, block_scores, is_block_pruned, remove_block_pruning, set_threshold
-from ..structure.discovery import prunable_layers
+from ..structure.discovery import prunable_layers, structure_of
 from ..structure.layers import PrunableLayer
 from .compaction import compact_model, compaction_plan
 
@@ -174,14 +174,19 @@ class LatencyTable:
         """The dense latency plus the per-layer changes of `model`'s kept heads and neurons (before `joint`)."""
         plans = compaction_plan(model) if is_block_pruned(model) else None
         total = self.dense
+        described = structure_of(model).layers
         for index, layer in enumerate(prunable_layers(model)):
             stack = layer.name.rpartition(".")[0]
             if plans is not None:
-                heads = [len(slots) for slots in plans[index].slots]
+                present = [len(slots) for slots in plans[index].slots]
                 neurons = None if plans[index].neurons is None else len(plans[index].neurons)
             else:
-                heads = [attention.num_heads for attention in layer.attentions]
+                present = [attention.num_heads for attention in layer.attentions]
                 neurons = layer.ffn_input.out_features if layer.has_ffn else None
+            # a sublayer removed at an earlier compaction keeps nothing: 0 heads, 0 neurons
+            heads_by_query = {attention.spec.query: count for attention, count in zip(layer.attentions, present)}
+            heads = [heads_by_query.get(spec.query, 0) for spec in described[index].stack.attentions]
+            neurons = 0 if described[index].ffn_removed else neurons
             total += self.layer_change(heads, neurons, stack)
         return total
 

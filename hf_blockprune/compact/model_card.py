@@ -21,7 +21,7 @@ from torch import nn
 from ..pruning.report import parameter_counts
 from ..structure.model_structure import LAYOUT_ATTRIBUTE
 from ..structure.modeling_blockprune import auto_class_name, base_model_type
-from .card_figure import heads_cell, layer_rows, original_sizes, write_figure
+from .card_figure import ffn_cell, heads_cell, layer_rows, original_sizes, write_figure
 from .card_metadata import (
     CARD_DATA_ATTRIBUTE,
     apply_card_data,
@@ -104,8 +104,10 @@ def _structure_lines(rows: list[dict], sizes: tuple[int, int | None], hidden: di
     header = f"| layer | heads kept (of {num_heads} per attention block) | FFN size (of {ffn_total}) |"
     lines = ["## Kept structure", "", *_hidden_lines(hidden), header, "|---|---|---|"]
     for row in rows:
-        ffn = row["ffn_size"] if row["ffn_size"] is not None else "-"
-        lines.append(f"| `{row['layer']}` | {heads_cell(row)} | {ffn} |")
+        lines.append(f"| `{row['layer']}` | {heads_cell(row)} | {ffn_cell(row)} |")
+    if any(any(row.get("removed", ())) or row.get("ffn_removed") for row in rows):
+        lines += ["", "A *removed* sublayer lost every head or neuron and is gone from the model: what it still added "
+                  "(its output bias, the constant output of its pruned units) is added in its place."]
     if any(any(row.get("placeholders", ())) for row in rows):
         lines += ["", "A *zero placeholder* is one all-zero head slot that a decoder self-attention which lost every "
                   "head keeps, so that generation's KV cache has a length; it adds nothing to the output."]

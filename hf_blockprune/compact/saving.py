@@ -307,10 +307,26 @@ def _slot_rows(slots: list[int | None], head_dim: int) -> tuple[torch.Tensor, to
     return torch.tensor(small, dtype=torch.long), torch.tensor(dense, dtype=torch.long)
 
 
+def _zero_sublayer(inputs: list[nn.Linear], output: nn.Linear) -> None:
+    """A removed sublayer in the dense copy: zero input rows (and biases) and output columns; its constant is the
+    output bias, which the dense copy took from the `ConstantOutput` (same name, same shape)."""
+    for linear in inputs:
+        linear.weight.zero_()
+        if linear.bias is not None:
+            linear.bias.zero_()
+    output.weight.zero_()
+
+
 @torch.no_grad()
 def _scatter_layer(dense: PrunableLayer, small: PrunableLayer) -> None:
     """Copy a compacted layer's weights into the zeroed rows and columns of its dense counterpart."""
-    for dense_attention, attention in zip(dense.attentions, small.attentions, strict=True):
+    kept = {attention.spec.query: attention for attention in small.attentions}
+    for dense_attention in dense.attentions:
+        attention = kept.get(dense_attention.spec.query)
+        if attention is None:  # removed at compaction
+            heads = [dense_attention.query, dense_attention.key, dense_attention.value]
+            _zero_sublayer(heads + list(dense_attention.head_rows.values()), dense_attention.output)
+            continue
         query_rows = _slot_rows(attention.slots, attention.head_dim)
         kv_rows = _slot_rows(attention.kv_slots, attention.head_dim)
         pairs = [(dense_attention.query, attention.query, query_rows), (dense_attention.key, attention.key, kv_rows),
@@ -320,6 +336,8 @@ def _scatter_layer(dense: PrunableLayer, small: PrunableLayer) -> None:
         for dense_linear, linear, rows in pairs:
             _copy_rows(dense_linear, linear, *rows)
         _copy_cols(dense_attention.output, attention.output, *query_rows)
+    if dense.has_ffn and not small.has_ffn:  # removed at compaction
+        _zero_sublayer(dense.ffn_inputs, dense.ffn_output)
     if small.has_ffn:
         kept = torch.arange(small.ffn_input.out_features)  # neurons are interchangeable: pack them first
         for dense_linear, linear in zip(dense.ffn_inputs, small.ffn_inputs, strict=True):

@@ -10,6 +10,7 @@ from torch import nn
 from ..structure.discovery import forget_stream, keep_stream, prunable_layers, structure_of
 from ..structure.layers import AttentionModules, PrunableLayer
 from ..structure.model_structure import PRUNING_CONFIG_KEY, StreamStructure
+from ..structure.modeling_blockprune import is_constant_output
 from ..structure.projections import ProjectionView, fuse_projections, linear_weight, split_views
 from ..structure.stream import find_stream
 from .config import BlockPruningConfig
@@ -338,6 +339,9 @@ def _stream_weights(model: nn.Module, stream: StreamStructure) -> float:
     seen, total = set(), 0
     for path in stream.embeddings + stream.readers + stream.writers:
         module = model.get_submodule(path)
+        if is_constant_output(module):  # a removed sublayer's constant: one bias entry per channel, if any
+            total += int(module.bias is not None)
+            continue
         weight = module.weight if isinstance(module, nn.Embedding) else linear_weight(module)
         if id(module.weight) not in seen:
             seen.add(id(module.weight))

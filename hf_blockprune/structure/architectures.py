@@ -35,9 +35,10 @@ class AttentionSpec:
             size divided by the number of query heads.
         sets_cache_length (`bool`, *optional*, defaults to `False`):
             Its keys and values are cached at generation and the cache reads the sequence length from them (a
-            decoder's self-attention). With no head left its cached keys are empty, transformers' cache then reports
-            length 0 and positions restart at every step, so compaction keeps one zero placeholder head instead.
-            BART's cross-attention caches the encoder's keys but never gives the length: it may lose every head.
+            decoder's self-attention). With no keys cached, transformers' cache reports length 0 and positions
+            restart at every step: removed, it caches one zero key of size 1 per position (`RemovedAttention`), and
+            where it cannot be removed compaction keeps one zero placeholder head. BART's cross-attention caches the
+            encoder's keys but never gives the length.
         fused (`str`, *optional*):
             Path of one projection computing query, key and value (GPT-2's `c_attn`, ModernBERT's `Wqkv`), whose
             outputs are the query heads, then the key/value heads' keys, then their values. `query`, `key` and `value`
@@ -50,7 +51,12 @@ class AttentionSpec:
             its use of them.
         needs_a_head (`bool`, *optional*, defaults to `False`):
             The attention code divides by its head count (DeBERTa-v2): with no head left it keeps one zero
-            placeholder head, as `sets_cache_length` does.
+            placeholder head, as `sets_cache_length` does, unless it is `removable`.
+        removable (`bool`, *optional*, defaults to `True`):
+            With no head left, compaction replaces the attention module (`module_path`) by a
+            `RemovedAttention`, which returns `(constant, None)` as transformers' attention modules do and, if it
+            `sets_cache_length`, keeps the cache length; `False` (an attention described by the user's module
+            patterns, whose calling convention is not known): it keeps empty projections, or a placeholder head.
     """
 
     query: str
@@ -63,6 +69,7 @@ class AttentionSpec:
     fused: str | None = None
     head_rows: tuple[str, ...] = ()
     needs_a_head: bool = False
+    removable: bool = True
 
     @classmethod
     def fused_qkv(cls, fused: str, output: str, **kwargs) -> AttentionSpec:
@@ -77,7 +84,7 @@ class AttentionSpec:
     @property
     def keeps_a_head(self) -> bool:
         """Whether compaction keeps one zero placeholder head when every head goes (see `sets_cache_length`)."""
-        return self.sets_cache_length or self.needs_a_head
+        return not self.removable and (self.sets_cache_length or self.needs_a_head)
 
     def paths(self) -> dict[str, str]:
         """`{"query": ..., "key": ..., "value": ..., "output": ...}`: the projections' paths by role."""
@@ -347,7 +354,7 @@ def _pattern_stack(model: nn.Module, patterns: ModulePatterns) -> LayerStackSpec
     attention = ()
     if patterns.attention_modules is not None:
         options = dict(sets_cache_length=can_generate(model), num_heads=patterns.num_heads_attribute,
-                       num_kv_heads=patterns.num_kv_heads_attribute)
+                       num_kv_heads=patterns.num_kv_heads_attribute, removable=False)
         modules = patterns.attention_modules
         build = AttentionSpec.fused_qkv if len(modules) == 2 else AttentionSpec  # 2: a fused QKV, then output
         attention = (build(*modules, **options),)

@@ -24,6 +24,7 @@ from .model_structure import (
     ModelStructure,
     StreamStructure,
     attention_record,
+    is_removed,
     layout_entry,
     record_slots,
 )
@@ -63,9 +64,10 @@ def _attention(model: nn.Module, layer: nn.Module, name: str, spec: AttentionSpe
 
 
 def _layer(model: nn.Module, name: str, layer: nn.Module, stack: LayerStackSpec, layout: dict | None):
-    entry = layout_entry(layout, name)
-    attentions = tuple(_attention(model, layer, name, spec, entry) for spec in stack.attentions)
-    return LayerStructure(name, stack, attentions, bool((entry.get("ffn") or {}).get("placeholder")))
+    entry, ffn = layout_entry(layout, name), layout_entry(layout, name).get("ffn") or {}
+    specs = [spec for spec in stack.attentions if not is_removed(attention_record(entry, spec))]
+    attentions = tuple(_attention(model, layer, name, spec, entry) for spec in specs)
+    return LayerStructure(name, stack, attentions, bool(ffn.get("placeholder")), is_removed(ffn))
 
 
 def find_structure(model: nn.Module, patterns: ModulePatterns | None = None) -> ModelStructure:

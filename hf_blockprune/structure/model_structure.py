@@ -54,13 +54,16 @@ class LayerStructure:
         stack (`LayerStackSpec`): what every layer of its stack holds.
         attentions (`tuple[AttentionStructure, ...]`): one per attention of `stack`, in its order.
         ffn_placeholder (`bool`, *optional*, defaults to `False`): the FFN lost every neuron at compaction and keeps
-            one zero neuron (nothing to prune).
+            one zero neuron (nothing to prune; layout versions before 6).
+        ffn_removed (`bool`, *optional*, defaults to `False`): the FFN lost every neuron at compaction and was
+            removed (the layer has no FFN left). An attention removed at compaction is not among `attentions`.
     """
 
     name: str
     stack: LayerStackSpec
     attentions: tuple[AttentionStructure, ...]
     ffn_placeholder: bool = False
+    ffn_removed: bool = False
 
     @property
     def stack_name(self) -> str:
@@ -210,12 +213,20 @@ def _attention_with_layout(attention: AttentionStructure, entry: dict) -> Attent
     return replace(attention, head_dim=record["head_dim"], slots=tuple(slots), kv_slots=tuple(kv_slots))
 
 
+def is_removed(record: dict | None) -> bool:
+    """Whether a layout record (of an attention or an FFN) says its sublayer was removed (layout version 6)."""
+    return bool((record or {}).get("removed"))
+
+
 def _layer_with_layout(layer: LayerStructure, layout: dict) -> LayerStructure:
     entry = layout_entry(layout, layer.name)
+    ffn = entry.get("ffn") or {}
+    kept = [attention for attention in layer.attentions if not is_removed(attention_record(entry, attention.spec))]
     return replace(
         layer,
-        attentions=tuple(_attention_with_layout(attention, entry) for attention in layer.attentions),
-        ffn_placeholder=bool((entry.get("ffn") or {}).get("placeholder")),
+        attentions=tuple(_attention_with_layout(attention, entry) for attention in kept),
+        ffn_placeholder=bool(ffn.get("placeholder")),
+        ffn_removed=layer.ffn_removed or is_removed(ffn),
     )
 
 
@@ -256,7 +267,7 @@ def _ffn_inputs(owner: nn.Module, layer_name: str, layer: LayerStructure) -> lis
 def _bind_layer(model: nn.Module, layer: LayerStructure, check: bool) -> PrunableLayer:
     owner = submodule(model, type(model).__name__, layer.name)
     attentions = [_bind_attention(owner, layer.name, attention, check) for attention in layer.attentions]
-    ffn = layer.stack.ffn
+    ffn = None if layer.ffn_removed else layer.stack.ffn
     ffn_inputs = _ffn_inputs(owner, layer.name, layer) if ffn else []
     ffn_output = projection(owner, layer.name, ffn.output) if ffn else None
     return PrunableLayer(layer.name, attentions, ffn_inputs, ffn_output, ffn, layer.ffn_placeholder)

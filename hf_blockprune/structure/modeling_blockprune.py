@@ -27,7 +27,10 @@ head, DeBERTa-v2's relative-position projections); 5, where the hidden size was 
 channel), the `"writers"` (one row per channel) and the `"norms"`, all resized to it (a tensor shared by several of
 them, as tied embeddings are, stays shared). The config keeps the original hidden size, which the model's code reads
 for its constants (BART's embedding scale, the head size). transformers' `Conv1D` (weight stored transposed) is resized
-like an `nn.Linear`.
+like an `nn.Linear`; 6, where a sublayer left with no unit is removed: an attention record with `"removed": true`
+has its attention module (`"module"`) replaced by a `RemovedAttention` and an FFN record with `"removed": true` has its
+input projections replaced by `InputStub`s; the output projection of either becomes a `ConstantOutput`, which outputs
+the sublayer's constant contribution (its folded bias, or zero) at every position (see `remove_sublayers`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 LAYOUT_ATTRIBUTE = "blockprune_layout"
-SUPPORTED_LAYOUT_VERSIONS = (1, 2, 3, 4, 5)
+SUPPORTED_LAYOUT_VERSIONS = (1, 2, 3, 4, 5, 6)
 CLASS_PREFIX = "BlockPruned"
 MODEL_TYPE_PREFIX = "blockpruned_"
 _HEAD_COUNT_ATTRIBUTES = ("num_attention_heads", "num_heads", "n_heads")
@@ -246,6 +249,178 @@ def _shrink_stream(model: nn.Module, hidden: dict) -> None:
             norm.normalized_shape = (size,)
 
 
+class ConstantOutput(nn.Module):
+    """The output projection of a removed sublayer: its bias (or zero) at every position, whatever the input.
+
+    Args:
+        out_features (`int`): the width of the output (the hidden size).
+        bias (`torch.Tensor`, *optional*): the constant (copied); `None`: the sublayer adds exactly 0.
+
+    Example:
+        >>> import torch
+        >>> from hf_blockprune.structure.modeling_blockprune import ConstantOutput
+        >>> out = ConstantOutput(3, torch.tensor([1.0, 2.0, 3.0]))(torch.randn(2, 5, 1))
+        >>> out.shape, out[1, 4].tolist()
+        (torch.Size([2, 5, 3]), [1.0, 2.0, 3.0])
+    """
+
+    def __init__(self, out_features: int, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features = out_features
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), bias.requires_grad)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = (*hidden_states.shape[:-1], self.out_features)
+        if self.bias is None:
+            return hidden_states.new_zeros(shape)
+        return self.bias.expand(shape).contiguous()  # a tensor of its own: the caller may add into it in place
+
+
+class InputStub(nn.Module):
+    """An input projection of a removed FFN: the first `width` channels of its input, whose values nothing reads (the
+    output is a `ConstantOutput`); `width` is the number of parts a fused input projection is cut into.
+
+    Example:
+        >>> import torch
+        >>> from hf_blockprune.structure.modeling_blockprune import InputStub
+        >>> InputStub(2)(torch.randn(2, 5, 8)).shape
+        torch.Size([2, 5, 2])
+    """
+
+    def __init__(self, width: int = 1):
+        super().__init__()
+        self.width = width
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states[..., : self.width]
+
+
+class RemovedAttention(nn.Module):
+    """An attention module with no head left: returns `(output, None)` as transformers' attention modules do.
+
+    The output is its `ConstantOutput` child (at the output projection's path, when that lies inside the module), else
+    the first channel of its input, which the `ConstantOutput` that replaced the output projection outside it reads
+    only for its shape (BERT's `attention.output.dense`). An attention that gives generation's KV cache its length
+    (`caches`) writes one zero key and value of size 1 per position into the cache at its `layer_idx`, so that the
+    cache length, the positions and the masks stay right.
+
+    Example:
+        >>> import torch
+        >>> from hf_blockprune.structure.modeling_blockprune import ConstantOutput, RemovedAttention
+        >>> attention = RemovedAttention(output="o_proj", constant=ConstantOutput(4, torch.ones(4)))
+        >>> output, weights = attention(torch.randn(1, 3, 4), attention_mask=None)
+        >>> output.shape, weights
+        (torch.Size([1, 3, 4]), None)
+    """
+
+    def __init__(self, output: str | None = None, constant: ConstantOutput | None = None, layer_idx: int | None = None,
+                 caches: bool = False):
+        super().__init__()
+        self.output_path, self.layer_idx, self.caches = output, layer_idx, caches
+        if output is not None:
+            _put(self, output, constant)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if self.caches and cache is not None:
+            cache = getattr(cache, "self_attention_cache", cache)  # an encoder-decoder cache: its self-attention part
+            zeros = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)  # (B, 1, T, 1)
+            cache.update(zeros, zeros, self.layer_idx)
+        if self.output_path is None:
+            return hidden_states[..., :1], None
+        return self.get_submodule(self.output_path)(hidden_states), None
+
+
+def _put(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Set `module` at the dotted `path` under `root`, creating empty parent modules as needed."""
+    *parents, name = path.split(".")
+    for parent in parents:
+        if not hasattr(root, parent):
+            root.add_module(parent, nn.Module())
+        root = getattr(root, parent)
+    root.add_module(name, module)
+
+
+def _constant_output(layer: nn.Module, layer_path: str, path: str) -> ConstantOutput:
+    output = _linear(layer, layer_path, path)
+    return ConstantOutput(_features(output)[0], output.bias)
+
+
+def _remove_attention(layer: nn.Module, layer_path: str, attention: dict) -> None:
+    module_path, output = attention["module"], attention["output"]
+    module = layer.get_submodule(module_path)
+    constant = _constant_output(layer, layer_path, output)
+    inner = output[len(module_path) + 1:] if output.startswith(module_path + ".") else None  # its path in the module
+    if inner is None:  # the output projection lies outside the attention module (BERT's `attention.output.dense`)
+        _replace(layer, output, constant)
+    removed = RemovedAttention(inner, constant if inner else None, getattr(module, "layer_idx", None),
+                               bool(attention.get("caches")))
+    _replace(layer, module_path, removed)
+
+
+def _remove_ffn(layer: nn.Module, layer_path: str, ffn: dict) -> None:
+    constant = _constant_output(layer, layer_path, ffn["output"])
+    inputs = ffn.get("inputs", [ffn.get("input")])
+    if "fused" in ffn:
+        _replace(layer, ffn["fused"], InputStub(len(inputs)))
+    else:
+        for path in inputs:
+            _replace(layer, path, InputStub())
+    _replace(layer, ffn["output"], constant)
+
+
+def is_constant_output(module: nn.Module) -> bool:
+    """Whether `module` is the `ConstantOutput` of a removed sublayer (also one loaded through remote code).
+
+    Example:
+        >>> from torch import nn
+        >>> from hf_blockprune.structure.modeling_blockprune import ConstantOutput, is_constant_output
+        >>> is_constant_output(ConstantOutput(4)), is_constant_output(nn.Linear(2, 4))
+        (True, False)
+    """
+    return _is(module, ConstantOutput)
+
+
+def _is(module: nn.Module, cls: type) -> bool:
+    """`isinstance` by class name: a model loaded through `trust_remote_code` holds this file's classes under another
+    module (transformers' copy of this file)."""
+    return type(module).__name__ == cls.__name__
+
+
+@torch.no_grad()
+def remove_sublayers(model: nn.Module, layout: dict) -> nn.Module:
+    """Replace the sublayers `layout` records as removed (`"removed": true`) by modules that output their constant
+    contribution (see `RemovedAttention`, `ConstantOutput`, `InputStub`), in place; each constant is the bias of the
+    output projection it replaces (the folded contribution of a compacted model, or the placeholder a freshly built
+    one loads its weights into).
+
+    Args:
+        model (`nn.Module`): a model whose layers have the layout's shapes (compacted, or resized by
+            `shrink_to_layout`), with paths as in the layout (see `rebase_layout`).
+        layout (`dict`): `config.blockprune_layout`.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> from hf_blockprune.structure.modeling_blockprune import shrink_to_layout
+        >>> model = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        ...                              intermediate_size=37))
+        >>> ffn = {"input": "intermediate.dense", "output": "output.dense", "size": 0, "removed": True}
+        >>> layout = {"version": 6, "layers": {"encoder.layer.0": {"attention": [], "ffn": ffn}}}
+        >>> layer = shrink_to_layout(model, layout).encoder.layer[0]  # resized, then the FFN removed
+        >>> type(layer.intermediate.dense).__name__, type(layer.output.dense).__name__
+        ('InputStub', 'ConstantOutput')
+    """
+    for layer_path, entry in layout.get("layers", {}).items():
+        layer = model.get_submodule(layer_path)
+        for attention in entry.get("attention", []):
+            if attention.get("removed") and not _is(layer.get_submodule(attention["module"]), RemovedAttention):
+                _remove_attention(layer, layer_path, attention)
+        ffn = entry.get("ffn") or {}
+        if ffn.get("removed") and not _is(layer.get_submodule(ffn["output"]), ConstantOutput):
+            _remove_ffn(layer, layer_path, ffn)
+    return model
+
+
 @torch.no_grad()
 def shrink_to_layout(model: nn.Module, layout: dict) -> nn.Module:
     """Resize the Linear layers of `model` to the shapes recorded in `layout`, in place (weights to be loaded).
@@ -274,7 +449,7 @@ def shrink_to_layout(model: nn.Module, layout: dict) -> nn.Module:
             _shrink_attention(layer, layer_path, attention)
         if "ffn" in entry:
             _shrink_ffn(layer, layer_path, entry["ffn"])
-    return model
+    return remove_sublayers(model, layout)
 
 
 # Class-name suffix -> the auto class that loads it (first match wins).

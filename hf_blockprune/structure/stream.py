@@ -28,7 +28,7 @@ from torch import nn
 from .architectures import HIDDEN_UNSUPPORTED, STREAMS
 from .layers import has_module
 from .model_structure import ModelStructure, StreamStructure
-from .modeling_blockprune import base_model_type
+from .modeling_blockprune import base_model_type, is_constant_output
 from .projections import is_projection, linear_weight
 from .wrappers import transformers_model
 
@@ -66,11 +66,12 @@ def _layer_paths(structure: ModelStructure) -> tuple[list[str], list[str]]:
             spec = attention.spec
             readers += [f"{layer.name}.{path}" for path in ([spec.fused] if spec.fused else
                                                              [spec.query, spec.key, spec.value])]
-            writers.append(f"{layer.name}.{spec.output}")
         ffn = layer.stack.ffn
-        if ffn is not None:
+        if ffn is not None and not layer.ffn_removed:
             readers += [f"{layer.name}.{path}" for path in ([ffn.fused] if ffn.fused else ffn.inputs)]
-            writers.append(f"{layer.name}.{ffn.output}")
+        # a sublayer removed at compaction reads nothing, but its `ConstantOutput` still writes the stream
+        writers += [f"{layer.name}.{spec.output}" for spec in layer.stack.attentions]
+        writers += [f"{layer.name}.{ffn.output}"] if ffn is not None else []
     return readers, writers
 
 
@@ -282,8 +283,9 @@ def find_stream(model: nn.Module, structure: ModelStructure) -> StreamStructure:
                       "what users index); prune a model with a task head, or prune heads and neurons only")
     for path in writers:
         module = model.get_submodule(path)
-        if linear_weight(module).shape[0] != size:
-            raise _refuse(f"{path} writes {linear_weight(module).shape[0]} features, not the hidden size {size}")
+        width = module.out_features if is_constant_output(module) else linear_weight(module).shape[0]
+        if width != size:
+            raise _refuse(f"{path} writes {width} features, not the hidden size {size}")
     previous = structure.stream
     channels = previous.channels if previous is not None else tuple(range(size))
     original = previous.original_size if previous is not None else size
