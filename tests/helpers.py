@@ -96,6 +96,26 @@ def model_outputs(model, inputs) -> list[torch.Tensor]:
     return tensors
 
 
+def layer_map(model) -> list[int] | None:
+    """The original index of each layer of a decoder whose compaction dropped layers, else `None`."""
+    maps = (getattr(model.config, "blockprune_layout", None) or {}).get("layer_map")
+    return next(iter(maps.values())) if maps else None
+
+
+def without_dropped_layers(expected: list[torch.Tensor], model, before: list[int] | None = None) -> list[torch.Tensor]:
+    """`model_outputs` of a masked decoder as its compacted `model` returns them when compaction dropped layers
+    (`config.blockprune_layout["layer_map"]`): the hidden states of the dropped layers left out (the last, the final
+    norm's output, stays). `before`: the `layer_map` of the model `expected` came from, if it had dropped layers."""
+    kept = layer_map(model)  # the decoders that drop layers have one stack
+    if kept is None or kept == before:
+        return expected
+    kept = [before.index(index) for index in kept] if before else kept
+    logits, states = expected[0], expected[1:]
+    # a layer kept before dropped ones outputs the state after them (their constants folded into it); the first entry
+    # (the embeddings) the state before the first layer kept
+    return [logits, states[kept[0]], *[states[index] for index in kept[1:]], states[-1]]
+
+
 def plain_parameter_count(model) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if not name.endswith("scores"))
 

@@ -52,7 +52,7 @@ def test_docstring_examples_run(name):
 MODULES = ["hf_blockprune.structure.discovery", "hf_blockprune.structure.model_structure",
            "hf_blockprune.structure.layers", "hf_blockprune.structure.architectures",
            "hf_blockprune.structure.wrappers", "hf_blockprune.structure.stream", "hf_blockprune.pruning.layer",
-           "hf_blockprune.pruning.norm", "hf_blockprune.structure.modeling_blockprune",
+           "hf_blockprune.pruning.norm", "hf_blockprune.structure.modeling_blockprune", "hf_blockprune.compact.depth",
            "hf_blockprune.integrations.sentence_transformers"]
 
 

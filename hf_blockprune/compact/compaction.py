@@ -68,6 +68,7 @@ from ..structure.layers import AttentionModules, PrunableLayer
 from ..structure.model_structure import LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY, StreamStructure
 from ..structure.modeling_blockprune import as_block_pruned, is_constant_output, remove_sublayers, set_head_counts
 from ..structure.projections import fuse_projections
+from .depth import drop_layers
 
 logger = logging.getLogger(__name__)
 
@@ -505,8 +506,9 @@ def compact_model(model: nn.Module) -> nn.Module:
         previous = {**(previous or {}), "hidden": stream.record()}
     layout = compaction_layout(masked_layers, plans, previous)
     remove_sublayers(model, layout)
+    compacted, layout = drop_layers(model, structure.with_layout(layout), layout)  # the compacted shapes
     setattr(model.config, LAYOUT_ATTRIBUTE, layout)
-    keep_structure(model, structure.with_layout(layout))  # the compacted shapes, from the record just written
+    keep_structure(model, compacted)
     as_block_pruned(model)  # saves with its loader, under a model type plain transformers cannot mistake
     kept_heads = sum(len(heads) for plan in plans for heads in plan.heads)
     kept_neurons = sum(len(plan.neurons or ()) for plan in plans)

@@ -30,6 +30,7 @@ from .card_metadata import (
     card_title,
     public_stages,
 )
+from .depth import DROPPED_KEY
 from .flops import model_flops
 from .stages import MOVEMENT_PRUNING, ONE_SHOT, ROLES, TITLES, stage_summary
 
@@ -99,10 +100,19 @@ def _hidden_lines(hidden: dict | None) -> list[str]:
             f"{hidden['size']} features.", ""]
 
 
-def _structure_lines(rows: list[dict], sizes: tuple[int, int | None], hidden: dict | None = None) -> list[str]:
+def _depth_lines(dropped: dict | None) -> list[str]:
+    if not dropped:
+        return []
+    lists = "; ".join(f"`{path}` {', '.join(map(str, indices))}" for path, indices in dropped.items())
+    return [f"Dropped layers (original indices): {lists}. They had lost every head and neuron and added nothing; the "
+            "config has fewer layers, and the layers below are numbered as the model has them now.", ""]
+
+
+def _structure_lines(rows: list[dict], sizes: tuple[int, int | None], hidden: dict | None = None,
+                     dropped: dict | None = None) -> list[str]:
     num_heads, ffn_total = sizes
     header = f"| layer | heads kept (of {num_heads} per attention block) | FFN size (of {ffn_total}) |"
-    lines = ["## Kept structure", "", *_hidden_lines(hidden), header, "|---|---|---|"]
+    lines = ["## Kept structure", "", *_hidden_lines(hidden), *_depth_lines(dropped), header, "|---|---|---|"]
     for row in rows:
         lines.append(f"| `{row['layer']}` | {heads_cell(row)} | {ffn_cell(row)} |")
     if any(any(row.get("removed", ())) or row.get("ffn_removed") for row in rows):
@@ -157,6 +167,7 @@ def _card_body(model: nn.Module, rows: list[dict], sizes: tuple[int, int | None]
     base_link = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "not recorded"
     stages = public_stages(model.config)
     hidden = getattr(model.config, LAYOUT_ATTRIBUTE).get("hidden")
+    dropped = getattr(model.config, LAYOUT_ATTRIBUTE).get(DROPPED_KEY)
     lines = [
         CARD_MARKER,
         f"# {card_title(model)}",
@@ -167,7 +178,7 @@ def _card_body(model: nn.Module, rows: list[dict], sizes: tuple[int, int | None]
         "",
         *_size_lines(model, stages),
         "",
-        *_structure_lines(rows, sizes, hidden),
+        *_structure_lines(rows, sizes, hidden, dropped),
         "",
         f"![kept heads and FFN neurons per layer]({FIGURE_NAME})",
         "",

@@ -130,11 +130,29 @@ class FFNSpec:
 
 @dataclass(frozen=True)
 class LayerStackSpec:
-    """One stack of identical layers: the path suffix of its `nn.ModuleList` and what each layer holds."""
+    """One stack of identical layers: the path suffix of its `nn.ModuleList` and what each layer holds.
+
+    Args:
+        layers (`str`): the path suffix of the `nn.ModuleList`.
+        attentions (`tuple[AttentionSpec, ...]`): the attention blocks of each layer.
+        ffn (`FFNSpec`, *optional*): the feed-forward block of each layer.
+        droppable (`bool`, *optional*, defaults to `False`): a layer is `x + f(norm(x))` for each sublayer (pre-norm,
+            as in Llama and GPT-2), the stack's length is `config.num_hidden_layers` and its code reads the layer index
+            only to address the KV cache (and `config.layer_types`): a layer whose sublayers were all removed, adding
+            exactly 0, is dropped at compaction and the config gets fewer layers. Post-norm layers (BERT, BART) still
+            normalize the stream when empty: they stay.
+        index_flags (`tuple[str, ...]`, *optional*): config flags that, when set, make the layer's code depend on its
+            index (GPT-2's `scale_attn_by_inverse_layer_idx`): no layer is dropped then.
+        position_table (`str`, *optional*): path suffix of a position-embedding table (GPT-2's `wpe`) into which a
+            constant that dropped first layers add can be folded (each token reads one row of it, once).
+    """
 
     layers: str
     attentions: tuple[AttentionSpec, ...]
     ffn: FFNSpec | None
+    droppable: bool = False
+    index_flags: tuple[str, ...] = ()
+    position_table: str | None = None
 
 
 def _bert_like(activation: str = "intermediate.intermediate_act_fn") -> tuple[LayerStackSpec, ...]:
@@ -169,7 +187,8 @@ def _llama_like() -> tuple[LayerStackSpec, ...]:
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         sets_cache_length=True, num_kv_heads="num_key_value_heads",
     )
-    return (LayerStackSpec("layers", (attention,), FFNSpec(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")),)
+    ffn = FFNSpec(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")
+    return (LayerStackSpec("layers", (attention,), ffn, droppable=True),)
 
 
 def _deberta_v2() -> tuple[LayerStackSpec, ...]:
@@ -186,7 +205,8 @@ def _deberta_v2() -> tuple[LayerStackSpec, ...]:
 def _gpt2() -> tuple[LayerStackSpec, ...]:
     """`Conv1D` projections (weights stored transposed) and a fused `c_attn` (query, key, value)."""
     attention = AttentionSpec.fused_qkv("attn.c_attn", "attn.c_proj", sets_cache_length=True)
-    return (LayerStackSpec("h", (attention,), FFNSpec("mlp.c_fc", "mlp.c_proj", "mlp.act")),)
+    return (LayerStackSpec("h", (attention,), FFNSpec("mlp.c_fc", "mlp.c_proj", "mlp.act"), droppable=True,
+                           index_flags=("scale_attn_by_inverse_layer_idx",), position_table="wpe"),)
 
 
 def _modernbert() -> tuple[LayerStackSpec, ...]:
