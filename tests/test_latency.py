@@ -311,3 +311,18 @@ def test_uniform_variants_down_to_nothing_compact_and_run(arch, monkeypatch):
     assert len(table.joint) == 3  # the models keeping nothing and half, and the dense one
     assert all(y <= 1.0 for _, y in table.joint) and table.joint[0][0] < table.joint[1][0] < 1.0
     assert table.predict(model) == pytest.approx(table.dense)
+
+
+def test_a_compacted_model_with_dropped_layers_is_predicted_as_its_masked_model(monkeypatch):
+    # the layers compaction dropped count as keeping nothing, as they did while masked
+    from test_depth import deep_model, empty_layers
+
+    monkeypatch.setattr(latency_module, "median_latencies", _latency_by_size)
+    model = deep_model("llama")
+    table = measure_latency_table(model, batch_size=1, seq_len=8, rounds=1, warmup=0, head_points=2,
+                                  neuron_points=2, joint_points=0)
+    masked = empty_layers(model, [1, 2])
+    expected = table.summed(masked)
+    compacted = compact_model(masked)
+    assert compacted.config.num_hidden_layers == 2
+    assert table.summed(compacted) == pytest.approx(expected) and expected < table.dense

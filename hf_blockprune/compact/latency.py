@@ -46,7 +46,8 @@ from ..pruning.config import BlockPruningConfig
 from ..pruning.model import apply_block_pruning, block_scores, is_block_pruned, remove_block_pruning, set_threshold
 from ..structure.discovery import prunable_layers, structure_of
 from ..structure.layers import PrunableLayer
-from .compaction import compact_model, compaction_plan
+from .compaction import LAYOUT_ATTRIBUTE, compact_model, compaction_plan
+from .depth import DROPPED_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +189,18 @@ class LatencyTable:
             heads = [heads_by_query.get(spec.query, 0) for spec in described[index].stack.attentions]
             neurons = 0 if described[index].ffn_removed else neurons
             total += self.layer_change(heads, neurons, stack)
-        return total
+        return total + self._dropped_change(model, described)
+
+    def _dropped_change(self, model: nn.Module, described) -> float:
+        """The change of the layers an earlier compaction dropped (`"dropped_layers"`): each keeps nothing."""
+        dropped = (getattr(getattr(model, "config", None), LAYOUT_ATTRIBUTE, None) or {}).get(DROPPED_KEY, {})
+        change = 0.0
+        for stack, indices in dropped.items():
+            layer = next((layer for layer in described if layer.stack_name == stack), None)
+            if layer is not None:  # each stack keeps a layer, which tells what its layers held
+                empty = self.layer_change([0] * len(layer.stack.attentions), 0 if layer.stack.ffn else None, stack)
+                change += len(indices) * empty
+        return change
 
     def to_dict(self) -> dict:
         """A JSON-serializable dict."""
