@@ -404,3 +404,15 @@ def test_prune_one_shot_needs_a_target_speedup(workspace, tmp_path, capsys):
                  "--target_density", "0.5", "--use_cpu"])
     assert code != 0
     assert "--target_speedup" in capsys.readouterr().err
+
+
+def test_report_counts_the_layers_compaction_dropped(tmp_path, capsys):
+    from test_depth import deep_model, empty_layers
+
+    hf_blockprune.save_compacted(empty_layers(deep_model("llama"), [0, 2]), tmp_path / "small", model_card=False)
+    assert main(["report", str(tmp_path / "small"), "--figure", str(tmp_path / "layout.png")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[1:3]] == ["model.layers.0", "model.layers.1"]  # original layers 1, 3
+    assert [line.split()[2] for line in lines if line.startswith("dropped:")] == ["model.layers.0", "model.layers.2"]
+    total = next(line for line in lines if line.startswith("total "))
+    assert "8/16" in total and "74/148" in total and "(50.0%)" in total  # 4 layers counted, 2 of them kept whole

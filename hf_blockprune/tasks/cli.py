@@ -122,8 +122,25 @@ def layer_table(model: nn.Module) -> tuple[list[dict], str]:
         )
         totals = [total + value for total, value in zip(totals, values)]
         lines.append(_table_line(row["layer"], *values))
+    for name, values in _dropped_lines(model, rows, num_heads, ffn_total):  # dropped layers kept nothing
+        totals = [total + value for total, value in zip(totals, values)]
+        lines.append(_table_line(name, *values))
     lines.append(_table_line("total", *totals))
     return rows, "\n".join(lines)
+
+
+def _dropped_lines(model: nn.Module, rows: list[dict], num_heads: int | None, ffn_total: int | None):
+    """`(name, values)` of the table line of each layer compaction dropped (`"dropped_layers"`, original indices):
+    nothing kept, and the dense parameters of a layer of its stack."""
+    dropped = (getattr(model.config, LAYOUT_ATTRIBUTE, None) or {}).get("dropped_layers", {})
+    for stack, indices in dropped.items():
+        row = next((row for row in rows if row["layer"].rpartition(".")[0] == stack), None)
+        if row is None:
+            continue
+        all_heads = (num_heads or 0) * len(row["heads"])
+        all_ffn = (ffn_total or 0) if row["ffn_size"] is not None else 0
+        for index in indices:  # named by its original index: the layers left are numbered anew
+            yield f"dropped: original {stack}.{index}", (0, all_heads, 0, all_ffn, 0, row["dense_params"])
 
 
 def _table_line(name: str, heads: int, all_heads: int, ffn: int, all_ffn: int, params: int, dense: int) -> str:
