@@ -199,6 +199,8 @@ def _attention_record(attention: AttentionModules, kept: list[int], slots, kv_sl
         record.update(removed=True, module=attention.spec.module_path)
         if attention.spec.sets_cache_length:
             record["caches"] = True
+        if attention.spec.input_norm:
+            record["input_norm"] = attention.spec.input_norm
     if attention.spec.fused:
         record["fused"] = attention.spec.fused
     if attention.head_rows:
@@ -225,6 +227,8 @@ def _layer_entry(layer: PrunableLayer, plan: LayerPlan) -> dict:
             entry["ffn"]["placeholder"] = True
         if plan.ffn_removed:
             entry["ffn"]["removed"] = True
+            if layer.ffn_spec.input_norm:
+                entry["ffn"]["input_norm"] = layer.ffn_spec.input_norm
     return entry
 
 
@@ -431,6 +435,18 @@ def compact_stream(model: nn.Module, stream: StreamStructure, kept: list[int]) -
                            stream.original_size)
 
 
+def _present(model: nn.Module, hidden: dict) -> dict:
+    """The hidden record with only the modules `model` still has (an `nn.Identity` in place of a norm is not one)."""
+    def present(path: str) -> bool:
+        try:
+            return not isinstance(model.get_submodule(path), nn.Identity)
+        except AttributeError:
+            return False
+
+    return {**hidden, **{key: [path for path in hidden[key] if present(path)]
+                         for key in ("embeddings", "norms", "readers", "writers", "sources") if key in hidden}}
+
+
 def _compact_layer(model: nn.Module, layer, plan: LayerPlan) -> None:
     layer_module = model.get_submodule(layer.name)
     for index, attention in enumerate(layer.attentions):
@@ -506,6 +522,8 @@ def compact_model(model: nn.Module) -> nn.Module:
         previous = {**(previous or {}), "hidden": stream.record()}
     layout = compaction_layout(masked_layers, plans, previous)
     remove_sublayers(model, layout)
+    if "hidden" in layout:  # what a removed sublayer read (its projections, its pre-norm) is no longer in the stream
+        layout["hidden"] = _present(model, layout["hidden"])
     compacted, layout = drop_layers(model, structure.with_layout(layout), layout)  # the compacted shapes
     setattr(model.config, LAYOUT_ATTRIBUTE, layout)
     keep_structure(model, compacted)

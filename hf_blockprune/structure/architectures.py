@@ -52,6 +52,9 @@ class AttentionSpec:
         needs_a_head (`bool`, *optional*, defaults to `False`):
             The attention code divides by its head count (DeBERTa-v2): with no head left it keeps one zero
             placeholder head, as `sets_cache_length` does, unless it is `removable`.
+        input_norm (`str`, *optional*):
+            A norm whose output only this attention reads (a pre-norm layer's, Llama's `input_layernorm`): removed
+            with it (replaced by an `nn.Identity`, whose output nothing reads).
         removable (`bool`, *optional*, defaults to `True`):
             With no head left, compaction replaces the attention module (`module_path`) by a
             `RemovedAttention`, which returns `(constant, None)` as transformers' attention modules do and, if it
@@ -70,6 +73,7 @@ class AttentionSpec:
     head_rows: tuple[str, ...] = ()
     needs_a_head: bool = False
     removable: bool = True
+    input_norm: str | None = None
 
     @classmethod
     def fused_qkv(cls, fused: str, output: str, **kwargs) -> AttentionSpec:
@@ -115,12 +119,15 @@ class FFNSpec:
         fused (`str`, *optional*): path of one projection computing every input (ModernBERT's `Wi`), its output cut
             into equal chunks in the order of `input`; the input paths are then `<fused>.<name>`, the parts it is
             split into while masked.
+        input_norm (`str`, *optional*): a norm whose output only this FFN reads (Llama's `post_attention_layernorm`),
+            removed with it (see `AttentionSpec.input_norm`).
     """
 
     input: str | tuple[str, ...]
     output: str
     activation: str | None = None
     fused: str | None = None
+    input_norm: str | None = None
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -185,9 +192,9 @@ def _llama_like() -> tuple[LayerStackSpec, ...]:
     """Decoder layers with grouped-query attention (RoPE, which is per head) and a gated MLP (gate, up -> down)."""
     attention = AttentionSpec(
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        sets_cache_length=True, num_kv_heads="num_key_value_heads",
+        sets_cache_length=True, num_kv_heads="num_key_value_heads", input_norm="input_layernorm",
     )
-    ffn = FFNSpec(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")
+    ffn = FFNSpec(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", input_norm="post_attention_layernorm")
     return (LayerStackSpec("layers", (attention,), ffn, droppable=True),)
 
 
@@ -204,15 +211,16 @@ def _deberta_v2() -> tuple[LayerStackSpec, ...]:
 
 def _gpt2() -> tuple[LayerStackSpec, ...]:
     """`Conv1D` projections (weights stored transposed) and a fused `c_attn` (query, key, value)."""
-    attention = AttentionSpec.fused_qkv("attn.c_attn", "attn.c_proj", sets_cache_length=True)
-    return (LayerStackSpec("h", (attention,), FFNSpec("mlp.c_fc", "mlp.c_proj", "mlp.act"), droppable=True,
+    attention = AttentionSpec.fused_qkv("attn.c_attn", "attn.c_proj", sets_cache_length=True, input_norm="ln_1")
+    ffn = FFNSpec("mlp.c_fc", "mlp.c_proj", "mlp.act", input_norm="ln_2")
+    return (LayerStackSpec("h", (attention,), ffn, droppable=True,
                            index_flags=("scale_attn_by_inverse_layer_idx",), position_table="wpe"),)
 
 
 def _modernbert() -> tuple[LayerStackSpec, ...]:
     """A fused `Wqkv` and a GLU whose one input projection `Wi` gives `act(input) * gate`."""
-    attention = AttentionSpec.fused_qkv("attn.Wqkv", "attn.Wo")
-    ffn = FFNSpec(("mlp.Wi.input", "mlp.Wi.gate"), "mlp.Wo", "mlp.act", fused="mlp.Wi")
+    attention = AttentionSpec.fused_qkv("attn.Wqkv", "attn.Wo", input_norm="attn_norm")
+    ffn = FFNSpec(("mlp.Wi.input", "mlp.Wi.gate"), "mlp.Wo", "mlp.act", fused="mlp.Wi", input_norm="mlp_norm")
     return (LayerStackSpec("layers", (attention,), ffn),)
 
 

@@ -30,7 +30,8 @@ for its constants (BART's embedding scale, the head size). transformers' `Conv1D
 like an `nn.Linear`; 6, where a sublayer left with no unit is removed: an attention record with `"removed": true`
 has its attention module (`"module"`) replaced by a `RemovedAttention` and an FFN record with `"removed": true` has its
 input projections replaced by `InputStub`s; the output projection of either becomes a `ConstantOutput`, which outputs
-the sublayer's constant contribution (its folded bias, or zero) at every position (see `remove_sublayers`).
+the sublayer's constant contribution (its folded bias, or zero) at every position, and the norm only it read
+(`"input_norm"`, a pre-norm layer's) an `nn.Identity` (see `remove_sublayers`).
 """
 
 from __future__ import annotations
@@ -356,6 +357,13 @@ def _remove_attention(layer: nn.Module, layer_path: str, attention: dict) -> Non
     removed = RemovedAttention(inner, constant if inner else None, getattr(module, "layer_idx", None),
                                bool(attention.get("caches")))
     _replace(layer, module_path, removed)
+    _remove_input_norm(layer, attention)
+
+
+def _remove_input_norm(layer: nn.Module, record: dict) -> None:
+    """The norm only the removed sublayer read (`"input_norm"`, a pre-norm layer's) goes too: nothing reads it now."""
+    if record.get("input_norm"):
+        _replace(layer, record["input_norm"], nn.Identity())
 
 
 def _remove_ffn(layer: nn.Module, layer_path: str, ffn: dict) -> None:
@@ -367,6 +375,7 @@ def _remove_ffn(layer: nn.Module, layer_path: str, ffn: dict) -> None:
         for path in inputs:
             _replace(layer, path, InputStub())
     _replace(layer, ffn["output"], constant)
+    _remove_input_norm(layer, ffn)
 
 
 def is_constant_output(module: nn.Module) -> bool:

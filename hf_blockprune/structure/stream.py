@@ -129,9 +129,9 @@ def _stream_modules(model: nn.Module, structure: ModelStructure):
     for layer in structure.layers:
         owner = model.get_submodule(layer.name)
         found = [(f"{layer.name}.{path}", owner.get_submodule(path)) for path in spec.layer_norms
-                 if has_module(owner, path)]
-        if not found:
-            raise _refuse(f"{layer.name} has none of the norms {list(spec.layer_norms)}")
+                 if has_module(owner, path) and not isinstance(owner.get_submodule(path), nn.Identity)]
+        if not found and (layer.attentions or (layer.stack.ffn is not None and not layer.ffn_removed)):
+            raise _refuse(f"{layer.name} has none of the norms {list(spec.layer_norms)}")  # (a layer emptied has none)
         norms += found
     size = norms[-1][1].weight.shape[-1]  # the last layer's last norm
     if sources:  # the embeddings and their norm live in another space, which the sources project from
