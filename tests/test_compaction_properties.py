@@ -246,11 +246,12 @@ def save_and_reload(model, case: Case):
         return hf_blockprune.from_pretrained(folder, attn_implementation=case.attn_implementation).eval()
 
 
-def compact_and_check(model, case: Case):
+def compact_and_check(model, case: Case, as_compacted=lambda outputs: outputs):
     """Compact `model` (masked) and check that it, and its saved and reloaded copy, compute the masked function and
-    cost the FLOPs predicted for it. Returns the compacted model."""
+    cost the FLOPs predicted for it (`as_compacted`: the masked outputs as the compacted model returns them). Returns
+    the compacted model."""
     inputs = padded_inputs(case.arch)
-    expected = model_outputs(model, inputs)
+    expected = as_compacted(model_outputs(model, inputs))
     predicted = model_flops(model, SEQ_LEN, kept_only=True)
     before = layer_map(model)  # a model compacted before may have dropped layers already
     reloaded = save_and_reload(model, case)

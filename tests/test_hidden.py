@@ -16,6 +16,7 @@ import sys
 import textwrap
 
 import pytest
+import test_compaction_properties as properties
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -25,16 +26,13 @@ from test_compaction_properties import (
     EVERYTHING_EMPTY,
     FUZZ,
     FUZZ_EXAMPLES,
-    SEQ_LEN,
     Case,
     Round,
     assert_same_generation,
-    assert_same_outputs,
     build_model,
     cases,
     generation_inputs,
     mask,
-    padded_inputs,
     rounds,
     save_and_reload,
 )
@@ -48,7 +46,7 @@ from transformers import (
 import hf_blockprune
 from hf_blockprune import BlockPruningConfig, apply_block_pruning, compact_model, remove_block_pruning, save_compacted
 from hf_blockprune.compact.checkpoints import load_masked_checkpoint
-from hf_blockprune.compact.flops import model_flops, predicted_speedup
+from hf_blockprune.compact.flops import predicted_speedup
 from hf_blockprune.pruning.model import hidden_scores, set_threshold
 from hf_blockprune.pruning.norm import MaskedNorm
 from hf_blockprune.structure.architectures import HIDDEN_UNSUPPORTED, STREAMS
@@ -56,7 +54,7 @@ from hf_blockprune.structure.discovery import structure_of
 from hf_blockprune.structure.model_structure import LAYOUT_ATTRIBUTE
 
 from conftest import ARCHS, DECODERS, GENERATIVE, tiny_config, tiny_model
-from helpers import layer_map, make_trainer, model_inputs, model_outputs, preset_config
+from helpers import make_trainer, model_inputs, model_outputs, preset_config
 
 HIDDEN_ARCHS = tuple(arch for arch in ARCHS if arch in STREAMS)
 REFUSED_ARCHS = tuple(arch for arch in ARCHS if arch not in STREAMS)
@@ -95,17 +93,9 @@ def kept_channels(model) -> torch.Tensor:
 def compact_and_check(model, case: Case):
     """Compact the masked `model`: it and its reloaded copy compute the masked function, at the predicted FLOPs and
     with the hidden size the mask keeps."""
-    inputs = padded_inputs(case.arch)
     channels = kept_channels(model)
-    expected = narrowed(model_outputs(model, inputs), channels)
     kept = len(channels)
-    predicted = model_flops(model, SEQ_LEN, kept_only=True)
-    before = layer_map(model)  # a model compacted before may have dropped layers already
-    reloaded = save_and_reload(model, case)
-    compacted = compact_model(model)
-    assert_same_outputs(compacted, expected, inputs, before)
-    assert_same_outputs(reloaded, expected, inputs, before)
-    assert model_flops(compacted, SEQ_LEN) == predicted
+    compacted = properties.compact_and_check(model, case, lambda outputs: narrowed(outputs, channels))
     layout = getattr(compacted.config, LAYOUT_ATTRIBUTE)
     assert layout["version"] in (5, 6) and layout["hidden"]["size"] == kept == structure_of(compacted).stream.size
     for path in layout["hidden"]["norms"]:

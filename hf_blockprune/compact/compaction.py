@@ -64,7 +64,7 @@ from ..pruning.norm import sliced_norm
 from ..pruning.report import ffn_rows_alive, removed_heads, weight_mask
 from ..structure.architectures import known_activation_paths
 from ..structure.discovery import keep_structure, prunable_layers, structure_of
-from ..structure.layers import AttentionModules, PrunableLayer
+from ..structure.layers import AttentionModules, PrunableLayer, has_module
 from ..structure.model_structure import LAYOUT_ATTRIBUTE, PRUNING_CONFIG_KEY, StreamStructure
 from ..structure.modeling_blockprune import as_block_pruned, is_constant_output, remove_sublayers, set_head_counts
 from ..structure.projections import fuse_projections
@@ -438,10 +438,7 @@ def compact_stream(model: nn.Module, stream: StreamStructure, kept: list[int]) -
 def _present(model: nn.Module, hidden: dict) -> dict:
     """The hidden record with only the modules `model` still has (an `nn.Identity` in place of a norm is not one)."""
     def present(path: str) -> bool:
-        try:
-            return not isinstance(model.get_submodule(path), nn.Identity)
-        except AttributeError:
-            return False
+        return has_module(model, path) and not isinstance(model.get_submodule(path), nn.Identity)
 
     return {**hidden, **{key: [path for path in hidden[key] if present(path)]
                          for key in ("embeddings", "norms", "readers", "writers", "sources") if key in hidden}}
